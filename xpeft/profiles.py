@@ -1,0 +1,215 @@
+"""A profile (masks + LN affine + head or a shared-head reference + bank fingerprint + config) and the
+Parquet profile store.
+
+A hard profile's masks are stored bit-packed: M_A then M_B, 2·⌈N/8⌉·L bytes together. Every other tensor
+(soft mask logits, LN affine, a per-profile head, single_adapter's A and B) is one safetensors blob, so
+nothing is ever unpickled. `record_bytes` is the honest size: mask bits plus everything else stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from xpeft.bank import AdapterBank
+from xpeft.config import XPeftConfig
+from xpeft.masks import bits_to_weights, khot, mask_bytes, pack_bits, unpack_bits
+from xpeft.model import XPeftModel
+
+MAX_PROFILE_ID = 200
+
+
+@dataclass
+class Profile:
+    profile_id: str
+    config: XPeftConfig
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask_bits: bytes | None = None  # hard masks: packed M_A then M_B
+    head_id: str | None = None  # a shared head (the paper's mtl setting) instead of a head of its own
+    bank_fingerprint: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    label_names: list[str] | None = None
+    created: float = field(default_factory=time.time)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of trained state stored for this profile: mask bits + every tensor (LN, head...)."""
+        return len(self.mask_bits or b"") + self.tensor_bytes
+
+    def size_report(self) -> dict[str, int]:
+        parts = {"mask_bits": len(self.mask_bits or b"")}
+        for name, t in self.tensors.items():
+            role = "head" if name.startswith("head.") else name.rsplit("_", 1)[0]
+            parts[role] = parts.get(role, 0) + t.numel() * t.element_size()
+        parts["total"] = self.record_bytes
+        return parts
+
+
+def validate_profile_id(profile_id: object) -> str:
+    """A profile id is 1–200 printable characters without slashes, backslashes or '..'."""
+    if not isinstance(profile_id, str) or not profile_id.strip():
+        raise ValueError("a profile id must be a non-empty string")
+    bad = (
+        len(profile_id) > MAX_PROFILE_ID
+        or any(c in profile_id for c in "/\\")
+        or ".." in profile_id
+        or not profile_id.isprintable()
+        or profile_id != profile_id.strip()
+    )
+    if bad:
+        raise ValueError(
+            f"invalid profile id {profile_id[:40]!r}: use up to {MAX_PROFILE_ID} printable characters, "
+            "no '/', '\\', '..' or surrounding spaces"
+        )
+    return profile_id
+
+
+def profile_from_model(
+    model: XPeftModel,
+    profile_id: str,
+    metrics: dict[str, Any] | None = None,
+    head_id: str | None = None,
+    label_names: list[str] | None = None,
+) -> Profile:
+    """Take a fitted profile out of the model. Hard masks are binarised to k-hot and bit-packed."""
+    validate_profile_id(profile_id)
+    cfg = model.cfg
+    tensors: dict[str, torch.Tensor] = {}
+    bits = None
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if cfg.mode == "x_peft" and cfg.mask_type == "hard":
+        weights = [khot(model.mask_logits_A.detach(), cfg.k), khot(model.mask_logits_B.detach(), cfg.k)]
+        if cfg.masks == "B":
+            weights[0] = torch.ones_like(weights[0])  # all adapters, mean-combined (the ablation's Â)
+        bits = pack_bits(weights[0]) + pack_bits(weights[1])
+        state.pop("mask_logits_A", None)
+        state.pop("mask_logits_B", None)
+    if head_id is not None:
+        state = {n: t for n, t in state.items() if not n.startswith("head.")}
+    tensors.update(state)
+    return Profile(
+        profile_id=profile_id,
+        config=cfg,
+        tensors=tensors,
+        mask_bits=bits,
+        head_id=head_id,
+        bank_fingerprint=model.bank.fingerprint if cfg.mode == "x_peft" else None,
+        metrics=dict(metrics or {}),
+        label_names=label_names,
+    )
+
+
+def hard_mask_weights(profile: Profile, N: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored k-hot masks of a hard profile as combination weights (L×N each)."""
+    half = mask_bytes(N, L)
+    if profile.mask_bits is None or len(profile.mask_bits) != 2 * half:
+        got = 0 if profile.mask_bits is None else len(profile.mask_bits)
+        raise ValueError(
+            f"profile {profile.profile_id} stores {got} mask bytes but a bank with N={N}, L={L} needs "
+            f"{2 * half} (2·⌈N/8⌉·L); it was fitted for a different bank"
+        )
+    return (
+        bits_to_weights(unpack_bits(profile.mask_bits[:half], N, L)),
+        bits_to_weights(unpack_bits(profile.mask_bits[half:], N, L)),
+    )
+
+
+def check_profile_bank(profile: Profile, bank: AdapterBank | None) -> None:
+    if profile.config.mode != "x_peft":
+        return
+    if bank is None or profile.bank_fingerprint != bank.fingerprint:
+        held = "no bank" if bank is None else f"bank {bank.fingerprint[:12]}…"
+        raise ValueError(
+            f"profile {profile.profile_id} was fitted on bank {str(profile.bank_fingerprint)[:12]}… but this "
+            f"model holds {held}; refit the profile or load bank {str(profile.bank_fingerprint)[:12]}…"
+        )
+    if (bank.N, bank.L) != (profile.config.N, _profile_L(profile, bank)):
+        raise ValueError(f"profile {profile.profile_id} has N={profile.config.N} but the bank has N={bank.N}")
+
+
+def _profile_L(profile: Profile, bank: AdapterBank) -> int:
+    if "ln_weight" in profile.tensors:
+        return profile.tensors["ln_weight"].shape[0]
+    if "mask_logits_B" in profile.tensors:
+        return profile.tensors["mask_logits_B"].shape[0]
+    return bank.L
+
+
+def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a stored profile into a model built with the same config and bank."""
+    cfg = model.cfg
+    if cfg.mode != profile.config.mode or (cfg.mode == "x_peft" and cfg.mask_type != profile.config.mask_type):
+        raise ValueError(
+            f"profile {profile.profile_id} is {profile.config.mode}/{profile.config.mask_type} but the model is "
+            f"{cfg.mode}/{cfg.mask_type}; build the model from the profile's config"
+        )
+    check_profile_bank(profile, getattr(model, "bank", None))
+    state = dict(profile.tensors)
+    if profile.head_id is not None:
+        if shared_head is None:
+            raise ValueError(f"profile {profile.profile_id} uses shared head {profile.head_id}; pass it in")
+        state.update({f"head.{k}": v for k, v in shared_head.items()})
+    if profile.mask_bits is not None:
+        wA, wB = hard_mask_weights(profile, cfg.N, model.L)
+        # Logits whose top-k is exactly the stored k-hot set: eval's khot() reproduces the stored mask.
+        state["mask_logits_A"] = wA * cfg.k if cfg.masks == "AB" else torch.zeros_like(wA)
+        state["mask_logits_B"] = wB * cfg.k
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"profile {profile.profile_id} lacks {missing}; it was saved from another mode/head")
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in params:
+                raise ValueError(f"profile {profile.profile_id} has tensor {name!r} this model does not")
+            if params[name].shape != value.shape:
+                raise ValueError(
+                    f"profile {profile.profile_id}: {name} is {tuple(value.shape)} but the model's is "
+                    f"{tuple(params[name].shape)}; the profile was fitted for another encoder or bank"
+                )
+            params[name].copy_(value)
+
+
+# --- rows for the Parquet store ------------------------------------------------------------------------
+
+
+def to_row(profile: Profile) -> dict[str, Any]:
+    cfg = profile.config
+    return {
+        "profile_id": profile.profile_id,
+        "mode": cfg.mode,
+        "mask_type": cfg.mask_type if cfg.mode == "x_peft" else None,
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "mask_bits": profile.mask_bits,
+        "tensors": st_save({k: v.contiguous() for k, v in profile.tensors.items()}) if profile.tensors else b"",
+        "head_id": profile.head_id,
+        "bank_fingerprint": profile.bank_fingerprint,
+        "metrics": json.dumps(profile.metrics, sort_keys=True),
+        "label_names": json.dumps(profile.label_names) if profile.label_names is not None else None,
+        "record_bytes": profile.record_bytes,
+        "created": profile.created,
+    }
+
+
+def from_row(row: dict[str, Any]) -> Profile:
+    return Profile(
+        profile_id=row["profile_id"],
+        config=XPeftConfig.from_dict(json.loads(row["config"])),
+        tensors=st_load(row["tensors"]) if row["tensors"] else {},
+        mask_bits=row["mask_bits"],
+        head_id=row["head_id"],
+        bank_fingerprint=row["bank_fingerprint"],
+        metrics=json.loads(row["metrics"]) if row["metrics"] else {},
+        label_names=json.loads(row["label_names"]) if row["label_names"] else None,
+        created=row["created"],
+    )

@@ -1,0 +1,217 @@
+"""The profile store: a Parquet data set on a local directory or any `pyarrow.fs` URI (s3://…, gs://…).
+
+Layout under the root:
+    profiles/part-<time>-<uuid>.parquet   one file per write, one row per profile (see profiles.to_row)
+    heads/<head_id>.safetensors           shared heads (the mtl setting)
+    banks/<fingerprint>.safetensors       the banks the profiles were fitted on
+
+Writes never touch an existing file: each batch goes to a new, uniquely named file (written under a temp
+name and renamed into place where the file system can rename), so concurrent writers never clobber each
+other and a reader never sees a torn file. Lookups use an index (profile_id → file, row) built from the
+`profile_id` column alone and refreshed incrementally from new files; when a profile was written twice,
+the newest row wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from xpeft.bank import AdapterBank, load_bank, save_bank
+from xpeft.profiles import Profile, from_row, to_row
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema(
+    [
+        ("profile_id", pa.string()),
+        ("mode", pa.string()),
+        ("mask_type", pa.string()),
+        ("config", pa.string()),
+        ("mask_bits", pa.binary()),
+        ("tensors", pa.binary()),
+        ("head_id", pa.string()),
+        ("bank_fingerprint", pa.string()),
+        ("metrics", pa.string()),
+        ("label_names", pa.string()),
+        ("record_bytes", pa.int64()),
+        ("created", pa.float64()),
+    ]
+)
+
+
+@dataclass
+class _Loc:
+    file: str
+    row: int
+    created: float
+
+
+class ProfileStore:
+    """Read and append profiles under `uri` (a directory path or a pyarrow.fs URI)."""
+
+    def __init__(self, uri: str | os.PathLike):
+        uri = str(uri)
+        if "://" in uri:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+        self.uri = uri
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.fs.create_dir(f"{self.root}/profiles", recursive=True)
+        self._index: dict[str, _Loc] = {}
+        self._seen: set[str] = set()
+
+    # --- writing ---------------------------------------------------------------------------------------
+
+    def write(self, profiles: list[Profile]) -> str | None:
+        """Append profiles as one new Parquet file; returns its path (None for an empty list)."""
+        if not profiles:
+            return None
+        table = pa.Table.from_pylist([to_row(p) for p in profiles], schema=SCHEMA)
+        name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
+        final = f"{self.root}/profiles/{name}"
+        self._atomic_write(final, lambda out: pq.write_table(table, out, compression="zstd"))
+        self._add_to_index(final, table.column("profile_id").to_pylist(), table.column("created").to_pylist())
+        return final
+
+    def _atomic_write(self, final: str, writer) -> None:
+        if not self.local:  # object stores publish an object whole on close: no torn reads
+            with self.fs.open_output_stream(final) as out:
+                writer(out)
+            return
+        tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}"
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                writer(out)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def save_head(self, head_id: str, state: dict[str, torch.Tensor]) -> None:
+        self.fs.create_dir(f"{self.root}/heads", recursive=True)
+        blob = st_save({k: v.contiguous() for k, v in state.items()})
+        self._atomic_write(f"{self.root}/heads/{head_id}.safetensors", lambda out: out.write(blob))
+
+    def load_head(self, head_id: str) -> dict[str, torch.Tensor]:
+        path = f"{self.root}/heads/{head_id}.safetensors"
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return st_load(f.read())
+        except FileNotFoundError:
+            raise KeyError(f"shared head {head_id!r} is not in the store {self.uri}") from None
+
+    def save_bank(self, bank: AdapterBank) -> str:
+        path = f"{self.root}/banks/{bank.fingerprint}.safetensors"
+        if self.local:
+            if not os.path.exists(path):
+                save_bank(bank, path)
+        else:
+            tmp = Path(f"/tmp/xpeft-bank-{uuid.uuid4().hex}.safetensors")
+            save_bank(bank, tmp)
+            pafs.copy_files(str(tmp), path, destination_filesystem=self.fs)
+            tmp.unlink()
+        return path
+
+    def load_bank(self, fingerprint: str) -> AdapterBank:
+        path = f"{self.root}/banks/{fingerprint}.safetensors"
+        if self.local:
+            return load_bank(path)
+        tmp = Path(f"/tmp/xpeft-bank-{fingerprint}.safetensors")
+        if not tmp.exists():
+            pafs.copy_files(path, str(tmp), source_filesystem=self.fs)
+        return load_bank(tmp)
+
+    def bank_fingerprints(self) -> list[str]:
+        sel = pafs.FileSelector(f"{self.root}/banks", allow_not_found=True)
+        return sorted(Path(i.path).stem for i in self.fs.get_file_info(sel) if i.path.endswith(".safetensors"))
+
+    # --- reading ---------------------------------------------------------------------------------------
+
+    def files(self) -> list[str]:
+        sel = pafs.FileSelector(f"{self.root}/profiles", allow_not_found=True)
+        infos = self.fs.get_file_info(sel)
+        return sorted(i.path for i in infos if i.is_file and Path(i.path).name.startswith("part-"))
+
+    def refresh(self) -> int:
+        """Index files written since the last refresh (by any writer); returns how many were new."""
+        new = [f for f in self.files() if f not in self._seen]
+        for path in new:
+            t = pq.read_table(path, columns=["profile_id", "created"], filesystem=self.fs)
+            self._add_to_index(path, t.column("profile_id").to_pylist(), t.column("created").to_pylist())
+        return len(new)
+
+    def _add_to_index(self, path: str, ids: list[str], created: list[float]) -> None:
+        self._seen.add(path)
+        for row, (pid, ts) in enumerate(zip(ids, created, strict=True)):
+            old = self._index.get(pid)
+            if old is None or ts >= old.created:
+                self._index[pid] = _Loc(path, row, ts)
+
+    def ids(self) -> list[str]:
+        self.refresh()
+        return sorted(self._index)
+
+    def __contains__(self, profile_id: str) -> bool:
+        if profile_id not in self._index:
+            self.refresh()
+        return profile_id in self._index
+
+    def __len__(self) -> int:
+        self.refresh()
+        return len(self._index)
+
+    def get(self, profile_id: str) -> Profile:
+        """The newest stored row of a profile. KeyError (naming the store) when it is not there."""
+        if profile_id not in self:
+            raise KeyError(f"profile {profile_id!r} is not in the store {self.uri}")
+        loc = self._index[profile_id]
+        pf = pq.ParquetFile(loc.file, filesystem=self.fs)
+        # Read only the row group holding the row.
+        offset = 0
+        for rg in range(pf.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            if loc.row < offset + n:
+                row = pf.read_row_group(rg).slice(loc.row - offset, 1).to_pylist()[0]
+                return from_row(row)
+            offset += n
+        raise KeyError(f"profile {profile_id!r}: index points past the end of {loc.file}; call refresh()")
+
+    def summaries(self, offset: int = 0, limit: int = 100) -> list[dict]:
+        """Profile id, mode, metrics, size for a page of profiles (sorted by id), without tensors."""
+        page = self.ids()[offset : offset + limit]
+        return [self.summary(pid) for pid in page]
+
+    def summary(self, profile_id: str) -> dict:
+        p = self.get(profile_id)
+        return {
+            "profile_id": p.profile_id,
+            "mode": p.config.mode,
+            "mask_type": p.config.mask_type if p.config.mode == "x_peft" else None,
+            "config": p.config.to_dict(),
+            "head_id": p.head_id,
+            "bank_fingerprint": p.bank_fingerprint,
+            "metrics": p.metrics,
+            "label_names": p.label_names,
+            "size_bytes": p.size_report(),
+            "created": p.created,
+        }
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        """Every stored row (all versions), e.g. for reports and plots."""
+        files = self.files()
+        if not files:
+            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+        return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=self.fs) for f in files])
