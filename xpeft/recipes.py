@@ -1,0 +1,16 @@
+"""Training recipes measured on this project's data (BENCHMARKS.md, "quality study").
+
+The paper's defaults (TrainConfig(): lr 1e-5, 10 epochs, batch 64) fit 10 epochs of full GLUE sets on
+bert-base. With a few thousand examples — or a profile's few dozen — masks behind a softmax barely move
+at 1e-5; the recipes below give each role its own learning rate.
+"""
+
+from __future__ import annotations
+
+from xpeft.config import TrainConfig
+
+# GLUE-style tasks with a few thousand training examples.
+TASK_TRAIN = TrainConfig(lr=1e-3, head_lr=1e-3, adapter_lr=1e-3, mask_lr=1e-1, ln_lr=1e-1, epochs=3, batch_size=32)
+
+# One profile of tens of examples in the farm.
+FARM_TRAIN = TrainConfig(lr=1e-3, head_lr=1e-3, adapter_lr=1e-3, mask_lr=1e-1, ln_lr=1e-1, epochs=10, batch_size=16)
