@@ -99,6 +99,17 @@ def bank_from_object(obj: dict[str, Any]) -> AdapterBank:
     return AdapterBank(A, B, meta["target"], seed, meta["source"], meta["fingerprint"])
 
 
+def object_store_stats() -> dict[str, float]:
+    """Ray's own aggregate object-store stats (what `ray memory --stats-only` prints): MiB and objects."""
+    import re
+
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(stats_only=True)
+    m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", text)
+    return {"plasma_mib": int(m.group(1)), "objects": int(m.group(2))} if m else {"raw": text}
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -160,6 +171,7 @@ def run_pool(
     report.actors = max(report.actors, len(actors))
     in_flight: dict[Any, tuple[Any, ProfileData]] = {}
     bar = tqdm(total=len(datas), desc="profiles", unit="profile", disable=not progress)
+    measured = False
     start = time.perf_counter()
 
     def submit(actor) -> None:
@@ -205,6 +217,9 @@ def run_pool(
             submit(actor)
             continue
         on_result(result)
+        if not measured:  # once, while every actor holds the bank
+            report.memory["object_store"] = object_store_stats()
+            measured = True
         bar.update(1)
         elapsed = time.perf_counter() - start
         bar.set_postfix(failed=len(report.failed) + len(report.rejected), per_min=f"{60 * bar.n / elapsed:.1f}")
@@ -212,6 +227,7 @@ def run_pool(
     bar.close()
     infos = ray.get([a.info.remote() for a in actors])
     report.memory = {
+        **report.memory,
         "rss_bytes_per_actor": [i["rss_bytes"] for i in infos],
         "bank_zero_copy": all(i["bank_zero_copy"] for i in infos),
     }
