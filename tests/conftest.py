@@ -52,3 +52,24 @@ def tiny_rows(n: int = 24, seed: int = 0, num_labels: int = 2) -> list[dict]:
 
 
 # --- data fixtures ---
+from pathlib import Path  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data_dir() -> Path:
+    """../shared/data (or XPEFT_DATA_DIR); skips the calling test where it is absent."""
+    d = Path(os.environ.get("XPEFT_DATA_DIR") or SHARED_DATA)
+    if not (d / "glue").is_dir():
+        pytest.skip(f"shared data not found at {d}: these tests read the real GLUE/SuperGLUE/news files "
+                    "(set XPEFT_DATA_DIR to a folder laid out as ../shared/data)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def datasets_cache(tmp_path_factory) -> str:
+    """A per-session datasets cache, so tests neither read nor fill ~/.cache."""
+    return str(tmp_path_factory.mktemp("hf_datasets_cache"))
+
+
+# --- end data fixtures ---

@@ -1,0 +1,138 @@
+"""`xpeft data ...` subcommands: stats, convert-lamp2, make-profiles.
+
+    xpeft data stats --profiles news [--data-dir DIR] [--min-articles 10] [--seed 42]
+    xpeft data stats --profiles sample | PATH.parquet
+    xpeft data make-profiles --out news.parquet [--data-dir DIR] [--min-articles 10]
+    xpeft data convert-lamp2 --questions dev_questions.json [--outputs dev_outputs.json] --out lamp2.parquet
+
+`register(subparsers)` adds them to the `xpeft` command; `python -m xpeft.data.cli` runs them alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from xpeft.data.profiles import (
+    convert_lamp2,
+    holdout_split,
+    load_news_profiles,
+    load_news_profiles_sample,
+    profile_stats,
+    read_profiles_parquet,
+    write_profiles_parquet,
+)
+from xpeft.data.tasks import default_data_dir
+
+
+def _add_split_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--test-fraction", type=float, default=0.3, help="held-out share per profile (paper: 0.3)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the per-profile holdout split")
+
+
+def _add_news_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding news_category_huffpost/ (default: XPEFT_DATA_DIR or ../shared/data)",
+    )
+    p.add_argument(
+        "--min-articles", type=int, default=10, help="drop authors with fewer articles (default 10)"
+    )
+
+
+def register(subparsers) -> None:
+    """Add `data` and its subcommands to an argparse subparsers object; each sets `func`."""
+    data = subparsers.add_parser(
+        "data", help="data sets: profile statistics, LaMP-2 conversion, news profiles"
+    )
+    sub = data.add_subparsers(
+        dest="data_command", required=True, metavar="{stats,make-profiles,convert-lamp2}"
+    )
+
+    stats = sub.add_parser("stats", help="texts, profiles, categories and texts per profile (paper §3.1)")
+    stats.add_argument(
+        "--profiles",
+        required=True,
+        help="'news' (HuffPost from --data-dir), 'sample' (bundled) or a profile .parquet file",
+    )
+    _add_news_options(stats)
+    _add_split_options(stats)
+    stats.set_defaults(func=cmd_stats)
+
+    make = sub.add_parser(
+        "make-profiles", help="HuffPost news → profile Parquet with a train/test split column"
+    )
+    make.add_argument("--out", required=True, type=Path, help="the .parquet file to write")
+    _add_news_options(make)
+    _add_split_options(make)
+    make.set_defaults(func=cmd_make_profiles)
+
+    lamp = sub.add_parser(
+        "convert-lamp2", help="LaMP-2 questions/outputs JSON → profile Parquet (Appendix D)"
+    )
+    lamp.add_argument("--questions", required=True, type=Path, help="LaMP-2 *_questions.json")
+    lamp.add_argument(
+        "--outputs", type=Path, default=None, help="LaMP-2 *_outputs.json (checked against questions)"
+    )
+    lamp.add_argument("--out", required=True, type=Path, help="the .parquet file to write")
+    _add_split_options(lamp)
+    lamp.set_defaults(func=cmd_convert_lamp2)
+
+
+def _describe_news(args) -> str:
+    folder = Path(args.data_dir) if args.data_dir else default_data_dir()
+    return f"news (HuffPost News Category in {folder}, authors with >= {args.min_articles} articles)"
+
+
+def cmd_stats(args) -> int:
+    if args.profiles == "news":
+        table, source = load_news_profiles(args.data_dir, args.min_articles), _describe_news(args)
+    elif args.profiles == "sample":
+        table, source = (
+            load_news_profiles_sample(),
+            "sample (xpeft/data/samples/news_profiles_sample.parquet)",
+        )
+    else:
+        table, source = read_profiles_parquet(args.profiles), args.profiles
+    if "split" not in table.column_names:
+        table = holdout_split(table, args.test_fraction, args.seed)
+        source += f"; holdout split test_fraction={args.test_fraction} seed={args.seed}"
+    print(f"profiles: {source}")
+    print(profile_stats(table).format())
+    return 0
+
+
+def _write(table, out: Path) -> int:
+    write_profiles_parquet(table, out)
+    print(f"wrote {out}")
+    print(profile_stats(table).format())
+    return 0
+
+
+def cmd_make_profiles(args) -> int:
+    table = load_news_profiles(args.data_dir, args.min_articles)
+    return _write(holdout_split(table, args.test_fraction, args.seed), args.out)
+
+
+def cmd_convert_lamp2(args) -> int:
+    table = convert_lamp2(args.questions, args.outputs)
+    return _write(holdout_split(table, args.test_fraction, args.seed), args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xpeft")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"xpeft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
