@@ -26,7 +26,10 @@ DATA = os.environ.get("XPEFT_DATA_DIR", os.path.join(os.path.dirname(__file__), 
 def read_sst2(split: str, n: int | None, seed: int = 0) -> list[dict]:
     path = os.path.join(DATA, "glue", "SST-2", f"{split}.tsv")
     with open(path, encoding="utf-8") as f:
-        rows = [{"text": r["sentence"], "label": int(r["label"])} for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+        rows = [
+            {"text": r["sentence"], "label": int(r["label"])}
+            for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        ]
     if n:
         g = torch.Generator().manual_seed(seed)
         rows = [rows[i] for i in torch.randperm(len(rows), generator=g)[:n].tolist()]
@@ -75,16 +78,29 @@ def main() -> None:
         bank = None
         if xcfg.mode == "x_peft":
             lin = encoder_blocks(enc)[0].get_submodule(xcfg.target)
-            bank = random_bank(enc.config.num_hidden_layers, xcfg.N, xcfg.b, lin.in_features, lin.out_features,
-                               seed=bk.get("seed", 0), target=xcfg.target, scale=bk.get("scale", 1.0))
+            bank = random_bank(
+                enc.config.num_hidden_layers,
+                xcfg.N,
+                xcfg.b,
+                lin.in_features,
+                lin.out_features,
+                seed=bk.get("seed", 0),
+                target=xcfg.target,
+                scale=bk.get("scale", 1.0),
+            )
         model = build_model(xcfg, bank, encoder=enc)
         if "ln_init" in bk and xcfg.mode == "x_peft":
             with torch.no_grad():
                 model.ln_weight.fill_(bk["ln_init"])
         t = time.perf_counter()
         res = fit(model, train, tcfg, eval_rows=dev)
-        results[name] = {"acc": res.metrics["accuracy"], "final_loss": sum(res.losses[-20:]) / 20, "s": time.perf_counter() - t}
-        print(f"{name:30s} acc={res.metrics['accuracy']:.4f} loss={results[name]['final_loss']:.4f} {results[name]['s']:.0f}s", flush=True)
+        results[name] = {
+            "acc": res.metrics["accuracy"],
+            "final_loss": sum(res.losses[-20:]) / 20,
+            "s": time.perf_counter() - t,
+        }
+        r = results[name]
+        print(f"{name:30s} acc={r['acc']:.4f} loss={r['final_loss']:.4f} {r['s']:.0f}s", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)

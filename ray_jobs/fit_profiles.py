@@ -96,13 +96,23 @@ def main(argv: list[str] | None = None) -> None:
     labels = sorted(set(table["label"].to_pylist()))
     num_labels = max(len(NEWS_CATEGORIES), (labels[-1] + 1) if labels else 2)
     train = TrainConfig(**{k: getattr(args, k) for k in FARM_TRAIN.to_dict() if hasattr(args, k)})
-    xcfg = XPeftConfig(mode=args.mode, mask_type=args.mask_type, N=args.N, k=args.k, b=args.b, head=args.head,
-                       num_labels=num_labels)
+    xcfg = XPeftConfig(
+        mode=args.mode, mask_type=args.mask_type, N=args.N, k=args.k, b=args.b, head=args.head, num_labels=num_labels
+    )
     store_uri = args.store or f"runs/{args.profiles or 'profiles'}-{args.setting}-{args.mode}"
     cfg = FarmConfig(
-        store=store_uri, xpeft=xcfg, train=train, setting=args.setting, warm_start=args.warm_start,
-        bank_path=args.bank, bank_seed=args.bank_seed, backbone=args.backbone, num_actors=args.num_actors,
-        cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor, max_retries=args.max_retries,
+        store=store_uri,
+        xpeft=xcfg,
+        train=train,
+        setting=args.setting,
+        warm_start=args.warm_start,
+        bank_path=args.bank,
+        bank_seed=args.bank_seed,
+        backbone=args.backbone,
+        num_actors=args.num_actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        max_retries=args.max_retries,
         label_names=list(NEWS_CATEGORIES) if num_labels == len(NEWS_CATEGORIES) else None,
         progress=not args.no_progress,
     )

@@ -12,7 +12,9 @@ from xpeft.accounting import dims_of, fmt_count, fmt_millions, head_params, prof
 BERT = dims_of("bert-base-uncased")
 
 
-@pytest.mark.parametrize("N,params,shown,hard_bytes", [(100, 3552, "3.5K", 312), (200, 5952, "5.9K", 600), (400, 10752, "10.7K", 1200)])
+@pytest.mark.parametrize(
+    "N,params,shown,hard_bytes", [(100, 3552, "3.5K", 312), (200, 5952, "5.9K", 600), (400, 10752, "10.7K", 1200)]
+)
 def test_table_1_x_peft(N, params, shown, hard_bytes):
     p = trainable_params("x_peft", N, 48, BERT)
     assert p == params and fmt_count(p) == shown
@@ -27,13 +29,16 @@ def test_table_1_single_adapter():
     assert profile_bytes("single_adapter", "-", 0, 48, BERT, shared_head=True)["total"] == 3_538_944  # 3.5M
 
 
-@pytest.mark.parametrize("N,excl,incl2,incl3,incl15", [
-    (100, "0.004M", "0.596M", "0.596M", "0.606M"),
-    (150, "0.005M", "0.597M", "0.598M", "0.607M"),
-    (200, "0.006M", "0.598M", "0.599M", "0.608M"),
-    (400, "0.011M", "0.603M", "0.604M", "0.613M"),
-    (800, "0.020M", "0.612M", "0.613M", "0.622M"),
-])
+@pytest.mark.parametrize(
+    "N,excl,incl2,incl3,incl15",
+    [
+        (100, "0.004M", "0.596M", "0.596M", "0.606M"),
+        (150, "0.005M", "0.597M", "0.598M", "0.607M"),
+        (200, "0.006M", "0.598M", "0.599M", "0.608M"),
+        (400, "0.011M", "0.603M", "0.604M", "0.613M"),
+        (800, "0.020M", "0.612M", "0.613M", "0.622M"),
+    ],
+)
 def test_table_4_parameter_counts(N, excl, incl2, incl3, incl15):
     p = trainable_params("x_peft", N, 48, BERT)
     assert fmt_millions(p) == excl
@@ -56,7 +61,9 @@ def test_full_record_reports_what_else_a_profile_stores():
 def test_params_cli_prints_every_mode():
     out = subprocess.run(
         [sys.executable, "-m", "xpeft.cli", "params", "--backbone", "bert-base-uncased", "--N", "100", "200", "400"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for needle in ("x_peft (hard)", "x_peft (soft)", "single_adapter", "head_only", "3.5K", "884.7K", "312"):
         assert needle in out

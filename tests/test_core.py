@@ -20,10 +20,26 @@ L, N, K, B, D = 2, 10, 3, 4, 32
 
 CASES = [
     # name, config kwargs, roles that must train
-    ("x_peft_soft", {"mode": "x_peft", "mask_type": "soft"}, {"mask_logits_A", "mask_logits_B", "ln_weight", "ln_bias"}),
-    ("x_peft_hard", {"mode": "x_peft", "mask_type": "hard"}, {"mask_logits_A", "mask_logits_B", "ln_weight", "ln_bias"}),
-    ("x_peft_hard_no_ln", {"mode": "x_peft", "mask_type": "hard", "layer_norm": False}, {"mask_logits_A", "mask_logits_B"}),
-    ("x_peft_single_mask", {"mode": "x_peft", "mask_type": "soft", "masks": "B"}, {"mask_logits_B", "ln_weight", "ln_bias"}),
+    (
+        "x_peft_soft",
+        {"mode": "x_peft", "mask_type": "soft"},
+        {"mask_logits_A", "mask_logits_B", "ln_weight", "ln_bias"},
+    ),
+    (
+        "x_peft_hard",
+        {"mode": "x_peft", "mask_type": "hard"},
+        {"mask_logits_A", "mask_logits_B", "ln_weight", "ln_bias"},
+    ),
+    (
+        "x_peft_hard_no_ln",
+        {"mode": "x_peft", "mask_type": "hard", "layer_norm": False},
+        {"mask_logits_A", "mask_logits_B"},
+    ),
+    (
+        "x_peft_single_mask",
+        {"mode": "x_peft", "mask_type": "soft", "masks": "B"},
+        {"mask_logits_B", "ln_weight", "ln_bias"},
+    ),
     ("single_adapter", {"mode": "single_adapter"}, {"lora_A", "lora_B"}),
     ("head_only", {"mode": "head_only"}, set()),
 ]

@@ -25,7 +25,7 @@ def profile_table(n_profiles: int = 22, per_profile: int = 12, seed: int = 0) ->
     rng = random.Random(seed)
     rows = []
     for p in range(n_profiles):
-        for i in range(per_profile + p % 5):
+        for _ in range(per_profile + p % 5):
             label = rng.choice(list(TOPICS)[: 2 + p % 3])
             words = TOPICS[label].split() + rng.sample(["the", "a", "new", "old", "big", "small"], 3)
             rng.shuffle(words)
@@ -172,8 +172,13 @@ def test_warm_start_learns_the_bank_from_the_first_profiles(local_ray, backbone,
     from xpeft.store import ProfileStore
 
     datas, _ = profile_datas(profile_table(n_profiles=8))
-    cfg = farm_config(tmp_path / "store", backbone, setting=setting, warm_start=3,
-                      xpeft=XPeftConfig(N=3, k=2, b=32, head="linear", num_labels=4))
+    cfg = farm_config(
+        tmp_path / "store",
+        backbone,
+        setting=setting,
+        warm_start=3,
+        xpeft=XPeftConfig(N=3, k=2, b=32, head="linear", num_labels=4),
+    )
     report = run_farm(cfg, datas)
     assert report.bank["source"] == ("single_adapter" if setting == "sa" else "mtl")
     assert int(report.bank["N"]) == 3

@@ -139,9 +139,7 @@ def test_mixed_batch_equals_single_profile_forwards():
     batch = tiny_batch(n=5, labels=None)
     cfgs = [MODES[0], MODES[1], MODES[0], MODES[3], MODES[4]]
     models = [fitted(c, seed=i) for i, c in enumerate(cfgs)]
-    expected = torch.cat(
-        [m(**{k: v[i : i + 1] for k, v in batch.items()})["logits"] for i, m in enumerate(models)]
-    )
+    expected = torch.cat([m(**{k: v[i : i + 1] for k, v in batch.items()})["logits"] for i, m in enumerate(models)])
     profiles = [profile_from_model(m, f"p{i}") for i, m in enumerate(models)]
     combined = [combine_profile(p, BANK, D) for p in profiles]
     mixed = MultiProfileModel(tiny_encoder(), BANK.target)

@@ -26,7 +26,13 @@ def make_tiny_backbone(path: str | os.PathLike, seed: int = 0) -> str:
         f.write("\n".join(vocab) + "\n")
     BertTokenizer(os.path.join(path, "vocab.txt")).save_pretrained(path)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(path)
     return path

@@ -106,7 +106,10 @@ def table(backbone: str, Ns: list[int], b: int, c: int, head: str = "pooler", sh
         "| mask bytes (Table 1) | full record bytes |",
         "|---|---|---|---|---|---|---|",
     ]
-    cases = [("x_peft", mt, N) for mt in ("hard", "soft") for N in Ns] + [("single_adapter", "-", 0), ("head_only", "-", 0)]
+    cases = [("x_peft", mt, N) for mt in ("hard", "soft") for N in Ns] + [
+        ("single_adapter", "-", 0),
+        ("head_only", "-", 0),
+    ]
     for mode, mt, N in cases:
         p = trainable_params(mode, N, b, dims)
         mb = mask_bytes_per_profile(mode, mt, N, dims) if mode == "x_peft" else p * FLOAT_BYTES

@@ -1,10 +1,10 @@
 """The `xpeft` command. Each subcommand is a thin wrapper over library functions.
 
-    xpeft params        trainable parameters and bytes per profile for every mode (Table 1 / Table 4)
-    xpeft bank random   draw a random bank from a seed and save it (safetensors)
-    xpeft bank info     show a bank's metadata and fingerprint
-    xpeft data ...      task data and profile data sets (see `xpeft data --help`)
-    xpeft profiles ...  list / show profiles in a store
+xpeft params        trainable parameters and bytes per profile for every mode (Table 1 / Table 4)
+xpeft bank random   draw a random bank from a seed and save it (safetensors)
+xpeft bank info     show a bank's metadata and fingerprint
+xpeft data ...      task data and profile data sets (see `xpeft data --help`)
+xpeft profiles ...  list / show profiles in a store
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ def cmd_bank_random(args: argparse.Namespace) -> None:
     enc = load_encoder(args.backbone)
     lin = encoder_blocks(enc)[0].get_submodule(args.target)
     bank = random_bank(
-        enc.config.num_hidden_layers, args.N, args.b, lin.in_features, lin.out_features, args.seed, args.target, args.scale
+        enc.config.num_hidden_layers,
+        args.N,
+        args.b,
+        lin.in_features,
+        lin.out_features,
+        args.seed,
+        args.target,
+        args.scale,
     )
     save_bank(bank, args.out)
     print(f"wrote {bank.describe()} to {args.out}")
@@ -59,7 +66,9 @@ def cmd_profiles_show(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from xpeft.config import DEFAULT_TARGET
 
-    ap = argparse.ArgumentParser(prog="xpeft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="xpeft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
 

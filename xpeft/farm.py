@@ -121,8 +121,17 @@ def rss_bytes() -> int:
 class ProfileWorker:
     """A farm actor's state: the encoder, tokenizer and the shared bank, loaded once."""
 
-    def __init__(self, backbone: str, bank_obj: dict | None, xcfg: XPeftConfig, tcfg: TrainConfig,
-                 shared_head: dict | None, head_id: str | None, label_names: list[str] | None, threads: int):
+    def __init__(
+        self,
+        backbone: str,
+        bank_obj: dict | None,
+        xcfg: XPeftConfig,
+        tcfg: TrainConfig,
+        shared_head: dict | None,
+        head_id: str | None,
+        label_names: list[str] | None,
+        threads: int,
+    ):
         from xpeft.model import load_encoder, load_tokenizer
 
         torch.set_num_threads(max(1, threads))
@@ -248,6 +257,15 @@ def warm_start_count(cfg: FarmConfig, n: int) -> int:
     return m
 
 
+def split_warm(cfg: FarmConfig, datas: list[ProfileData]) -> tuple[list[ProfileData], list[ProfileData]]:
+    """The warm-start profiles (a seeded random choice of M, as the paper's 'randomly select 150 authors')
+    and the rest, which get masks."""
+    ordered = sorted(datas, key=lambda d: d.profile_id)
+    order = np.random.default_rng(cfg.train.seed).permutation(len(ordered))
+    m = warm_start_count(cfg, len(datas))
+    return [ordered[i] for i in order[:m]], [ordered[i] for i in order[m:]]
+
+
 def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
     """Fit every profile in `datas` into `cfg.store`; returns the run report (also written to the store)."""
     from xpeft.model import load_encoder, load_tokenizer
@@ -265,8 +283,13 @@ def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
     def on_result(result: dict) -> None:
         p = result["profile"]
         buffer.append(p)
-        report.fitted[p.profile_id] = {**p.metrics, "seconds": result["seconds"], "mode": p.config.mode,
-                                       "record_bytes": p.record_bytes, "dropped": result["dropped"]}
+        report.fitted[p.profile_id] = {
+            **p.metrics,
+            "seconds": result["seconds"],
+            "mode": p.config.mode,
+            "record_bytes": p.record_bytes,
+            "dropped": result["dropped"],
+        }
         if len(buffer) >= cfg.flush_every:
             store.write(buffer)
             buffer.clear()
@@ -285,20 +308,22 @@ def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
                 cfg.backbone, bank_ref, x, t, shared_head, head_id, cfg.label_names, threads
             )
 
-        run_pool(todo, make_actor, cfg.num_actors or default_num_actors(cfg), cfg.max_retries, on_result,
-                 report, cfg.progress)
+        run_pool(
+            todo,
+            make_actor,
+            cfg.num_actors or default_num_actors(cfg),
+            cfg.max_retries,
+            on_result,
+            report,
+            cfg.progress,
+        )
         store.write(buffer)
         buffer.clear()
 
     bank: AdapterBank | None = None
     rest = datas
     if xcfg.mode == "x_peft" and cfg.setting in ("sa", "mtl"):
-        ordered = sorted(datas, key=lambda d: d.profile_id)
-        rng = np.random.default_rng(cfg.train.seed)
-        order = rng.permutation(len(ordered))
-        m = warm_start_count(cfg, len(datas))
-        warm = [ordered[i] for i in order[:m]]
-        rest = [ordered[i] for i in order[m:]]
+        warm, rest = split_warm(cfg, datas)
         warm_t = cfg.warm_train or cfg.train
         state = load_state(store)
         if cfg.setting == "sa":
@@ -318,8 +343,12 @@ def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
             bank, shared_head, warm_metrics = fit_mtl(fitter, warm)
             head_id = f"mtl-{bank.fingerprint[:16]}"
             store.save_head(head_id, shared_head)
-            report.warm_start = {"setting": "mtl", "profiles": len(warm), "seconds": time.perf_counter() - t0,
-                                 "metrics": warm_metrics}
+            report.warm_start = {
+                "setting": "mtl",
+                "profiles": len(warm),
+                "seconds": time.perf_counter() - t0,
+                "metrics": warm_metrics,
+            }
         store.save_bank(bank)
         save_state(store, {"setting": cfg.setting, "bank": bank.fingerprint, "head_id": head_id})
         xcfg = replace(xcfg, N=bank.N, k=min(xcfg.k, bank.N), b=bank.b)

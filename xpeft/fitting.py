@@ -213,7 +213,9 @@ def fit_mtl(
             opt.step()
             sched.step()
             step += 1
-    log.info("mtl warm start: %d profiles, %d rows, %d steps, final loss %.4f", len(cleaned), len(rows), steps, loss.item())
+    log.info(
+        "mtl warm start: %d profiles, %d rows, %d steps, final loss %.4f", len(cleaned), len(rows), steps, loss.item()
+    )
     mtl.eval()
     target = fitter.xcfg.target
     adapters = [(mtl.lora_A[:, m].detach(), mtl.lora_B[:, m].detach() * mtl.scale) for m in range(len(cleaned))]
@@ -234,7 +236,6 @@ def adapted_dims(encoder: nn.Module, target: str) -> tuple[int, int, int]:
     lin = encoder_blocks(encoder)[0].get_submodule(target)
     base = getattr(lin, "base", lin)
     return encoder.config.num_hidden_layers, base.in_features, base.out_features
-
 
 
 def profile_datas(table, test_fraction: float = 0.3, seed: int = 42) -> tuple[list[ProfileData], dict[str, str]]:
@@ -268,8 +269,9 @@ def profile_datas(table, test_fraction: float = 0.3, seed: int = 42) -> tuple[li
         import pyarrow as pa
 
         usable = [r for rs in by_profile.values() for r in rs if _usable(r)]
-        t = pa.Table.from_pylist(usable, schema=pa.schema([("text", pa.string()), ("label", pa.int64()),
-                                                         ("profile_id", pa.string())]))
+        t = pa.Table.from_pylist(
+            usable, schema=pa.schema([("text", pa.string()), ("label", pa.int64()), ("profile_id", pa.string())])
+        )
         split = holdout_split(t, test_fraction, seed)["split"].to_pylist()
         for r, s in zip(usable, split, strict=True):
             r["split"] = s
@@ -285,5 +287,9 @@ def profile_datas(table, test_fraction: float = 0.3, seed: int = 42) -> tuple[li
 
 
 def _usable(row: dict) -> bool:
-    return isinstance(row.get("text"), str) and bool(row["text"].strip()) and isinstance(row.get("label"), int) \
+    return (
+        isinstance(row.get("text"), str)
+        and bool(row["text"].strip())
+        and isinstance(row.get("label"), int)
         and row["label"] >= 0
+    )

@@ -16,7 +16,7 @@ from torch import nn
 
 from xpeft.bank import AdapterBank
 from xpeft.config import XPeftConfig
-from xpeft.layer import Adapter, AdaptedLinear, wrap_linear
+from xpeft.layer import AdaptedLinear, Adapter, wrap_linear
 from xpeft.masks import gumbel_topk, khot, soft_mask
 
 log = logging.getLogger(__name__)

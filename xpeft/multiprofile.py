@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from xpeft.bank import AdapterBank
-from xpeft.layer import Adapter, AdaptedLinear, wrap_linear
+from xpeft.layer import AdaptedLinear, Adapter, wrap_linear
 from xpeft.masks import soft_mask
 from xpeft.model import Head, encoder_blocks
 from xpeft.profiles import Profile, check_profile_bank, hard_mask_weights
@@ -107,9 +107,7 @@ class MultiProfileModel(nn.Module):
         for layer in range(len(self.adapted)):
             A = torch.stack([p.A_hat[layer] if p.A_hat is not None else torch.zeros(b, d_in) for p in rows])
             # B̂ = 0 switches the adapter off for head_only rows (and scale folds into B̂ per row).
-            B = torch.stack(
-                [p.B_hat[layer] * p.scale if p.B_hat is not None else torch.zeros(d_out, b) for p in rows]
-            )
+            B = torch.stack([p.B_hat[layer] * p.scale if p.B_hat is not None else torch.zeros(d_out, b) for p in rows])
             has_ln = [p.ln_weight is not None for p in rows]
             ln_w = ln_b = None
             if any(has_ln):
@@ -121,9 +119,7 @@ class MultiProfileModel(nn.Module):
         return adapters
 
     @torch.no_grad()
-    def forward_mixed(
-        self, batch: dict[str, torch.Tensor], rows: list[CombinedProfile]
-    ) -> list[torch.Tensor]:
+    def forward_mixed(self, batch: dict[str, torch.Tensor], rows: list[CombinedProfile]) -> list[torch.Tensor]:
         """Logits for each row of `batch`, row i under profile rows[i]. One encoder forward per kind of
         adapter present (with or without LayerNorm), whatever the number of profiles."""
         n = len(rows)

@@ -66,7 +66,9 @@ def write_report(report, config: dict, out_dir: str) -> dict[str, str]:
         "| profiles | mean holdout accuracy | mean macro-F1 | mean record bytes | mean seconds/profile |",
         "|---|---|---|---|---|",
         f"| {s.get('profiles', 0)} | {s.get('accuracy', float('nan')):.4f} | {s.get('f1', float('nan')):.4f} | "
-        f"{s.get('mean_record_bytes', 0):.0f} | {s.get('mean_seconds', 0):.2f} |" if report.fitted else "| 0 | - | - | - | - |",
+        f"{s.get('mean_record_bytes', 0):.0f} | {s.get('mean_seconds', 0):.2f} |"
+        if report.fitted
+        else "| 0 | - | - | - | - |",
         "",
     ]
     if report.rejected or report.failed:
@@ -74,7 +76,12 @@ def write_report(report, config: dict, out_dir: str) -> dict[str, str]:
         lines += [f"| {p} | rejected: {r} |" for p, r in sorted(report.rejected.items())]
         lines += [f"| {p} | failed: {r} |" for p, r in sorted(report.failed.items())]
         lines.append("")
-    lines += ["## Per profile", "", "| profile | n_train | n_test | accuracy | macro-F1 | bytes |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## Per profile",
+        "",
+        "| profile | n_train | n_test | accuracy | macro-F1 | bytes |",
+        "|---|---|---|---|---|---|",
+    ]
     for pid, m in sorted(report.fitted.items()):
         lines.append(
             f"| {pid} | {m.get('n_train')} | {m.get('n_test')} | {m.get('accuracy', float('nan')):.4f} | "
@@ -131,8 +138,14 @@ def plot_masks(
     for i, c in enumerate(cats):
         idx = [j for j, p in enumerate(profiles) if maj[p.profile_id][0] == c]
         name = label_names[c] if label_names and c < len(label_names) else str(c)
-        ax.scatter(emb[idx, 0], emb[idx, 1], s=[20 + 200 * maj[profiles[j].profile_id][1] for j in idx],
-                   color=cmap(i % 20), label=name, alpha=0.8)
+        ax.scatter(
+            emb[idx, 0],
+            emb[idx, 1],
+            s=[20 + 200 * maj[profiles[j].profile_id][1] for j in idx],
+            color=cmap(i % 20),
+            label=name,
+            alpha=0.8,
+        )
     ax.set_title(f"t-SNE of {len(profiles)} profiles' masks (colour: majority category, size: its ratio)")
     ax.legend(fontsize=7, loc="best")
     paths = {"tsne": os.path.join(out_dir, "masks_tsne.png"), "heatmaps": os.path.join(out_dir, "masks_heatmaps.png")}

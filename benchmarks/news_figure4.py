@@ -1,0 +1,112 @@
+"""Figure 4 on the HuffPost news profiles: averaged holdout accuracy and macro-F1 per mode, with the
+bundled MiniLM, through the farm (Ray actors). Every mode is scored on the same profiles: the ones that
+get masks after the warm start (the first M profiles build the learned bank).
+
+    python benchmarks/news_figure4.py --modes head_only single_adapter mtl-hard mtl-soft sa-hard --out results/news
+    python benchmarks/news_figure4.py --throughput 20      # profiles/min with 1 vs 2 actors on 20 profiles
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+
+import ray
+
+from xpeft.config import XPeftConfig
+from xpeft.data.profiles import NEWS_CATEGORIES, load_news_profiles
+from xpeft.farm import FarmConfig, run_farm, split_warm
+from xpeft.fitting import profile_datas
+from xpeft.recipes import FARM_TRAIN
+from xpeft.report import summarize
+
+MODES = {
+    "head_only": ("random", {"mode": "head_only"}),
+    "single_adapter": ("random", {"mode": "single_adapter"}),
+    "random-hard": ("random", {"mask_type": "hard"}),
+    "sa-hard": ("sa", {"mask_type": "hard"}),
+    "sa-soft": ("sa", {"mask_type": "soft"}),
+    "mtl-hard": ("mtl", {"mask_type": "hard"}),
+    "mtl-soft": ("mtl", {"mask_type": "soft"}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--min-articles", type=int, default=10)
+    ap.add_argument("--modes", nargs="+", default=["head_only", "single_adapter", "mtl-hard"])
+    ap.add_argument("--warm-start", type=float, default=0.45)
+    ap.add_argument("--epochs", type=int, default=FARM_TRAIN.epochs)
+    ap.add_argument("--k", type=int, default=None, help="default: half the bank (N/2)")
+    ap.add_argument("--num-actors", type=int, default=2)
+    ap.add_argument("--throughput", type=int, default=0, help="only measure profiles/min, 1 vs 2 actors, on n profiles")
+    ap.add_argument("--out", default="results/news")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    datas, _ = profile_datas(load_news_profiles(args.data_dir, args.min_articles))
+    train = replace(FARM_TRAIN, epochs=args.epochs)
+    base = XPeftConfig(head="linear", num_labels=len(NEWS_CATEGORIES))
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.throughput:
+        part = sorted(datas, key=lambda d: d.profile_id)[: args.throughput]
+        for actors in (1, 2):
+            cfg = FarmConfig(
+                store=f"{args.out}/tp-{stamp}-{actors}", xpeft=base, train=train, num_actors=actors, progress=False
+            )
+            rep = run_farm(cfg, part)
+            print(
+                f"{actors} actor(s): {len(rep.fitted)} profiles in {rep.seconds:.1f} s = "
+                f"{rep.profiles_per_minute:.2f} profiles/min; RSS per actor "
+                f"{[round(b / 2**20) for b in rep.memory['rss_bytes_per_actor']]} MiB; "
+                f"object store {rep.memory.get('object_store')}",
+                flush=True,
+            )
+        return
+    probe = FarmConfig(store="-", train=train, setting="mtl", warm_start=args.warm_start)
+    warm, rest = split_warm(probe, datas)
+    rest_ids = {d.profile_id for d in rest}
+    results = {}
+    for name in args.modes:
+        setting, kw = MODES[name]
+        x = replace(base, **kw)
+        cfg = FarmConfig(
+            store=f"{args.out}/{name}-{stamp}",
+            xpeft=x,
+            train=train,
+            setting=setting,
+            warm_start=args.warm_start,
+            num_actors=args.num_actors,
+            progress=False,
+            label_names=list(NEWS_CATEGORIES),
+        )
+        if args.k:
+            cfg.xpeft = replace(x, k=args.k)
+        elif setting in ("sa", "mtl"):
+            cfg.xpeft = replace(x, k=max(1, len(warm) // 2))
+        t = time.perf_counter()
+        rep = run_farm(cfg, datas if setting != "random" else rest)
+        scored = {p: m for p, m in rep.fitted.items() if p in rest_ids}
+        results[name] = {
+            **summarize(scored),
+            "wall_s": time.perf_counter() - t,
+            "profiles_per_minute": rep.profiles_per_minute,
+            "bank_N": rep.bank.get("N"),
+        }
+        print(name, json.dumps(results[name]), flush=True)
+    with open(f"{args.out}/figure4-{stamp}.json", "w") as f:
+        json.dump({"args": vars(args), "warm": len(warm), "rest": len(rest), "results": results}, f, indent=1)
+    print(f"\nFigure 4 on {len(rest)} news profiles (bank from {len(warm)} warm-start profiles for sa/mtl)")
+    print("| mode | mean accuracy | mean macro-F1 | mean record bytes | wall s |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['accuracy']:.4f} | {r['f1']:.4f} | {r['mean_record_bytes']:.0f} | {r['wall_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
