@@ -234,3 +234,40 @@ def test_per_row_adapters_equal_one_profile_forwards():
         torch.stack([a.ln_bias for a in per_profile]),
     )
     assert torch.allclose(layer(x), torch.cat(expected), atol=1e-5)
+
+
+def _family(name: str):
+    from transformers import (
+        DistilBertConfig,
+        DistilBertModel,
+        ElectraConfig,
+        ElectraModel,
+        RobertaConfig,
+        RobertaModel,
+    )
+
+    small = {"vocab_size": 100, "num_attention_heads": 2, "intermediate_size": 64}
+    if name == "roberta":
+        return RobertaModel(RobertaConfig(hidden_size=D, num_hidden_layers=L, **small)), "attention.self.value"
+    if name == "electra":
+        return ElectraModel(ElectraConfig(embedding_size=D, hidden_size=D, num_hidden_layers=L, **small)), (
+            "attention.self.value"
+        )
+    return DistilBertModel(DistilBertConfig(vocab_size=100, dim=D, n_layers=L, n_heads=2, hidden_dim=64)), (
+        "attention.v_lin"
+    )
+
+
+@pytest.mark.parametrize("family", ["roberta", "electra", "distilbert"])
+def test_any_bert_family_encoder_takes_an_x_peft_bank(family):
+    encoder, target = _family(family)
+    model = XPeftModel(encoder, XPeftConfig(N=N, k=K, b=B, target=target), random_bank(L, N, B, D, target=target))
+    batch = tiny_batch()
+    out = model(batch["input_ids"].clamp_max(99), batch["attention_mask"], labels=batch["labels"])
+    out["loss"].backward()
+    assert model.mask_logits_A.grad.abs().sum() > 0
+
+
+def test_unknown_target_lists_the_linears_there_are():
+    with pytest.raises(ValueError, match="linears there are"):
+        XPeftModel(tiny_encoder(), XPeftConfig(N=N, k=K, b=B, target="attention.nope"), random_bank(L, N, B, D))
