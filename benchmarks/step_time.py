@@ -23,6 +23,34 @@ from xpeft.model import XPeftModel, load_encoder
 from xpeft.train import make_optimizer, make_scheduler, train_step
 
 
+class PerTokenXPeft(XPeftModel):
+    """The implementation weights-first avoids, for comparison: every one of the N adapters runs on every
+    token and the outputs are mixed with the mask weights (Σ_i w_i·A_i x, LN, then Σ_i w_i·B_i h)."""
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
+        wA, wB = self.mask_weights()
+        handles = []
+        for layer, module in enumerate(self.adapted):
+
+            def hook(mod, args, out, layer=layer):
+                x = args[0]
+                h = torch.einsum("n,btnr->btr", wA[layer], torch.einsum("btd,nrd->btnr", x, self.bank.A[layer]))
+                h = torch.nn.functional.layer_norm(h, h.shape[-1:], self.ln_weight[layer], self.ln_bias[layer])
+                y = torch.einsum("btnd,n->btd", torch.einsum("btr,ndr->btnd", h, self.bank.B[layer]), wB[layer])
+                return out + y
+
+            handles.append(module.base.register_forward_hook(hook))
+        try:
+            hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        logits = self.head(hidden, attention_mask)
+        from xpeft.model import task_loss
+
+        return {"logits": logits, "loss": task_loss(logits, labels, self.cfg.problem_type)}
+
+
 def cases(Ns: list[int]) -> list[tuple[str, XPeftConfig]]:
     out = [("head_only", XPeftConfig(mode="head_only")), ("single_adapter", XPeftConfig(mode="single_adapter"))]
     for N in Ns:
@@ -40,6 +68,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 2 warm-up steps)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole table, interleaving modes")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--per-token", type=int, nargs="*", default=[], help="also time the per-token version at these N")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.backbone)
@@ -53,9 +82,13 @@ def main() -> None:
     }
     tcfg = TrainConfig(lr=1e-3, mask_lr=1e-1, ln_lr=1e-1)
     times: dict[str, list[float]] = {}
+    todo = cases(args.N) + [(f"x_peft per-token N={N}", XPeftConfig(mask_type="soft", N=N)) for N in args.per_token]
+    for N in args.per_token:
+        banks.setdefault(N, random_bank(L, N, 48, d_in, d_out, seed=0))
     for _ in range(args.rounds):
-        for name, cfg in cases(args.N):
-            model = XPeftModel(encoder, cfg, banks.get(cfg.N) if cfg.mode == "x_peft" else None).train()
+        for name, cfg in todo:
+            cls = PerTokenXPeft if "per-token" in name else XPeftModel
+            model = cls(encoder, cfg, banks.get(cfg.N) if cfg.mode == "x_peft" else None).train()
             opt = make_optimizer(model, tcfg)
             sched = make_scheduler(opt, 1000, 0.0)
             for step in range(2 + args.steps):

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             continue
         kind = float if isinstance(value, float) or value is None else type(value)
         ap.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded local)")
     ap.add_argument("--num-actors", type=int, default=None, help="default: cluster CPUs // cpus-per-actor")
     ap.add_argument("--cpus-per-actor", type=float, default=1.0)
     ap.add_argument("--gpus-per-actor", type=float, default=0.0)
@@ -116,11 +117,12 @@ def main(argv: list[str] | None = None) -> None:
         label_names=list(NEWS_CATEGORIES) if num_labels == len(NEWS_CATEGORIES) else None,
         progress=not args.no_progress,
     )
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded local Ray on this machine only
-        ray.init(include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init()
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)  # a cluster (`ray job submit` sets RAY_ADDRESS)
+    else:  # an embedded Ray for this run only, even when another Ray runs on this machine
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     report = run_farm(cfg, datas)
     report.rejected.update(bad_ids)
     store = ProfileStore(store_uri)

@@ -15,9 +15,8 @@ from torch import nn
 
 from xpeft.bank import AdapterBank
 from xpeft.layer import AdaptedLinear, Adapter, wrap_linear
-from xpeft.masks import soft_mask
 from xpeft.model import Head, encoder_blocks
-from xpeft.profiles import Profile, check_profile_bank, hard_mask_weights
+from xpeft.profiles import Profile, check_profile_bank, mask_weights
 
 
 @dataclass
@@ -52,10 +51,7 @@ def combine_profile(
     A_hat = B_hat = ln_w = ln_b = None
     scale = 1.0
     if cfg.mode == "x_peft":
-        if cfg.mask_type == "hard":
-            wA, wB = hard_mask_weights(profile, bank.N, bank.L)
-        else:
-            wA, wB = soft_mask(t["mask_logits_A"]), soft_mask(t["mask_logits_B"])
+        wA, wB = mask_weights(profile, bank.N, bank.L)
         A_hat = torch.einsum("ln,lnbd->lbd", wA, bank.A)
         B_hat = torch.einsum("ln,lndb->ldb", wB, bank.B)
         if cfg.layer_norm:
@@ -105,9 +101,16 @@ class MultiProfileModel(nn.Module):
         d_out = ref.B_hat.shape[1]
         adapters = []
         for layer in range(len(self.adapted)):
-            A = torch.stack([p.A_hat[layer] if p.A_hat is not None else torch.zeros(b, d_in) for p in rows])
+            A = torch.stack(
+                [p.A_hat[layer] if p.A_hat is not None else torch.zeros(b, d_in, device=ref.A_hat.device) for p in rows]
+            )
             # B̂ = 0 switches the adapter off for head_only rows (and scale folds into B̂ per row).
-            B = torch.stack([p.B_hat[layer] * p.scale if p.B_hat is not None else torch.zeros(d_out, b) for p in rows])
+            B = torch.stack(
+                [
+                    p.B_hat[layer] * p.scale if p.B_hat is not None else torch.zeros(d_out, b, device=ref.A_hat.device)
+                    for p in rows
+                ]
+            )
             has_ln = [p.ln_weight is not None for p in rows]
             ln_w = ln_b = None
             if any(has_ln):
@@ -128,7 +131,7 @@ class MultiProfileModel(nn.Module):
         kinds: dict[bool, list[int]] = {}
         for i, p in enumerate(rows):
             kinds.setdefault(p.ln_weight is not None, []).append(i)
-        hidden = torch.empty(n, batch["input_ids"].shape[1], self.d)
+        hidden = torch.empty(n, batch["input_ids"].shape[1], self.d, device=batch["input_ids"].device)
         for idx in kinds.values():
             sub = {k: v[idx] for k, v in batch.items()}
             adapters = self._row_adapters([rows[i] for i in idx])

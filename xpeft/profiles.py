@@ -124,6 +124,21 @@ def hard_mask_weights(profile: Profile, N: int, L: int) -> tuple[torch.Tensor, t
     )
 
 
+def mask_weights(profile: Profile, N: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """M_A, M_B of a stored x_peft profile as L×N combination weights: k-hot / k for hard masks, softmax of
+    the logits for soft ones. The single-mask ablation stores no M_A: its Â is the mean of the A_i."""
+    if profile.config.mask_type == "hard":
+        return hard_mask_weights(profile, N, L)
+    logits_B = profile.tensors["mask_logits_B"]
+    logits_A = profile.tensors.get("mask_logits_A", torch.zeros_like(logits_B))
+    if logits_A.shape != (L, N) or logits_B.shape != (L, N):
+        raise ValueError(
+            f"profile {profile.profile_id} stores {tuple(logits_B.shape)} mask logits but the bank needs "
+            f"L×N = {L}×{N}; it was fitted for a different bank"
+        )
+    return torch.softmax(logits_A, -1), torch.softmax(logits_B, -1)
+
+
 def check_profile_bank(profile: Profile, bank: AdapterBank | None) -> None:
     if profile.config.mode != "x_peft":
         return

@@ -12,17 +12,15 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from xpeft.masks import soft_mask
-from xpeft.profiles import Profile, hard_mask_weights
+from xpeft.profiles import Profile, mask_weights
 
 
 def mask_matrix(profile: Profile, N: int, L: int) -> np.ndarray:
     """M_A and M_B stacked (2L × N): k-hot bits for hard profiles, softmax weights for soft ones."""
+    wA, wB = mask_weights(profile, N, L)
     if profile.mask_bits is not None:
-        wA, wB = hard_mask_weights(profile, N, L)
         return torch.cat([wA > 0, wB > 0]).float().numpy()
-    t = profile.tensors
-    return torch.cat([soft_mask(t["mask_logits_A"]), soft_mask(t["mask_logits_B"])]).numpy()
+    return torch.cat([wA, wB]).numpy()
 
 
 def summarize(fitted: dict[str, dict]) -> dict[str, float]:

@@ -82,7 +82,8 @@ class ProfileStore:
         table = pa.Table.from_pylist([to_row(p) for p in profiles], schema=SCHEMA)
         name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
         final = f"{self.root}/profiles/{name}"
-        self._atomic_write(final, lambda out: pq.write_table(table, out, compression="zstd"))
+        # Small row groups: a lookup decodes one group, not the whole file.
+        self._atomic_write(final, lambda out: pq.write_table(table, out, compression="zstd", row_group_size=16))
         self._add_to_index(final, table.column("profile_id").to_pylist(), table.column("created").to_pylist())
         return final
 

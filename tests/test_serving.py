@@ -1,0 +1,351 @@
+"""The profile server over real HTTP on a local Ray: the same predictions as the in-process model, one forward
+for a batch mixing profiles, a clear 4xx for every bad input (and the next request still served), auth."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import tiny_encoder
+
+from xpeft.bank import random_bank
+from xpeft.config import XPeftConfig
+from xpeft.model import XPeftModel, load_encoder, load_tokenizer
+from xpeft.multiprofile import combine_profile
+from xpeft.profiles import apply_profile, profile_from_model
+from xpeft.serving import Coalescer, ProfileCache, ServeConfig, app_builder, combine_profiles
+from xpeft.store import ProfileStore
+from xpeft.train import Collator, tokenize
+
+requests = pytest.importorskip("requests")
+
+L, N, K, B, D = 2, 20, 5, 4, 32
+BANK = random_bank(L, N, B, D, seed=7)
+OTHER_BANK = random_bank(L, N, B, D, seed=8)
+TOKEN = "s3cret-token"
+LIMITS = {"max_texts": 8, "max_text_chars": 300, "max_body_bytes": 8192}
+TEXTS = ["the movie was great fun", "bad boring plot", "news about the election and the vote"]
+
+# id → (config, extras): every mode the server must meet, each with its own random "fitted" tensors.
+PROFILES = {
+    "hard": ({"mode": "x_peft", "mask_type": "hard", "num_labels": 3}, {"label_names": ["neg", "neu", "pos"]}),
+    "soft": ({"mode": "x_peft", "mask_type": "soft"}, {}),
+    "hard-B": ({"mode": "x_peft", "mask_type": "hard", "masks": "B"}, {}),
+    "soft-B": ({"mode": "x_peft", "mask_type": "soft", "masks": "B"}, {}),
+    "single": ({"mode": "single_adapter"}, {}),
+    "head-only": ({"mode": "head_only", "num_labels": 4}, {}),
+    "pooler": ({"mode": "x_peft", "mask_type": "hard", "head": "pooler"}, {}),
+    "regress": ({"mode": "x_peft", "mask_type": "hard", "num_labels": 1, "problem_type": "regression"}, {}),
+    "mtl-a": ({"mode": "x_peft", "mask_type": "hard"}, {"head_id": "shared-1"}),
+    "mtl-b": ({"mode": "x_peft", "mask_type": "hard"}, {"head_id": "shared-1"}),
+}
+
+
+def fitted_profile(profile_id: str, cfg_kwargs: dict, extras: dict, seed: int, encoder=None, bank=BANK):
+    """A profile whose trainable tensors are random, as if fitted (the shared head comes from seed 99)."""
+    cfg = XPeftConfig(**{"N": N, "k": K, "b": B, "head": "linear", **cfg_kwargs})
+    model = XPeftModel(encoder or tiny_encoder(), cfg, bank if cfg.mode == "x_peft" else None)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        if extras.get("head_id"):
+            shared = torch.Generator().manual_seed(99)
+            for p in model.head.parameters():
+                p.copy_(torch.randn(p.shape, generator=shared))
+    return model, profile_from_model(model, profile_id, metrics={"accuracy": 0.5 + seed / 100}, **extras)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- without Ray: the pieces the replica is made of ---------------------------------------------------------
+
+
+def test_combining_profiles_in_bulk_equals_one_at_a_time():
+    ids = ["hard", "soft", "hard-B", "single", "head-only"]
+    profiles = [fitted_profile(pid, *PROFILES[pid], seed=i)[1] for i, pid in enumerate(ids)]
+    bulk = combine_profiles(profiles, BANK, D, {})
+    for p, got in zip(profiles, bulk, strict=True):
+        want = combine_profile(p, BANK, D)
+        for name in ("A_hat", "B_hat", "ln_weight", "ln_bias"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6), (p.profile_id, name)
+        assert (got.scale, got.head_key, got.problem_type) == (want.scale, want.head_key, want.problem_type)
+        x = torch.randn(3, 5, D)
+        assert torch.equal(got.head(x, torch.ones(3, 5)), want.head(x, torch.ones(3, 5)))
+
+
+def test_bulk_combination_reports_a_profile_of_another_bank_without_failing_the_others():
+    _, good = fitted_profile("good", *PROFILES["hard"], seed=1)
+    _, alien = fitted_profile("alien", *PROFILES["hard"], seed=2, bank=OTHER_BANK)
+    got = combine_profiles([alien, good], BANK, D, {})
+    assert isinstance(got[0], ValueError) and "was fitted on bank" in str(got[0])
+    assert got[1].profile_id == "good"
+
+
+def test_profile_cache_is_bounded_and_evicts_the_least_recently_used():
+    cache = ProfileCache(2)
+    items = {pid: combine_profile(fitted_profile(pid, *PROFILES["hard"], seed=i)[1], BANK, D)
+             for i, pid in enumerate("abc")}
+    cache.put(items["a"])
+    cache.put(items["b"])
+    assert cache.get("a") is items["a"]  # a is now the most recent
+    cache.put(items["c"])
+    assert len(cache) == 2 and cache.get("b") is None and cache.get("a") is items["a"]
+
+
+def test_calls_waiting_while_work_runs_are_merged_into_one_call():
+    calls = []
+
+    def work(items):
+        calls.append(list(items))
+        time.sleep(0.05)
+        if 0 in items:
+            raise RuntimeError("boom")
+        return [i * 10 for i in items]
+
+    async def main():
+        coalesce = Coalescer(work, max_items=100)
+        first = asyncio.create_task(coalesce([1]))
+        await asyncio.sleep(0.01)  # work([1]) is running: the next four calls wait and then go as one
+        rest = await asyncio.gather(*(coalesce([i, i + 1]) for i in (2, 4, 6, 8)))
+        with pytest.raises(RuntimeError, match="boom"):
+            await coalesce([0])
+        return await first, rest
+
+    first, rest = asyncio.run(main())
+    assert first == [10] and rest == [[20, 30], [40, 50], [60, 70], [80, 90]]
+    assert calls == [[1], [2, 3, 4, 5, 6, 7, 8, 9], [0]]
+
+
+def test_settings_from_strings_are_typed_and_unknown_ones_refused(monkeypatch):
+    cfg = ServeConfig.from_strings({"store": "/tmp/s", "num_cpus": "0.5", "max_batch_size": "16"})
+    assert (cfg.num_cpus, cfg.max_batch_size) == (0.5, 16)
+    with pytest.raises(ValueError, match="unknown serve settings"):
+        ServeConfig.from_strings({"store": "/tmp/s", "max_batch": "16"})
+    with pytest.raises(ValueError, match="max_batch_size='lots' is not a valid int"):
+        ServeConfig.from_strings({"store": "/tmp/s", "max_batch_size": "lots"})
+    monkeypatch.delenv("XPEFT_STORE", raising=False)
+    with pytest.raises(ValueError, match="XPEFT_STORE"):
+        app_builder({})
+
+
+# --- over HTTP on a local Ray ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    from tiny_backbone import make_tiny_backbone
+
+    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, backbone):
+    store = ProfileStore(tmp_path_factory.mktemp("store"))
+    store.save_bank(BANK)
+    encoder = load_encoder(backbone)
+    profiles = []
+    for i, (pid, (cfg, extras)) in enumerate(PROFILES.items()):
+        model, profile = fitted_profile(pid, cfg, extras, seed=i, encoder=encoder)
+        if extras.get("head_id"):
+            store.save_head(extras["head_id"], {k: v.clone() for k, v in model.head.state_dict().items()})
+        profiles.append(profile)
+    profiles.append(fitted_profile("other-bank", *PROFILES["hard"], seed=50, encoder=encoder, bank=OTHER_BANK)[1])
+    store.write(profiles)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(store, backbone):
+    """One local Ray, two apps: '/' without auth and '/secure' with a bearer token."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from xpeft.serving import build_app
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared cluster
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = dict(store=store.uri, backbone=backbone, num_cpus=0.5, cache_size=4, batch_wait_timeout_s=0.1, **LIMITS)
+    serve.run(build_app(ServeConfig(**common, api_token=None)), name="xpeft", route_prefix="/")
+    serve.run(build_app(ServeConfig(**common, api_token=TOKEN)), name="xpeft-auth", route_prefix="/secure")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def expected(store: ProfileStore, backbone: str, profile_id: str, texts: list[str], pairs=None) -> torch.Tensor:
+    """Logits of the in-process XPeftModel with the stored profile applied, one text at a time."""
+    profile = store.get(profile_id)
+    model = XPeftModel(load_encoder(backbone), profile.config, BANK if profile.config.mode == "x_peft" else None)
+    shared = store.load_head(profile.head_id) if profile.head_id else None
+    apply_profile(model, profile, shared)
+    model.eval()
+    tokenizer = load_tokenizer(backbone)
+    pairs = pairs or [None] * len(texts)
+    rows = tokenize([{"text": t, "text_pair": q} for t, q in zip(texts, pairs, strict=True)], tokenizer, 128)
+    collate = Collator(tokenizer.pad_token_id)
+    with torch.no_grad():
+        return torch.cat([model(**collate([r]))["logits"] for r in rows])
+
+
+def classify(url: str, profile_id: str, texts: list[str], **extra) -> dict:
+    r = requests.post(f"{url}/v1/classify", json={"profile_id": profile_id, "texts": texts, **extra}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_matches(preds: list[dict], logits: torch.Tensor, problem_type: str = "classification") -> None:
+    assert len(preds) == len(logits)
+    for pred, z in zip(preds, logits, strict=True):
+        if problem_type == "regression":
+            assert abs(pred["score"] - float(z[0])) < 1e-5 and "probabilities" not in pred
+        else:
+            probs = torch.softmax(z, -1)
+            assert torch.allclose(torch.tensor(pred["probabilities"]), probs, atol=1e-5)
+            assert pred["label"] == int(probs.argmax())
+
+
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("profile_id", list(PROFILES))
+def test_predictions_equal_the_in_process_model(server, store, backbone, profile_id):
+    body = classify(server, profile_id, TEXTS)
+    assert body["profile_id"] == profile_id
+    assert_matches(body["predictions"], expected(store, backbone, profile_id, TEXTS),
+                   PROFILES[profile_id][0].get("problem_type", "classification"))
+
+
+@pytest.mark.ray
+def test_label_names_and_text_pairs_are_served(server, store, backbone):
+    pairs = ["good", "the story", "sports"]
+    body = classify(server, "hard", TEXTS, text_pairs=pairs)
+    assert_matches(body["predictions"], expected(store, backbone, "hard", TEXTS, pairs))
+    assert all(p["label_name"] == ["neg", "neu", "pos"][p["label"]] for p in body["predictions"])
+    unpaired = classify(server, "hard", TEXTS)["predictions"]
+    assert unpaired[0]["probabilities"] != body["predictions"][0]["probabilities"]
+
+
+@pytest.mark.ray
+def test_a_mixed_batch_of_8_profiles_equals_8_single_profile_calls(server):
+    ids = ["hard", "soft", "hard-B", "single", "head-only", "pooler", "mtl-a", "mtl-b"]
+    texts = {pid: [TEXTS[i % 3], TEXTS[(i + 1) % 3]] for i, pid in enumerate(ids)}
+    singles = {pid: classify(server, pid, texts[pid]) for pid in ids}  # one at a time
+    before = requests.get(f"{server}/healthz", timeout=10).json()
+    with ThreadPoolExecutor(len(ids)) as pool:
+        mixed = dict(zip(ids, pool.map(lambda pid: classify(server, pid, texts[pid]), ids), strict=True))
+    after = requests.get(f"{server}/healthz", timeout=10).json()
+    for pid in ids:
+        for a, b in zip(mixed[pid]["predictions"], singles[pid]["predictions"], strict=True):
+            assert torch.allclose(torch.tensor(a["probabilities"]), torch.tensor(b["probabilities"]), atol=1e-5)
+    assert after["rows"] - before["rows"] == 16
+    assert after["batches"] - before["batches"] < len(ids), "concurrent requests were not batched together"
+    assert after["max_profiles_in_batch"] >= 2
+
+
+BAD = [
+    # name, method, path, json body or raw bytes, status, words in the detail
+    ("unknown profile", "post", "/v1/classify", {"profile_id": "nobody", "texts": ["x"]}, 404, "not in the store"),
+    ("malformed JSON", "post", "/v1/classify", b'{"profile_id": "hard", "texts": [', 422, "JSON"),
+    ("missing texts", "post", "/v1/classify", {"profile_id": "hard"}, 422, "texts"),
+    ("texts not a list", "post", "/v1/classify", {"profile_id": "hard", "texts": "hello"}, 422, "list"),
+    ("profile id not a string", "post", "/v1/classify", {"profile_id": 7, "texts": ["x"]}, 422, "string"),
+    ("a text not a string", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x", None]}, 422, "string"),
+    ("unknown field", "post", "/v1/classify", {"profile_id": "hard", "text": ["x"], "texts": ["x"]}, 422, "text"),
+    ("empty text list", "post", "/v1/classify", {"profile_id": "hard", "texts": []}, 422, "at least 1"),
+    ("too many texts", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x"] * 9}, 413, "max_texts"),
+    ("too long a text", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x" * 301]}, 413, "max_text_chars"),
+    ("pairs do not match texts", "post", "/v1/classify",
+     {"profile_id": "hard", "texts": ["a", "b"], "text_pairs": ["c"]}, 422, "one per text"),
+    ("body too large", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x" * 9000]}, 413, "max_body_bytes"),
+    ("path traversal", "post", "/v1/classify", {"profile_id": "../x", "texts": ["x"]}, 400, "invalid profile id"),
+    ("another bank", "post", "/v1/classify", {"profile_id": "other-bank", "texts": ["x"]}, 409,
+     f"fitted on bank {OTHER_BANK.fingerprint} but this server holds bank {BANK.fingerprint}"),
+    ("invalid id in the path", "get", "/v1/profiles/a..b", None, 400, "invalid profile id"),
+    ("unknown profile in the path", "get", "/v1/profiles/nobody", None, 404, "not in the store"),
+    ("page size 0", "get", "/v1/profiles?limit=0", None, 422, "greater than or equal to 1"),
+    ("page too large", "get", "/v1/profiles?limit=100000", None, 413, "max_page"),
+]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("name,method,path,body,status,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_4xx_and_the_server_serves_the_next_request(server, name, method, path, body,
+                                                                           status, words):
+    kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {
+        "json": body}
+    r = requests.request(method, server + path, timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    assert words in str(r.json()["detail"]), r.json()
+    assert classify(server, "soft", ["still here"])["predictions"]
+
+
+@pytest.mark.ray
+def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(server):
+    def chunks():  # 9,000 characters of text, streamed: a generator body has no Content-Length
+        yield b'{"profile_id": "hard", "texts": ["'
+        for _ in range(9):
+            yield b"x" * 1000
+        yield b'"]}'
+
+    r = requests.post(f"{server}/v1/classify", data=chunks(), headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.request.headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in r.request.headers
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
+    assert classify(server, "soft", ["still here"])["predictions"]
+
+
+@pytest.mark.ray
+def test_a_profile_written_after_the_server_started_is_served(server, store, backbone):
+    _, late = fitted_profile("late-comer", *PROFILES["hard"], seed=77, encoder=load_encoder(backbone))
+    store.write([late])
+    body = classify(server, "late-comer", TEXTS)
+    assert_matches(body["predictions"], expected(store, backbone, "late-comer", TEXTS))
+
+
+@pytest.mark.ray
+def test_profile_info_has_config_metrics_and_size_in_bytes(server, store):
+    info = requests.get(f"{server}/v1/profiles/hard", timeout=10).json()
+    stored = store.get("hard")
+    assert info["config"] == stored.config.to_dict() and info["metrics"] == stored.metrics
+    assert info["size_bytes"] == stored.record_bytes and info["servable"] is True
+    alien = requests.get(f"{server}/v1/profiles/other-bank", timeout=10).json()
+    assert alien["servable"] is False and OTHER_BANK.fingerprint in alien["problem"]
+
+
+@pytest.mark.ray
+def test_profiles_are_listed_in_pages(server, store):
+    ids = store.ids()
+    first = requests.get(f"{server}/v1/profiles?offset=0&limit=4", timeout=10).json()
+    second = requests.get(f"{server}/v1/profiles?offset=4&limit=4", timeout=10).json()
+    assert first["total"] == len(ids)
+    assert [p["profile_id"] for p in first["profiles"] + second["profiles"]] == ids[:8]
+
+
+@pytest.mark.ray
+def test_the_api_publishes_its_openapi_schema(server):
+    schema = requests.get(f"{server}/openapi.json", timeout=10).json()
+    assert {"/v1/classify", "/v1/profiles", "/v1/profiles/{profile_id}", "/healthz"} <= set(schema["paths"])
+    assert "ClassifyRequest" in schema["components"]["schemas"]
+
+
+@pytest.mark.ray
+def test_with_auth_on_a_request_without_the_token_is_refused(server):
+    url = f"{server}/secure/v1/classify"
+    body = {"profile_id": "hard", "texts": ["x"]}
+    assert requests.post(url, json=body, timeout=30).status_code == 401
+    wrong = requests.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401 and "bearer token" in wrong.json()["detail"]
+    right = requests.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert right.status_code == 200 and right.json()["predictions"]
+    assert requests.get(f"{server}/secure/v1/profiles/hard", timeout=10).status_code == 401
+    assert requests.get(f"{server}/secure/healthz", timeout=10).status_code == 200  # probes need no token
