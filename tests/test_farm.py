@@ -131,7 +131,8 @@ def test_a_killed_actor_loses_no_profile(local_ray, backbone, tmp_path):
 
 
 def _actor_pids() -> list[int]:
-    """Processes of live ProfileWorker actors (Ray names the process after the actor class)."""
+    """Processes of this test's live ProfileWorker actors: Ray names the process after the actor class, and
+    ours descend from this process (its embedded raylet), not from another Ray on the machine."""
     pids = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -141,9 +142,21 @@ def _actor_pids() -> list[int]:
                 cmd = f.read().decode(errors="ignore")
         except OSError:
             continue
-        if "ray::ProfileWorker" in cmd:
+        if "ray::ProfileWorker" in cmd and _descends_from(int(pid), os.getpid()):
             pids.append(int(pid))
     return pids
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+        if pid == ancestor:
+            return True
+    return False
 
 
 def test_malformed_profiles_are_reported_and_the_rest_fitted(local_ray, backbone, tmp_path):

@@ -105,7 +105,7 @@ def object_store_stats() -> dict[str, float]:
 
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", text)
     return {"plasma_mib": int(m.group(1)), "objects": int(m.group(2))} if m else {"raw": text}
 
@@ -146,7 +146,12 @@ class ProfileWorker:
         return {"profile": out.profile, "seconds": out.seconds, "dropped": out.dropped, "pid": os.getpid()}
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "bank_zero_copy": self.bank_zero_copy}
+        return {
+            "pid": os.getpid(),
+            "rss_bytes": rss_bytes(),
+            "bank_zero_copy": self.bank_zero_copy,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
 
 ProfileActor = ray.remote(ProfileWorker)
@@ -171,58 +176,72 @@ def run_pool(
     report: RunReport,
     progress: bool = True,
 ) -> None:
-    """Fit every profile on a pool of actors, largest first. A dead actor is replaced and its profile
-    retried up to `max_retries` times; a profile whose data is bad is rejected at once."""
+    """Fit every profile on a pool of actors, largest first. Work goes only to actors that are up (an actor
+    the cluster cannot place holds no profile hostage). A dead actor is replaced and its profile retried up
+    to `max_retries` times; a profile whose data is bad is rejected at once."""
     queue = sorted(datas, key=lambda d: (-d.size, d.profile_id))
     queue.reverse()  # pop() from the end takes the largest
     attempts: dict[str, int] = {}
-    actors = [make_actor() for _ in range(min(num_actors, len(queue)))]
-    report.actors = max(report.actors, len(actors))
+    starting: dict[Any, Any] = {}  # readiness ref -> actor still starting
+    ready: list[Any] = []
     in_flight: dict[Any, tuple[Any, ProfileData]] = {}
     bar = tqdm(total=len(datas), desc="profiles", unit="profile", disable=not progress)
     measured = False
     start = time.perf_counter()
+
+    def spawn() -> None:
+        actor = make_actor()
+        starting[actor.__ray_ready__.remote()] = actor
 
     def submit(actor) -> None:
         if queue:
             data = queue.pop()
             in_flight[actor.fit.remote(data)] = (actor, data)
 
-    for actor in actors:
-        submit(actor)
-    while in_flight:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+    def retry(data: ProfileData, reason: str) -> None:
+        pid = data.profile_id
+        attempts[pid] = attempts.get(pid, 0) + 1
+        if attempts[pid] <= max_retries:
+            report.retries += 1
+            queue.append(data)
+        else:
+            report.failed[pid] = reason
+            bar.update(1)
+
+    for _ in range(min(num_actors, len(queue))):
+        spawn()
+    report.actors = max(report.actors, len(starting))
+    while in_flight or (queue and starting):
+        [ref], _ = ray.wait(list(in_flight) + list(starting), num_returns=1)
+        if ref in starting:
+            actor = starting.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:  # died while starting: try another
+                spawn()
+                continue
+            ready.append(actor)
+            submit(actor)
+            continue
         actor, data = in_flight.pop(ref)
         pid = data.profile_id
         try:
             result = ray.get(ref)
         except ray.exceptions.RayActorError as e:  # the worker died mid-profile: replace it, retry
-            attempts[pid] = attempts.get(pid, 0) + 1
-            report.retries += 1
-            log.warning("actor died while fitting %s (attempt %d): %s", pid, attempts[pid], type(e).__name__)
-            actors.remove(actor)
-            actor = make_actor()
-            actors.append(actor)
-            if attempts[pid] <= max_retries:
-                queue.append(data)
-            else:
-                report.failed[pid] = f"worker died {attempts[pid]} times: {type(e).__name__}"
-                bar.update(1)
-            submit(actor)
+            log.warning("actor died while fitting %s: %s", pid, type(e).__name__)
+            ready.remove(actor)
+            retry(data, f"worker died {attempts.get(pid, 0) + 1} times: {type(e).__name__}")
+            spawn()
+            for idle in [a for a in ready if a not in {v[0] for v in in_flight.values()}]:
+                submit(idle)
             continue
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if isinstance(e.cause, Exception) else e
             if isinstance(cause, BadProfileData):
                 report.rejected[pid] = str(cause)
-            else:
-                attempts[pid] = attempts.get(pid, 0) + 1
-                if attempts[pid] <= max_retries:
-                    report.retries += 1
-                    queue.append(data)
-                else:
-                    report.failed[pid] = f"{type(cause).__name__}: {cause}"
-            if pid in report.rejected or pid in report.failed:
                 bar.update(1)
+            else:
+                retry(data, f"{type(cause).__name__}: {cause}")
             submit(actor)
             continue
         on_result(result)
@@ -234,13 +253,16 @@ def run_pool(
         bar.set_postfix(failed=len(report.failed) + len(report.rejected), per_min=f"{60 * bar.n / elapsed:.1f}")
         submit(actor)
     bar.close()
-    infos = ray.get([a.info.remote() for a in actors])
+    for data in queue:  # only when no actor could ever start
+        report.failed[data.profile_id] = "no actor could be started (not enough resources in the cluster?)"
+    infos = ray.get([a.info.remote() for a in ready])
     report.memory = {
         **report.memory,
         "rss_bytes_per_actor": [i["rss_bytes"] for i in infos],
         "bank_zero_copy": all(i["bank_zero_copy"] for i in infos),
+        "nodes": sorted({i["node_id"] for i in infos}),
     }
-    for actor in actors:
+    for actor in ready + list(starting.values()):
         ray.kill(actor)
 
 

@@ -1,0 +1,402 @@
+"""Every command the docs show still works: no documented command can rot.
+
+The convention (README.md and docs/*.md): each fenced ```bash block is preceded, on the line before its
+fence (blank lines between are allowed), by one marker:
+
+    <!-- test: run -->                    run the block here: it must exit 0
+    <!-- test: run timeout=300 append="--max-profiles 4 --epochs 1" -->
+                                          the same, with a time limit in seconds (default 120) and flags
+                                          appended to every `xpeft ...` / `python ray_jobs/...` command
+                                          in the block, to run it at a small size
+    <!-- test: skip (needs an AWS account) -->
+                                          not run (a cluster, a long run, a server); the reason is required
+
+A ```bash (or ```sh / ```shell) block without a marker fails the test, so a new block cannot slip by
+untested; transcripts with output belong in ```text blocks, which are neither run nor checked. Run blocks
+run in document order (README.md, then docs/*.md), each as one bash script (`set -euo pipefail`), in one
+scratch copy of the repository (so `runs/...` outputs never land in the checkout; a block sees what earlier
+blocks wrote), with the virtualenv first on PATH, Hugging Face offline and Ray's token auth off. `append`
+flags go at the end of each xpeft / ray_jobs command, before any pipe, redirection or comment.
+
+Skipped blocks are still checked: every `xpeft SUBCOMMAND ...` and `python ray_jobs/SCRIPT.py ...` in any
+block (also after `ray job submit ... --`) must name an existing command and use only flags its `--help`
+lists, and every `make TARGET` must be a Makefile target. Besides the docs, `xpeft --help`, the `--help` of
+every xpeft subcommand and of every ray_jobs script must exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+MARKER = re.compile(r"<!--\s*test:\s*(?P<kind>run|skip)\b(?P<rest>.*?)-->")
+SEPARATORS = {"&&", "||", "|", ";", "&"}
+SCRIPTS = sorted(p.name for p in (REPO / "ray_jobs").glob("*.py") if not p.name.startswith("_"))
+
+
+@dataclass
+class Block:
+    doc: str
+    line: int  # of the opening fence, 1-based
+    code: str
+    kind: str | None  # "run", "skip" or None (no marker)
+    reason: str = ""
+    timeout: float = 120
+    append: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+
+def parse_marker(text: str) -> dict:
+    m = MARKER.search(text)
+    if not m:
+        return {"kind": None}
+    rest = m.group("rest").strip()
+    if m.group("kind") == "skip":
+        reason = rest[1:-1].strip() if rest.startswith("(") and rest.endswith(")") else ""
+        return {"kind": "skip", "reason": reason}
+    opts = dict(token.split("=", 1) for token in shlex.split(rest))
+    unknown = set(opts) - {"timeout", "append"}
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} in marker {m.group(0)!r}")
+    return {"kind": "run", "timeout": float(opts.get("timeout", 120)), "append": shlex.split(opts.get("append", ""))}
+
+
+def bash_blocks(path: Path) -> list[Block]:
+    lines = path.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        fence = lines[i].strip()
+        if fence.startswith("```"):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("```")), len(lines))
+            if fence[3:].strip() in ("bash", "sh", "shell"):
+                prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+                doc = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+                blocks.append(Block(doc, i + 1, "\n".join(lines[i + 1 : end]), **parse_marker(prev)))
+            i = end + 1
+        else:
+            i += 1
+    return blocks
+
+
+def all_blocks() -> list[Block]:
+    return [b for doc in DOCS if doc.exists() for b in bash_blocks(doc)]
+
+
+def commands(code: str) -> list[list[str]]:
+    """The shell commands of a block, each as tokens: continuations joined, comments and prompts dropped."""
+    joined = re.sub(r"\\\n", " ", code)
+    out = []
+    for line in joined.splitlines():
+        line = re.sub(r"^\s*\$\s+", "", line)  # a copied "$ " prompt
+        try:
+            tokens = shlex.split(line, comments=True)
+        except ValueError:
+            continue
+        if tokens:
+            out.append(tokens)
+    return out
+
+
+def invocations(tokens: list[str]) -> list[tuple[tuple[str, ...], list[str]]]:
+    """(program, args) for every xpeft / ray_jobs call in one command line. program is ("xpeft",) or
+    ("ray_jobs/NAME.py",); args run to the next shell separator."""
+    found = []
+    for i, tok in enumerate(tokens):
+        prog = None
+        if Path(tok).name == "xpeft" and (i == 0 or tokens[i - 1] in SEPARATORS | {"--", "env", "time"}):
+            prog = ("xpeft",)
+        elif Path(tok).name.startswith("python") and i + 1 < len(tokens) and tokens[i + 1].startswith("ray_jobs/"):
+            prog = (tokens[i + 1],)
+        if prog is None:
+            continue
+        start = i + 1 if prog == ("xpeft",) else i + 2
+        end = next(
+            (j for j in range(start, len(tokens)) if tokens[j] in SEPARATORS or tokens[j][:1] in "<>"), len(tokens)
+        )
+        found.append((prog, tokens[start:end]))
+    return found
+
+
+# --- help text, shared by the checks ------------------------------------------------------------------
+
+
+def xpeft_help(path: tuple[str, ...]) -> tuple[int, str]:
+    """Run `xpeft PATH... --help` in this process (a subprocess per subcommand costs seconds each)."""
+    from xpeft.cli import main
+
+    buf = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            main([*path, "--help"])
+        except SystemExit as e:
+            code = e.code or 0
+    return code, buf.getvalue()
+
+
+@functools.cache
+def script_help(script: str) -> tuple[int, str]:
+    r = subprocess.run(
+        [sys.executable, script, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    return r.returncode, r.stdout + r.stderr
+
+
+def xpeft_subcommands() -> list[tuple[str, ...]]:
+    """Every path of subcommands in the `xpeft` parser, e.g. ("bank", "random")."""
+    import argparse
+
+    from xpeft.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, prefix: tuple[str, ...]):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield prefix + (name,)
+                    yield from walk(sub, prefix + (name,))
+
+    return list(walk(build_parser(), ()))
+
+
+def split_xpeft_args(args: list[str]) -> tuple[tuple[str, ...], list[str]]:
+    """The subcommand path at the front of an xpeft call, and the rest."""
+    known = set(xpeft_subcommands())
+    path: tuple[str, ...] = ()
+    for a in args:
+        if path + (a,) in known:
+            path += (a,)
+        else:
+            break
+    return path, args[len(path) :]
+
+
+def flags(args: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in args if a.startswith("--") and a != "--"]
+
+
+def test_the_convention_parses_markers_blocks_and_commands(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        '<!-- test: run timeout=30 append="--epochs 1" -->\n\n```bash\n'
+        "xpeft params --N 100 \\\n    --b 8 | head -3  # a comment\necho '#1 | ;'\n```\n"
+        "<!-- test: skip (needs AWS) -->\n```bash\nray job submit --working-dir . -- "
+        "python ray_jobs/fit_profiles.py --data s3://b/p.parquet > log\n```\n"
+        "```bash\nxpeft bank info x\n```\n```text\nxpeft is not run\n```\n"
+    )
+    blocks = bash_blocks(doc)
+    assert len(blocks) == 3  # the text block is not a command block
+    run, skip, bare = blocks
+    assert (run.kind, run.timeout, run.append) == ("run", 30, ["--epochs", "1"])
+    assert (skip.kind, skip.reason, bare.kind) == ("skip", "needs AWS", None)
+    assert [inv for c in commands(run.code) for inv in invocations(c)] == [
+        (("xpeft",), ["params", "--N", "100", "--b", "8"])
+    ]
+    assert [inv for c in commands(skip.code) for inv in invocations(c)] == [
+        (("ray_jobs/fit_profiles.py",), ["--data", "s3://b/p.parquet"])
+    ]
+    assert with_appended_flags(run.code, run.append).splitlines() == [
+        "xpeft params --N 100 --b 8 --epochs 1 | head -3  # a comment",
+        "echo '#1 | ;'",
+    ]
+
+
+# --- 1. every command's --help --------------------------------------------------------------------------
+
+
+def test_xpeft_console_script_help_exits_0():
+    r = subprocess.run([str(BIN / "xpeft"), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage: xpeft" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("path", xpeft_subcommands(), ids=" ".join)
+def test_every_xpeft_subcommand_help_exits_0(path):
+    code, text = xpeft_help(path)
+    assert code == 0 and "usage:" in text, text
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_ray_jobs_script_help_exits_0(script):
+    code, text = script_help(f"ray_jobs/{script}")
+    assert code == 0 and "usage:" in text, text
+
+
+# --- 2. the docs' bash blocks ----------------------------------------------------------------------------
+
+
+def test_the_docs_exist_and_every_bash_block_is_marked():
+    if not (REPO / "README.md").exists():
+        pytest.fail("README.md is missing: the newcomer's path starts there")
+    unmarked = [b.name for b in all_blocks() if b.kind is None]
+    assert not unmarked, (
+        f"bash blocks without a <!-- test: run --> or <!-- test: skip (reason) --> marker on "
+        f"the line before the fence: {unmarked}"
+    )
+    no_reason = [b.name for b in all_blocks() if b.kind == "skip" and not b.reason]
+    assert not no_reason, f"skip markers need a reason, as in <!-- test: skip (needs a GPU) -->: {no_reason}"
+
+
+def check_invocation(prog: tuple[str, ...], args: list[str]) -> str | None:
+    """Why a documented call would fail at once (a missing command or script, an unknown flag), or None."""
+    if prog == ("xpeft",):
+        path, rest = split_xpeft_args(args)
+        code, text = xpeft_help(path)
+        name = " ".join(("xpeft", *path))
+    else:
+        name, rest = prog[0], args
+        if not (REPO / name).exists():
+            return f"{name} does not exist"
+        code, text = script_help(name)
+    if code != 0:
+        return f"`{name} --help` failed:\n{text}"
+    helped = set(re.findall(r"--[A-Za-z0-9][-A-Za-z0-9_]*", text))
+    unknown = [f for f in flags(rest) if f not in helped]
+    return f"`{name}` has no option(s) {unknown} (see `{name} --help`)" if unknown else None
+
+
+def documented_invocations() -> list:
+    return [
+        pytest.param(prog, args, id=f"{b.name} {' '.join(prog + tuple(args))}"[:90])
+        for b in all_blocks()
+        for tokens in commands(b.code)
+        for prog, args in invocations(tokens)
+    ]
+
+
+@pytest.mark.parametrize("prog,args", documented_invocations())
+def test_documented_commands_exist_and_use_only_their_flags(prog, args):
+    assert check_invocation(prog, args) is None, check_invocation(prog, args)
+
+
+def test_the_flag_check_catches_rot():
+    assert check_invocation(("xpeft",), ["params", "--N", "100"]) is None
+    assert "--bogus" in check_invocation(("xpeft",), ["params", "--bogus", "1"])
+    assert "--bogus" in check_invocation(("ray_jobs/fit_profiles.py",), ["--demo", "--bogus"])
+    assert "does not exist" in check_invocation(("ray_jobs/nope.py",), [])
+
+
+def documented_make_targets() -> list:
+    targets = {
+        (b.name, t)
+        for b in all_blocks()
+        for tokens in commands(b.code)
+        for i, tok in enumerate(tokens)
+        if tok == "make" and (i == 0 or tokens[i - 1] in SEPARATORS)
+        for t in tokens[i + 1 :]
+        if not t.startswith("-") and "=" not in t
+    }
+    return [pytest.param(t, id=f"{where} make {t}") for where, t in sorted(targets)]
+
+
+@pytest.mark.parametrize("target", documented_make_targets())
+def test_documented_make_targets_exist(target):
+    """`make -n` only prints what the target would run: it fails at once for a target the Makefile lacks."""
+    r = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"make has no target {target!r}: {r.stderr}"
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """A copy of the repository (no .venv, .git or outputs) for the docs' commands to run in."""
+    dst = tmp_path_factory.mktemp("docs") / "repo"
+    shutil.copytree(
+        REPO,
+        dst,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"
+        ),
+    )
+    return dst
+
+
+def shell_pieces(line: str) -> list[str]:
+    """`line` cut at unquoted separators (|, ||, &&, ;, &, redirections) and before a comment, as
+    alternating [command, separator, command, ...] pieces that join back to the line."""
+    pieces, cur, quote, i = [], "", None, 0
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "\\":
+            cur += line[i : i + 2]
+            i += 2
+            continue
+        elif ch == "#" and (not cur or cur[-1].isspace()):
+            pieces += [cur, line[i:]]
+            return pieces
+        elif ch in "|;&<>":
+            j = i
+            while j < len(line) and line[j] in "|;&<>":
+                j += 1
+            pieces += [cur, line[i:j]]
+            cur, i = "", j
+            continue
+        cur += ch
+        i += 1
+    return pieces + [cur]
+
+
+def with_appended_flags(code: str, extra: list[str]) -> str:
+    """Append `extra` to each xpeft / ray_jobs command of the block (before any pipe, redirection or
+    comment on its line); continuation lines are joined first."""
+    if not extra:
+        return code
+    out = []
+    for line in re.sub(r"\s*\\\n\s*", " ", code).splitlines():
+        pieces = shell_pieces(line)
+        for k in range(0, len(pieces), 2):  # the commands; odd pieces are separators and comments
+            try:
+                calls = invocations(shlex.split(pieces[k]))
+            except ValueError:
+                calls = []
+            if calls:
+                body = pieces[k].rstrip()
+                pieces[k] = f"{body} {shlex.join(extra)}{pieces[k][len(body) :] or ' '}"
+        out.append("".join(pieces))
+    return "\n".join(out)
+
+
+RUN_BLOCKS = [b for b in all_blocks() if b.kind == "run"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda b: b.name)
+def test_runnable_doc_blocks_exit_0(block, scratch):
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.pop("RAY_ADDRESS", None)
+    script = "set -euo pipefail\n" + with_appended_flags(block.code, block.append)
+    r = subprocess.run(
+        ["bash", "-c", script], cwd=scratch, env=env, capture_output=True, text=True, timeout=block.timeout
+    )
+    assert r.returncode == 0, f"{block.name} exited {r.returncode}:\n{script}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
