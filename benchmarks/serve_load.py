@@ -36,9 +36,11 @@ from xpeft.profiles import Profile
 from xpeft.serving import ServeConfig, build_app
 from xpeft.store import ProfileStore
 
-WORDS = ("the a new old big small good bad great awful movie film story news politics sports music art travel food "
-         "health business school science tech style culture love fun game team vote election money market trip "
-         "recipe city world people week year report study season police court family home life").split()
+WORDS = (
+    "the a new old big small good bad great awful movie film story news politics sports music art travel food "
+    "health business school science tech style culture love fun game team vote election money market trip "
+    "recipe city world people week year report study season police court family home life"
+).split()
 SERVER_STATS = ("batches", "rows", "forward_seconds", "profiles_loaded", "load_seconds")
 FLUSH_EVERY = 8  # FarmConfig.flush_every: profiles per Parquet file as the farm writes them
 
@@ -63,8 +65,16 @@ def make_store(root: str, n: int, backbone: str, N: int, k: int, b: int, num_lab
             "head.classifier.weight": torch.randn(num_labels, d, generator=g) / d**0.5,
             "head.classifier.bias": torch.zeros(num_labels),
         }
-        batch.append(Profile(f"p{i:05d}", cfg, tensors, mask_bits=pack_bits(masks[0]) + pack_bits(masks[1]),
-                             bank_fingerprint=bank.fingerprint, metrics={"accuracy": 0.5}))
+        batch.append(
+            Profile(
+                f"p{i:05d}",
+                cfg,
+                tensors,
+                mask_bits=pack_bits(masks[0]) + pack_bits(masks[1]),
+                bank_fingerprint=bank.fingerprint,
+                metrics={"accuracy": 0.5},
+            )
+        )
         if len(batch) == FLUSH_EVERY:
             store.write(batch)
             batch = []
@@ -112,8 +122,15 @@ def run_load(url: str, profile_ids: list[str], texts: list[list[str]], concurren
         t.join()
     wall = time.perf_counter() - start
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    return {"requests": len(latencies), "failed": len(failures), "seconds": wall, "rps": len(latencies) / wall,
-            "p50_ms": 1000 * q[49], "p99_ms": 1000 * q[98], "first_failure": failures[0] if failures else None}
+    return {
+        "requests": len(latencies),
+        "failed": len(failures),
+        "seconds": wall,
+        "rps": len(latencies) / wall,
+        "p50_ms": 1000 * q[49],
+        "p99_ms": 1000 * q[98],
+        "first_failure": failures[0] if failures else None,
+    }
 
 
 def parse_payload(text: str) -> tuple[int, int]:
@@ -134,8 +151,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=600, help="requests per scenario and payload")
     ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario and payload")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--payload", nargs="+", default=["1x20"], type=parse_payload,
-                    help="TEXTSxWORDS per request, one or more (e.g. 1x20 1x100 4x20)")
+    ap.add_argument(
+        "--payload",
+        nargs="+",
+        default=["1x20"],
+        type=parse_payload,
+        help="TEXTSxWORDS per request, one or more (e.g. 1x20 1x100 4x20)",
+    )
     ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved by the replica (its torch threads)")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
@@ -164,9 +186,15 @@ def main() -> None:
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        cfg = ServeConfig(store=root, backbone=args.backbone, num_cpus=args.num_cpus, cache_size=args.cache_size,
-                          max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
-                          api_token=None)
+        cfg = ServeConfig(
+            store=root,
+            backbone=args.backbone,
+            num_cpus=args.num_cpus,
+            cache_size=args.cache_size,
+            max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_timeout_s,
+            api_token=None,
+        )
         t0 = time.perf_counter()
         serve.run(build_app(cfg), name="xpeft-load", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
@@ -175,7 +203,7 @@ def main() -> None:
             texts = [[" ".join(rng.choices(WORDS, k=words)) for _ in range(per_request)] for _ in range(n)]
             warm = run_load(url, [hot] * 32, texts[:32], args.concurrency, args.time_limit)
             assert warm["failed"] == 0, warm["first_failure"]
-            for scenario, targets in [("(a) one profile", [hot] * n), ("(b) a new profile each", cold[p * n:][:n])]:
+            for scenario, targets in [("(a) one profile", [hot] * n), ("(b) a new profile each", cold[p * n :][:n])]:
                 before = requests.get(f"{url}/healthz", timeout=10).json()
                 r = run_load(url, targets, texts, args.concurrency, args.time_limit)
                 after = requests.get(f"{url}/healthz", timeout=10).json()
@@ -192,19 +220,25 @@ def main() -> None:
 
 def report(args: argparse.Namespace, results: list[dict]) -> None:
     print(f"\n`{' '.join([os.path.basename(sys.executable), *sys.argv])}`  ")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
-          f"{platform.python_version()}; replica ({args.num_cpus} CPU), Serve proxy and client share these CPUs; "
-          f"C={args.concurrency}, max_batch_size={args.max_batch_size}, cache_size={args.cache_size}\n")
-    print("| texts a request | scenario | requests | failed | requests/s | p50 ms | p99 ms | rows a forward "
-          "| forward ms a row | load ms a profile | (b)/(a) |")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
+        f"{platform.python_version()}; replica ({args.num_cpus} CPU), Serve proxy and client share these CPUs; "
+        f"C={args.concurrency}, max_batch_size={args.max_batch_size}, cache_size={args.cache_size}\n"
+    )
+    print(
+        "| texts a request | scenario | requests | failed | requests/s | p50 ms | p99 ms | rows a forward "
+        "| forward ms a row | load ms a profile | (b)/(a) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, r in enumerate(results):
         s = r["server"]
         load = f"{1000 * s['load_seconds'] / s['profiles_loaded']:.1f}" if s["profiles_loaded"] else "-"
         ratio = f"**{r['rps'] / results[i - 1]['rps']:.2f}**" if i % 2 else ""
-        print(f"| {r['payload']} | {r['scenario']} | {r['requests']} | {r['failed']} | {r['rps']:.1f} | "
-              f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {s['rows'] / max(1, s['batches']):.1f} | "
-              f"{1000 * s['forward_seconds'] / max(1, s['rows']):.1f} | {load} | {ratio} |")
+        print(
+            f"| {r['payload']} | {r['scenario']} | {r['requests']} | {r['failed']} | {r['rps']:.1f} | "
+            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {s['rows'] / max(1, s['batches']):.1f} | "
+            f"{1000 * s['forward_seconds'] / max(1, s['rows']):.1f} | {load} | {ratio} |"
+        )
     for r in results:
         if r["failed"]:
             print(f"first failure ({r['payload']}, {r['scenario']}): {r['first_failure']}")

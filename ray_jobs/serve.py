@@ -38,8 +38,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Serve
         flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
         default = None if f.default is dataclasses.MISSING else f.default
         kind = int if f.name == "torch_threads" else (type(default) if default is not None else str)
-        ap.add_argument(*flags, dest=f.name, type=kind, default=default, required=f.name == "store",
-                        help=f.metadata["help"] + ("" if default is None else f" (default: {default})"))
+        ap.add_argument(
+            *flags,
+            dest=f.name,
+            type=kind,
+            default=default,
+            required=f.name == "store",
+            help=f.metadata["help"] + ("" if default is None else f" (default: {default})"),
+        )
     args = ap.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if f.name != "api_token"}
     try:
@@ -69,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://{host}:{args.port}"
     print(f"serving the profiles of {cfg.store} at {url} (auth {'on' if cfg.api_token else 'off'})")
     print(f"  curl {url}/healthz")
-    print(f"  curl -X POST {url}/v1/classify -H 'Content-Type: application/json' "
-          "-d '{\"profile_id\": \"...\", \"texts\": [\"...\"]}'")
+    print(
+        f"  curl -X POST {url}/v1/classify -H 'Content-Type: application/json' "
+        '-d \'{"profile_id": "...", "texts": ["..."]}\''
+    )
     print(f"  API docs: {url}/docs   (Ctrl-C stops)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` shuts Serve down cleanly too
     try:

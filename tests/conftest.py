@@ -61,8 +61,10 @@ def shared_data_dir() -> Path:
     """../shared/data (or XPEFT_DATA_DIR); skips the calling test where it is absent."""
     d = Path(os.environ.get("XPEFT_DATA_DIR") or SHARED_DATA)
     if not (d / "glue").is_dir():
-        pytest.skip(f"shared data not found at {d}: these tests read the real GLUE/SuperGLUE/news files "
-                    "(set XPEFT_DATA_DIR to a folder laid out as ../shared/data)")
+        pytest.skip(
+            f"shared data not found at {d}: these tests read the real GLUE/SuperGLUE/news files "
+            "(set XPEFT_DATA_DIR to a folder laid out as ../shared/data)"
+        )
     return d
 
 

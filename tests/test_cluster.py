@@ -210,9 +210,9 @@ class TestFarmOnThreeNodes:
         assert sorted(ids) == sorted(d.profile_id for d in datas)  # every profile, exactly once
 
     def test_losing_a_worker_node_mid_run_loses_no_profile(self, cluster, backbone, tmp_path):
-        """The way a spot node goes: its raylet, object store and actors vanish at once. The farm retries the
-        profile that node was fitting; a replacement node (what the autoscaler launches) takes over. Without
-        one the run would not end: the farm hands the retried profile to a new actor, which waits for a CPU.
+        """The way a spot node goes: its raylet, object store and actors vanish at once. The farm puts the
+        profile that node was fitting back in the queue and starts a replacement actor; whichever actor is
+        free first (the survivor, or the replacement on the node the autoscaler adds) fits it.
 
         The farm runs in a thread and the test drives the cluster from the main thread, because starting a
         node installs signal handlers, which only the main thread may do."""
@@ -248,8 +248,9 @@ class TestFarmOnThreeNodes:
         assert report.retries >= 1 and not report.failed
         ids = stored_ids(store)
         assert sorted(ids) == sorted(d.profile_id for d in datas)  # no profile lost, none stored twice
-        nodes_used = set(profile_actor_nodes(before).values())
-        assert victim.node_id in nodes_used and len(nodes_used) == 3  # the lost node, the survivor, the new one
+        actors = profile_actor_nodes(before)
+        assert victim.node_id in set(actors.values())  # the lost node was fitting when it went
+        assert len(actors) >= 3  # two at the start, and a replacement for the one that died with its node
 
 
 # --- 3. `ray job submit` to a head started with `ray start --head` --------------------------------------

@@ -192,9 +192,7 @@ def test_holdout_is_70_30_per_profile_stratified_and_deterministic():
     )
     split = holdout_split(table)
     test_labels = Counter(
-        lab
-        for lab, s in zip(split["label"].to_pylist(), split["split"].to_pylist(), strict=True)
-        if s == "test"
+        lab for lab, s in zip(split["label"].to_pylist(), split["split"].to_pylist(), strict=True) if s == "test"
     )
     assert test_labels == {0: 3, 1: 3}  # 30% of each label
     big = _profiles_table({"a": 10, "b": 33, "c": 2, "d": 1, "e": 100})
@@ -274,9 +272,7 @@ def test_committed_samples_regenerate_byte_for_byte(tmp_path):
     samples = REPO / "xpeft" / "data" / "samples"
     for name in ("sst2_train_sample.tsv", "sst2_dev_sample.tsv"):
         assert (tmp_path / name).read_bytes() == (samples / name).read_bytes()
-    assert read_profiles_parquet(tmp_path / "news_profiles_sample.parquet").equals(
-        load_news_profiles_sample()
-    )
+    assert read_profiles_parquet(tmp_path / "news_profiles_sample.parquet").equals(load_news_profiles_sample())
 
 
 def _run_cli(*argv: str) -> int:

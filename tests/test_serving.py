@@ -93,8 +93,9 @@ def test_bulk_combination_reports_a_profile_of_another_bank_without_failing_the_
 
 def test_profile_cache_is_bounded_and_evicts_the_least_recently_used():
     cache = ProfileCache(2)
-    items = {pid: combine_profile(fitted_profile(pid, *PROFILES["hard"], seed=i)[1], BANK, D)
-             for i, pid in enumerate("abc")}
+    items = {
+        pid: combine_profile(fitted_profile(pid, *PROFILES["hard"], seed=i)[1], BANK, D) for i, pid in enumerate("abc")
+    }
     cache.put(items["a"])
     cache.put(items["b"])
     assert cache.get("a") is items["a"]  # a is now the most recent
@@ -215,15 +216,16 @@ def assert_matches(preds: list[dict], logits: torch.Tensor, problem_type: str = 
             assert pred["label"] == int(probs.argmax())
 
 
-
-
 @pytest.mark.ray
 @pytest.mark.parametrize("profile_id", list(PROFILES))
 def test_predictions_equal_the_in_process_model(server, store, backbone, profile_id):
     body = classify(server, profile_id, TEXTS)
     assert body["profile_id"] == profile_id
-    assert_matches(body["predictions"], expected(store, backbone, profile_id, TEXTS),
-                   PROFILES[profile_id][0].get("problem_type", "classification"))
+    assert_matches(
+        body["predictions"],
+        expected(store, backbone, profile_id, TEXTS),
+        PROFILES[profile_id][0].get("problem_type", "classification"),
+    )
 
 
 @pytest.mark.ray
@@ -265,12 +267,24 @@ BAD = [
     ("empty text list", "post", "/v1/classify", {"profile_id": "hard", "texts": []}, 422, "at least 1"),
     ("too many texts", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x"] * 9}, 413, "max_texts"),
     ("too long a text", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x" * 301]}, 413, "max_text_chars"),
-    ("pairs do not match texts", "post", "/v1/classify",
-     {"profile_id": "hard", "texts": ["a", "b"], "text_pairs": ["c"]}, 422, "one per text"),
+    (
+        "pairs do not match texts",
+        "post",
+        "/v1/classify",
+        {"profile_id": "hard", "texts": ["a", "b"], "text_pairs": ["c"]},
+        422,
+        "one per text",
+    ),
     ("body too large", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x" * 9000]}, 413, "max_body_bytes"),
     ("path traversal", "post", "/v1/classify", {"profile_id": "../x", "texts": ["x"]}, 400, "invalid profile id"),
-    ("another bank", "post", "/v1/classify", {"profile_id": "other-bank", "texts": ["x"]}, 409,
-     f"fitted on bank {OTHER_BANK.fingerprint} but this server holds bank {BANK.fingerprint}"),
+    (
+        "another bank",
+        "post",
+        "/v1/classify",
+        {"profile_id": "other-bank", "texts": ["x"]},
+        409,
+        f"fitted on bank {OTHER_BANK.fingerprint} but this server holds bank {BANK.fingerprint}",
+    ),
     ("invalid id in the path", "get", "/v1/profiles/a..b", None, 400, "invalid profile id"),
     ("unknown profile in the path", "get", "/v1/profiles/nobody", None, 404, "not in the store"),
     ("page size 0", "get", "/v1/profiles?limit=0", None, 422, "greater than or equal to 1"),
@@ -280,10 +294,12 @@ BAD = [
 
 @pytest.mark.ray
 @pytest.mark.parametrize("name,method,path,body,status,words", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_gets_a_clear_4xx_and_the_server_serves_the_next_request(server, name, method, path, body,
-                                                                           status, words):
-    kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {
-        "json": body}
+def test_bad_input_gets_a_clear_4xx_and_the_server_serves_the_next_request(
+    server, name, method, path, body, status, words
+):
+    kwargs = (
+        {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    )
     r = requests.request(method, server + path, timeout=60, **kwargs)
     assert r.status_code == status, r.text
     assert words in str(r.json()["detail"]), r.json()

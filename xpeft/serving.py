@@ -68,23 +68,36 @@ class ServeConfig:
     backbone: str = field(default="minilm", metadata={"help": "'minilm' (bundled all-MiniLM-L6-v2) or a model dir"})
     bank_path: str | None = field(default=None, metadata={"help": "a bank file (safetensors) instead of the store's"})
     bank_fingerprint: str | None = field(
-        default=None, metadata={"help": "which of the store's banks (a prefix will do); default: the only one"})
+        default=None, metadata={"help": "which of the store's banks (a prefix will do); default: the only one"}
+    )
     # --- scale ---
     num_replicas: int = field(default=1, metadata={"help": "replicas, each with its own backbone, bank and cache"})
-    num_cpus: float = field(default=1.0, metadata={
-        "help": "CPUs reserved per replica (Serve's default is 1 too): on 2 cores, 1 leaves one for the proxy; a "
-                "replica that cannot be placed never starts"})
-    num_gpus: float = field(default=0.0, metadata={
-        "help": "GPUs per replica; > 0 runs the forward on cuda (untested: no GPU on the dev machine)"})
+    num_cpus: float = field(
+        default=1.0,
+        metadata={
+            "help": "CPUs reserved per replica (Serve's default is 1 too): on 2 cores, 1 leaves one for the proxy; a "
+            "replica that cannot be placed never starts"
+        },
+    )
+    num_gpus: float = field(
+        default=0.0,
+        metadata={"help": "GPUs per replica; > 0 runs the forward on cuda (untested: no GPU on the dev machine)"},
+    )
     torch_threads: int | None = field(default=None, metadata={"help": "torch threads per replica (default: num_cpus)"})
-    max_ongoing_requests: int = field(default=64, metadata={
-        "help": "concurrent HTTP requests per replica; Serve's default of 5 would starve batching"})
-    max_batch_size: int = field(default=32, metadata={
-        "help": "rows (texts) per encoder forward, gathered across requests and profiles"})
-    batch_wait_timeout_s: float = field(default=0.01, metadata={
-        "help": "how long an idle replica waits for more rows after the first"})
-    cache_size: int = field(default=256, metadata={
-        "help": "combined profiles kept per replica (LRU); ~0.9 MB each for MiniLM at N=100, b=48"})
+    max_ongoing_requests: int = field(
+        default=64,
+        metadata={"help": "concurrent HTTP requests per replica; Serve's default of 5 would starve batching"},
+    )
+    max_batch_size: int = field(
+        default=32, metadata={"help": "rows (texts) per encoder forward, gathered across requests and profiles"}
+    )
+    batch_wait_timeout_s: float = field(
+        default=0.01, metadata={"help": "how long an idle replica waits for more rows after the first"}
+    )
+    cache_size: int = field(
+        default=256,
+        metadata={"help": "combined profiles kept per replica (LRU); ~0.9 MB each for MiniLM at N=100, b=48"},
+    )
     # --- limits: each refusal names its limit ---
     max_texts: int = field(default=64, metadata={"help": "texts per request (413 above)"})
     max_text_chars: int = field(default=10_000, metadata={"help": "characters per text or text pair (413 above)"})
@@ -92,14 +105,25 @@ class ServeConfig:
     max_length: int = field(default=128, metadata={"help": "tokens per text after truncation (the fit loop's)"})
     max_page: int = field(default=500, metadata={"help": "profiles per GET /v1/profiles page (413 above)"})
     api_token: str | None = field(
-        default_factory=lambda: os.environ.get("XPEFT_API_TOKEN") or None, repr=False,
-        metadata={"help": "bearer token for /v1/* (401 without it); default env XPEFT_API_TOKEN; None: no auth"})
+        default_factory=lambda: os.environ.get("XPEFT_API_TOKEN") or None,
+        repr=False,
+        metadata={"help": "bearer token for /v1/* (401 without it); default env XPEFT_API_TOKEN; None: no auth"},
+    )
 
     def __post_init__(self) -> None:
         if not self.store:
             raise ValueError("ServeConfig needs a profile store: pass store=... (or set XPEFT_STORE)")
-        positive = ("num_replicas", "max_ongoing_requests", "max_batch_size", "cache_size", "max_texts",
-                    "max_text_chars", "max_body_bytes", "max_length", "max_page")
+        positive = (
+            "num_replicas",
+            "max_ongoing_requests",
+            "max_batch_size",
+            "cache_size",
+            "max_texts",
+            "max_text_chars",
+            "max_body_bytes",
+            "max_length",
+            "max_page",
+        )
         bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
         if self.num_cpus < 0 or self.num_gpus < 0 or self.batch_wait_timeout_s < 0:
             bad.append("num_cpus, num_gpus and batch_wait_timeout_s must be >= 0")
@@ -248,10 +272,20 @@ class ProfileEngine:
         self._forward_lock = threading.Lock()  # forward_mixed sets adapters on shared modules: one at a time
         self._heads: dict[str, dict[str, torch.Tensor]] = {}  # shared heads (mtl): few, kept for good
         # Since start, for /healthz: forwards, rows, profiles read and combined, and seconds spent on each.
-        self.stats = {"batches": 0, "rows": 0, "max_profiles_in_batch": 0, "forward_seconds": 0.0,
-                      "profiles_loaded": 0, "load_seconds": 0.0}
-        log.info("profile server ready: backbone %s, %s, store %s", cfg.backbone,
-                 self.bank.describe() if self.bank else "no bank (x_peft profiles refused)", cfg.store)
+        self.stats = {
+            "batches": 0,
+            "rows": 0,
+            "max_profiles_in_batch": 0,
+            "forward_seconds": 0.0,
+            "profiles_loaded": 0,
+            "load_seconds": 0.0,
+        }
+        log.info(
+            "profile server ready: backbone %s, %s, store %s",
+            cfg.backbone,
+            self.bank.describe() if self.bank else "no bank (x_peft profiles refused)",
+            cfg.store,
+        )
 
     def _load_bank(self) -> AdapterBank | None:
         cfg = self.cfg
@@ -260,14 +294,19 @@ class ProfileEngine:
         stored = self.store.bank_fingerprints()
         wanted = [fp for fp in stored if fp.startswith(cfg.bank_fingerprint or "")]
         if cfg.bank_fingerprint and len(wanted) != 1:
-            raise ValueError(f"bank_fingerprint {cfg.bank_fingerprint!r} matches {len(wanted)} of the store's banks "
-                             f"{[fp[:12] for fp in stored]}; give a longer prefix or bank_path")
+            raise ValueError(
+                f"bank_fingerprint {cfg.bank_fingerprint!r} matches {len(wanted)} of the store's banks "
+                f"{[fp[:12] for fp in stored]}; give a longer prefix or bank_path"
+            )
         if len(wanted) > 1:
-            raise ValueError(f"the store {cfg.store} holds {len(wanted)} banks {[fp[:12] for fp in wanted]}; "
-                             "choose one with bank_fingerprint=...")
+            raise ValueError(
+                f"the store {cfg.store} holds {len(wanted)} banks {[fp[:12] for fp in wanted]}; "
+                "choose one with bank_fingerprint=..."
+            )
         if not wanted:
-            log.warning("the store %s holds no bank: only head_only and single_adapter profiles can be served",
-                        cfg.store)
+            log.warning(
+                "the store %s holds no bank: only head_only and single_adapter profiles can be served", cfg.store
+            )
             return None
         return self.store.load_bank(wanted[0])
 
@@ -280,11 +319,14 @@ class ProfileEngine:
             if self.bank is None:
                 return f"profile {p.profile_id} is an x_peft profile but this server holds no bank"
             if p.bank_fingerprint != self.bank.fingerprint:
-                return (f"profile {p.profile_id} was fitted on bank {p.bank_fingerprint} but this server holds bank "
-                        f"{self.bank.fingerprint}; serve it from a server with that bank or refit it on this one")
+                return (
+                    f"profile {p.profile_id} was fitted on bank {p.bank_fingerprint} but this server holds bank "
+                    f"{self.bank.fingerprint}; serve it from a server with that bank or refit it on this one"
+                )
             if (cfg.N, cfg.b) != (self.bank.N, self.bank.b):
-                return (f"profile {p.profile_id} has N={cfg.N}, b={cfg.b} but the bank has "
-                        f"N={self.bank.N}, b={self.bank.b}")
+                return (
+                    f"profile {p.profile_id} has N={cfg.N}, b={cfg.b} but the bank has N={self.bank.N}, b={self.bank.b}"
+                )
         if cfg.mode != "head_only" and cfg.target != self.model.target:
             return f"profile {p.profile_id} adapts {cfg.target!r} but this server adapts {self.model.target!r}"
         if cfg.mode == "single_adapter":
@@ -379,8 +421,11 @@ class ProfileEngine:
 
     def tokenize(self, texts: list[str], text_pairs: list[str] | None) -> list[dict]:
         pairs = text_pairs or [None] * len(texts)
-        return tokenize([{"text": t, "text_pair": q} for t, q in zip(texts, pairs, strict=True)],
-                        self.tokenizer, self.cfg.max_length)
+        return tokenize(
+            [{"text": t, "text_pair": q} for t, q in zip(texts, pairs, strict=True)],
+            self.tokenizer,
+            self.cfg.max_length,
+        )
 
     @torch.no_grad()
     def forward(self, items: list[tuple[CombinedProfile, dict]]) -> list[torch.Tensor]:
@@ -489,9 +534,13 @@ class Detail(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Detail, "description": text}
-    for code, text in [(400, "invalid profile id"), (401, "missing or wrong bearer token"),
-                       (404, "unknown profile"), (409, "profile made for another bank or backbone"),
-                       (413, "body, text count or text length over the server's limits")]
+    for code, text in [
+        (400, "invalid profile id"),
+        (401, "missing or wrong bearer token"),
+        (404, "unknown profile"),
+        (409, "profile made for another bank or backbone"),
+        (413, "body, text count or text length over the server's limits"),
+    ]
 }
 
 
@@ -544,8 +593,11 @@ def bearer_auth(token: str | None):
     def check(credentials: HTTPAuthorizationCredentials | None = Depends(scheme)) -> None:
         given = credentials.credentials.encode() if credentials else b""
         if not hmac.compare_digest(given, expected):
-            raise HTTPException(401, "missing or wrong bearer token: send 'Authorization: Bearer <XPEFT_API_TOKEN>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "missing or wrong bearer token: send 'Authorization: Bearer <XPEFT_API_TOKEN>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     return check
 
@@ -553,8 +605,11 @@ def bearer_auth(token: str | None):
 def make_api(server: ProfileServer) -> FastAPI:
     """The FastAPI app of one replica: routes over `server`, auth, body limit, errors as JSON 4xx."""
     cfg = server.cfg
-    api = FastAPI(title="xpeft profile server", version=__version__,
-                  description="X-PEFT: every stored profile over one shared backbone and adapter bank.")
+    api = FastAPI(
+        title="xpeft profile server",
+        version=__version__,
+        description="X-PEFT: every stored profile over one shared backbone and adapter bank.",
+    )
     api.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes)
     auth = bearer_auth(cfg.api_token)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)] if auth else [], responses=ERRORS)
@@ -579,8 +634,14 @@ def make_api(server: ProfileServer) -> FastAPI:
     @api.get("/healthz", response_model=Health)
     async def healthz() -> dict[str, Any]:
         bank = server.engine.bank
-        return {"status": "ok", "backbone": cfg.backbone, "bank_fingerprint": bank.fingerprint if bank else None,
-                "cached_profiles": len(server.engine.cache), "cache_size": cfg.cache_size, **server.engine.stats}
+        return {
+            "status": "ok",
+            "backbone": cfg.backbone,
+            "bank_fingerprint": bank.fingerprint if bank else None,
+            "cached_profiles": len(server.engine.cache),
+            "cache_size": cfg.cache_size,
+            **server.engine.stats,
+        }
 
     @api.exception_handler(ServeError)
     async def refused(_: Request, e: ServeError) -> JSONResponse:
@@ -645,7 +706,6 @@ class Coalescer:
                 f.set_result(result)
 
 
-
 @serve.deployment
 @serve.ingress()
 class ProfileServer:
@@ -671,14 +731,18 @@ class ProfileServer:
         cfg = self.cfg
         texts, pairs = request.texts, request.text_pairs
         if len(texts) > cfg.max_texts:
-            raise ServeError(413, f"{len(texts)} texts in one request; the limit is {cfg.max_texts} "
-                                  "(ServeConfig.max_texts): split the request")
+            raise ServeError(
+                413,
+                f"{len(texts)} texts in one request; the limit is {cfg.max_texts} "
+                "(ServeConfig.max_texts): split the request",
+            )
         if pairs is not None and len(pairs) != len(texts):
             raise ServeError(422, f"text_pairs has {len(pairs)} entries for {len(texts)} texts; give one per text")
         longest = max(len(t) for t in texts + (pairs or []))
         if longest > cfg.max_text_chars:
-            raise ServeError(413, f"a text of {longest} characters; the limit is {cfg.max_text_chars} "
-                                  "(ServeConfig.max_text_chars)")
+            raise ServeError(
+                413, f"a text of {longest} characters; the limit is {cfg.max_text_chars} (ServeConfig.max_text_chars)"
+            )
         profile_id = checked_id(request.profile_id)
         combined = self.engine.cache.get(profile_id) or await self._combine(profile_id)
         if isinstance(combined, ServeError):

@@ -38,19 +38,13 @@ def _add_news_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="folder holding news_category_huffpost/ (default: XPEFT_DATA_DIR or ../shared/data)",
     )
-    p.add_argument(
-        "--min-articles", type=int, default=10, help="drop authors with fewer articles (default 10)"
-    )
+    p.add_argument("--min-articles", type=int, default=10, help="drop authors with fewer articles (default 10)")
 
 
 def register(subparsers) -> None:
     """Add `data` and its subcommands to an argparse subparsers object; each sets `func`."""
-    data = subparsers.add_parser(
-        "data", help="data sets: profile statistics, LaMP-2 conversion, news profiles"
-    )
-    sub = data.add_subparsers(
-        dest="data_command", required=True, metavar="{stats,make-profiles,convert-lamp2}"
-    )
+    data = subparsers.add_parser("data", help="data sets: profile statistics, LaMP-2 conversion, news profiles")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{stats,make-profiles,convert-lamp2}")
 
     stats = sub.add_parser("stats", help="texts, profiles, categories and texts per profile (paper §3.1)")
     stats.add_argument(
@@ -62,21 +56,15 @@ def register(subparsers) -> None:
     _add_split_options(stats)
     stats.set_defaults(func=cmd_stats)
 
-    make = sub.add_parser(
-        "make-profiles", help="HuffPost news → profile Parquet with a train/test split column"
-    )
+    make = sub.add_parser("make-profiles", help="HuffPost news → profile Parquet with a train/test split column")
     make.add_argument("--out", required=True, type=Path, help="the .parquet file to write")
     _add_news_options(make)
     _add_split_options(make)
     make.set_defaults(func=cmd_make_profiles)
 
-    lamp = sub.add_parser(
-        "convert-lamp2", help="LaMP-2 questions/outputs JSON → profile Parquet (Appendix D)"
-    )
+    lamp = sub.add_parser("convert-lamp2", help="LaMP-2 questions/outputs JSON → profile Parquet (Appendix D)")
     lamp.add_argument("--questions", required=True, type=Path, help="LaMP-2 *_questions.json")
-    lamp.add_argument(
-        "--outputs", type=Path, default=None, help="LaMP-2 *_outputs.json (checked against questions)"
-    )
+    lamp.add_argument("--outputs", type=Path, default=None, help="LaMP-2 *_outputs.json (checked against questions)")
     lamp.add_argument("--out", required=True, type=Path, help="the .parquet file to write")
     _add_split_options(lamp)
     lamp.set_defaults(func=cmd_convert_lamp2)

@@ -87,9 +87,7 @@ def _lamp2_category(raw: str, where: str) -> str:
     return category
 
 
-def convert_lamp2(
-    questions_json: str | os.PathLike, outputs_json: str | os.PathLike | None = None
-) -> pa.Table:
+def convert_lamp2(questions_json: str | os.PathLike, outputs_json: str | os.PathLike | None = None) -> pa.Table:
     """LaMP-2 questions (+ outputs) JSON → unique (text, category, author) rows, as in Appendix D.
 
     A questions file is a list of {id, input, profile: [{id, text, category(, title)}]}, each profile
@@ -102,9 +100,7 @@ def convert_lamp2(
     with open(questions_json, encoding="utf-8") as f:
         questions = json.load(f)
     if not isinstance(questions, list) or not all(isinstance(q, dict) and "profile" in q for q in questions):
-        raise ValueError(
-            f"{questions_json}: expected a LaMP-2 questions file, a list of {{id, input, profile}}"
-        )
+        raise ValueError(f"{questions_json}: expected a LaMP-2 questions file, a list of {{id, input, profile}}")
     if outputs_json is not None:
         _check_lamp2_outputs(questions, outputs_json)
 
@@ -132,9 +128,7 @@ def convert_lamp2(
             if row not in seen:
                 seen.add(row)
                 rows.append(row)
-    log.info(
-        "LaMP-2: %d questions → %d unique texts by %d authors", len(questions), len(rows), len(author_of_root)
-    )
+    log.info("LaMP-2: %d questions → %d unique texts by %d authors", len(questions), len(rows), len(author_of_root))
     return _table(rows)
 
 
@@ -273,9 +267,7 @@ def _validate(table: pa.Table, where: str) -> None:
         ):
             raise ValueError(f"{where}: column {name!r} is {got}, expected {typ}")
         if table[name].null_count:
-            raise ValueError(
-                f"{where}: column {name!r} has {table[name].null_count} null value(s); drop those rows"
-            )
+            raise ValueError(f"{where}: column {name!r} has {table[name].null_count} null value(s); drop those rows")
     empty = [i for i, t in enumerate(table["text"].to_pylist()) if not t.strip()]
     if empty:
         raise ValueError(f"{where}: {len(empty)} row(s) have empty text (first: row {empty[0]}); drop them")

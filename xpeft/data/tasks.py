@@ -73,9 +73,7 @@ _NLI2 = ("entailment", "not_entailment")
 
 
 def _glue(name: str, folder: str, **kw) -> TaskSpec:
-    return TaskSpec(
-        name=name, benchmark="glue", folder=folder, hub=("nyu-mll/glue", name), **{"files": _GLUE, **kw}
-    )
+    return TaskSpec(name=name, benchmark="glue", folder=folder, hub=("nyu-mll/glue", name), **{"files": _GLUE, **kw})
 
 
 def _superglue(name: str, folder: str, **kw) -> TaskSpec:
@@ -191,9 +189,7 @@ def _label(spec: TaskSpec, raw, path: Path, line: int) -> int | float:
             return value
     elif raw in spec.label_names:
         return spec.label_names.index(raw)
-    raise ValueError(
-        f"{path} row {line}: label {raw!r} is not one of {spec.label_names} (or 0..{spec.num_labels - 1})"
-    )
+    raise ValueError(f"{path} row {line}: label {raw!r} is not one of {spec.label_names} (or 0..{spec.num_labels - 1})")
 
 
 def _record(spec: TaskSpec, row: dict, line: int, path: Path) -> dict:
@@ -203,9 +199,7 @@ def _record(spec: TaskSpec, row: dict, line: int, path: Path) -> dict:
     return {
         "text": _pick(row, spec.text_keys, "text", path, line),
         "text_pair": _pick(row, spec.pair_keys, "text_pair", path, line) if spec.pair else None,
-        "label": (-1.0 if spec.is_regression else -1)
-        if no_label
-        else _label(spec, row[label_key], path, line),
+        "label": (-1.0 if spec.is_regression else -1) if no_label else _label(spec, row[label_key], path, line),
         "idx": int(idx),
     }
 
@@ -231,9 +225,7 @@ def _read_rows(spec: TaskSpec, path: Path) -> Iterator[dict]:
             yield dict(zip(header, first, strict=False))
         for fields in reader:
             if len(fields) != len(header):
-                raise ValueError(
-                    f"{path}: a row has {len(fields)} fields, the header {len(header)}: {fields[:3]}"
-                )
+                raise ValueError(f"{path}: a row has {len(fields)} fields, the header {len(header)}: {fields[:3]}")
             yield dict(zip(header, fields, strict=True))
 
 
@@ -244,9 +236,7 @@ def _generate(spec: TaskSpec, path: str, stamp: tuple[int, int]) -> Iterator[dic
 
 
 def task_features(spec: TaskSpec) -> datasets.Features:
-    label = (
-        datasets.Value("float64") if spec.is_regression else datasets.ClassLabel(names=list(spec.label_names))
-    )
+    label = datasets.Value("float64") if spec.is_regression else datasets.ClassLabel(names=list(spec.label_names))
     return datasets.Features(
         {
             "text": datasets.Value("string"),

@@ -39,17 +39,13 @@ CONFIGS = (*TASK_METRICS, "mnli_matched", "mnli_mismatched")
 class GlueLocal(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         if self.config_name not in CONFIGS:
-            raise KeyError(
-                f"unknown config {self.config_name!r}; pass config_name= one of {', '.join(CONFIGS)}"
-            )
+            raise KeyError(f"unknown config {self.config_name!r}; pass config_name= one of {', '.join(CONFIGS)}")
         dtype = "float64" if self.config_name == "stsb" else "int64"
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}
-            ),
+            features=datasets.Features({"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}),
         )
 
     def _compute(self, predictions, references, pair_ids=None):

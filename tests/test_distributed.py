@@ -1,0 +1,181 @@
+"""Ray Train DDP fitting (xpeft.distributed): replicas in sync, the global batch fixed across worker counts,
+resume from the last checkpoint after a worker dies. Tiny random BERT, local Ray on 2 CPUs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import ray.cloudpickle
+import torch
+from conftest import tiny_rows
+
+from xpeft.config import TrainConfig, XPeftConfig
+from xpeft.distributed import (
+    FitConfig,
+    TaskData,
+    build_fit_model,
+    fit_distributed,
+    make_trainer,
+    per_worker_batch,
+    read_checkpoint,
+    trainable_state,
+)
+from xpeft.profiles import apply_profile
+from xpeft.store import ProfileStore
+from xpeft.train import predict
+
+# The failure hook below is defined here; Ray workers cannot import this test module, so ship it by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+DATA = TaskData(train=tiny_rows(32), eval=tiny_rows(16, seed=1))
+EPOCHS, GLOBAL_BATCH = 4, 8
+STEPS = EPOCHS * len(DATA.train) // GLOBAL_BATCH
+# Same global batch and seed, no dropout and soft masks (no Gumbel noise): 1 and 2 workers differ only by
+# float rounding (the gradient is averaged over two halves instead of one batch, rows padded per half).
+LOSS_ATOL = 1e-5
+
+
+def tiny_fit(storage, num_workers: int, **kw) -> FitConfig:
+    return FitConfig(
+        xpeft=XPeftConfig(mode="x_peft", mask_type="soft", N=8, k=2, b=4, dropout=0.0),
+        train=TrainConfig(lr=1e-2, mask_lr=5e-2, ln_lr=5e-2, epochs=EPOCHS, batch_size=GLOBAL_BATCH),
+        backbone="tiny",
+        num_workers=num_workers,
+        storage_path=str(storage),
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    # Ray Train's controller collects reports (and so registers checkpoints) on each health check; poll
+    # often so that runs end promptly and a checkpoint counts well before the failure test kills a worker.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
+    if ray.is_initialized():  # another module's cluster: reuse it, leave it running
+        yield
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_workers(local_ray, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp2")
+    cfg = tiny_fit(root / "runs", 2, check_replicas=True, store=str(root / "store"), profile_id="tiny-ddp2")
+    return cfg, fit_distributed(cfg, DATA)
+
+
+def test_global_batch_must_split_evenly_over_workers():
+    assert per_worker_batch(64, 4) == 16
+    with pytest.raises(ValueError, match="does not split over 3 workers"):
+        per_worker_batch(64, 3)
+    with pytest.raises(ValueError, match="does not split"):  # refused before any worker starts
+        make_trainer(tiny_fit("/tmp/unused", 3), DATA)
+
+
+@pytest.mark.ray
+def test_ddp_replicas_hold_identical_trainable_tensors_after_training(two_workers):
+    cfg, report = two_workers
+    assert report.world_size == 2 and report.per_worker_batch == GLOBAL_BATCH // 2
+    rank0, rank1 = report.replica_states
+    assert rank0.keys() == rank1.keys() and {"mask_logits_A", "mask_logits_B"} <= rank0.keys()
+    for name in rank0:
+        np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
+    assert report.replica_max_abs_diff == 0.0
+    initial = trainable_state(build_fit_model(cfg))
+    assert not np.allclose(rank0["mask_logits_B"], initial["mask_logits_B"].numpy())  # they did train
+
+
+@pytest.mark.ray
+def test_two_workers_reach_the_same_loss_curve_as_one(two_workers, tmp_path):
+    _, two = two_workers
+    one = fit_distributed(tiny_fit(tmp_path, 1), DATA)
+    assert one.world_size == 1 and one.per_worker_batch == GLOBAL_BATCH
+    assert len(one.losses) == len(two.losses) == STEPS
+    np.testing.assert_allclose(two.losses, one.losses, rtol=0, atol=LOSS_ATOL)
+    assert two.history[-1]["train_loss"] < two.history[0]["train_loss"]  # a curve, not a flat line
+    assert two.score == pytest.approx(one.score)
+
+
+@pytest.mark.ray
+def test_every_epoch_leaves_a_checkpoint_with_state_and_progress(two_workers):
+    cfg, report = two_workers
+    state, progress = read_checkpoint(report.checkpoint_path)  # torch.load(weights_only=True) + JSON
+    assert progress["epoch"] == EPOCHS and progress["step"] == STEPS
+    assert progress["losses"] == pytest.approx(report.losses)
+    assert set(state) == {"model", "optimizer", "scheduler"}
+    assert set(state["model"]) == set(report.replica_states[0])
+    run_dir = os.path.dirname(report.checkpoint_path)
+    kept = [d for d in os.listdir(run_dir) if os.path.isdir(os.path.join(run_dir, d))]
+    assert len(kept) == cfg.keep_checkpoints  # one per epoch, the oldest pruned
+
+
+@pytest.mark.ray
+def test_fitted_profile_is_stored_and_reproduces_the_model(two_workers):
+    cfg, report = two_workers
+    store = ProfileStore(cfg.store)
+    profile = store.get("tiny-ddp2")
+    assert profile.bank_fingerprint in store.bank_fingerprints()  # the store holds the bank it needs
+    for name, value in report.replica_states[0].items():
+        np.testing.assert_array_equal(profile.tensors[name].numpy(), value)
+    assert profile.metrics["score"] == pytest.approx(report.score)
+    fresh = build_fit_model(cfg)
+    apply_profile(fresh, profile)
+    accuracy = (predict(fresh, DATA.eval).argmax(-1) == np.array([r["labels"] for r in DATA.eval])).mean()
+    assert accuracy == pytest.approx(report.metrics["accuracy"])
+
+
+class DieOnce:
+    """Kills rank 1's process (as a lost node would) one second into `epoch`, once; logs every (rank, epoch)
+    start to a file. The second leaves the controller time to collect the previous epoch's checkpoint
+    (a worker lost within one health check of a report resumes from the checkpoint before)."""
+
+    def __init__(self, directory, epoch: int, rank: int = 1, delay_s: float = 1.0):
+        self.marker, self.log = os.path.join(directory, "died"), os.path.join(directory, "epochs.log")
+        self.epoch, self.rank, self.delay_s = epoch, rank, delay_s
+
+    def __call__(self, epoch: int, rank: int) -> None:
+        with open(self.log, "a") as f:
+            f.write(f"{rank} {epoch}\n")
+        if (epoch, rank) == (self.epoch, self.rank) and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(self.delay_s)
+            os._exit(1)
+
+    def starts(self) -> Counter:
+        with open(self.log) as f:
+            return Counter(tuple(map(int, line.split())) for line in f)
+
+
+@pytest.mark.ray
+def test_resume_after_a_killed_worker_continues_from_the_last_checkpoint(two_workers, tmp_path):
+    _, uninterrupted = two_workers
+    die = DieOnce(str(tmp_path), epoch=2)
+    report = fit_distributed(tiny_fit(tmp_path / "runs", 2, max_failures=1), DATA, on_epoch_start=die)
+    assert os.path.exists(die.marker), "the worker was never killed"
+    assert report.resumed_from_epoch == 2 and report.epochs == EPOCHS and report.steps == STEPS
+    starts = die.starts()
+    # Epochs 0 and 1 ran once on each rank: the restart did not begin from scratch. Rank 1 started epoch 2
+    # twice (it died in it); rank 0 once or twice (it may be stopped before it logs the start).
+    assert [starts[(1, e)] for e in range(EPOCHS)] == [1, 1, 2, 1], starts
+    assert [starts[(0, e)] for e in (0, 1, 3)] == [1, 1, 1] and starts[(0, 2)] in (1, 2), starts
+    # Restored optimizer, scheduler and per-epoch seeds: the same curve as the run that never died.
+    np.testing.assert_allclose(report.losses, uninterrupted.losses, rtol=0, atol=1e-6)
+
+
+def test_checkpoint_loading_refuses_a_run_of_another_shape(tmp_path):
+    from xpeft.distributed import load_trainable_state
+
+    model = build_fit_model(tiny_fit(tmp_path, 1))
+    state = trainable_state(model)
+    state["mask_logits_A"] = torch.zeros(2, 16)
+    with pytest.raises(ValueError, match="another N, b or encoder"):
+        load_trainable_state(model, state)
