@@ -23,6 +23,19 @@ def tiny_encoder(seed: int = 0, **overrides):
     return BertModel(BertConfig(**{**TINY, **overrides})).eval()
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded local Ray with 2 CPUs for one test module (a cluster already up is reused, left running)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def encoder():
     return tiny_encoder()

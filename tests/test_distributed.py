@@ -51,19 +51,10 @@ def tiny_fit(storage, num_workers: int, **kw) -> FitConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    # Ray Train's controller collects reports (and so registers checkpoints) on each health check; poll
-    # often so that runs end promptly and a checkpoint counts well before the failure test kills a worker.
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
-    if ray.is_initialized():  # another module's cluster: reuse it, leave it running
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+# Ray Train's controller collects reports (and so registers checkpoints) on each health check; poll often so
+# that runs end promptly and a checkpoint counts well before the failure test kills a worker. Read when the
+# controller starts, so it is set before the module's Ray does.
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,6 @@ def profile_table(n_profiles: int = 22, per_profile: int = 12, seed: int = 0) ->
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
     from tiny_backbone import make_tiny_backbone
 
@@ -201,5 +193,34 @@ def test_warm_start_learns_the_bank_from_the_first_profiles(local_ray, backbone,
     if setting == "mtl":  # new profiles reuse the shared head untouched: no head stored per profile
         assert all(p.head_id and not any(n.startswith("head.") for n in p.tensors) for p in x)
         assert report.warm_start["profiles"] == 3
+        assert_mtl_warm_profiles_are_served_by_their_bank_member(cfg, datas, report, backbone)
     else:
         assert len(report.fitted) == 8  # 3 single_adapter profiles + 5 x_peft
+
+
+def assert_mtl_warm_profiles_are_served_by_their_bank_member(cfg, datas, report, backbone):
+    """Every profile of an mtl run is stored, the warm-start ones too: as one-hot (k = 1) X-PEFT profiles over
+    their own adapter in the learned bank, which score on their holdout what the joint training scored."""
+    from xpeft.farm import split_warm
+    from xpeft.masks import mask_bytes
+    from xpeft.model import XPeftModel, load_encoder, load_tokenizer
+    from xpeft.profiles import apply_profile, hard_mask_weights
+    from xpeft.store import ProfileStore
+    from xpeft.train import classification_metrics, evaluate, tokenize
+
+    store = ProfileStore(cfg.store)
+    assert sorted(store.ids()) == sorted(d.profile_id for d in datas)
+    warm, _ = split_warm(cfg, datas)
+    bank = store.load_bank(report.bank["fingerprint"])
+    tokenizer = load_tokenizer(backbone)
+    for member, d in enumerate(warm):
+        p = store.get(d.profile_id)
+        assert (p.config.mode, p.config.mask_type, p.config.k, p.config.layer_norm) == ("x_peft", "hard", 1, False)
+        assert p.tensors == {} and p.record_bytes == 2 * mask_bytes(bank.N, bank.L)  # bits only: no head, no LN
+        wA, wB = hard_mask_weights(p, bank.N, bank.L)
+        assert (wA.argmax(-1) == member).all() and (wB.argmax(-1) == member).all() and wB.sum() == bank.L
+        model = XPeftModel(load_encoder(backbone), p.config, bank)
+        apply_profile(model, p, store.load_head(p.head_id))
+        rows = tokenize(d.test, tokenizer, 64)
+        scored = evaluate(model, rows, classification_metrics, 8, tokenizer.pad_token_id)
+        assert scored == pytest.approx(report.warm_start["metrics"][d.profile_id])

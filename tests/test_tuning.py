@@ -27,18 +27,6 @@ def tiny_search(storage, space: dict, mask_type: str = "hard", **kw) -> SearchCo
     return SearchConfig(fit=fit, space=space, storage_path=str(storage), name="tiny", **kw)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_search_space_is_appendix_c():
     assert SEARCH_SPACE == {
         "N": (100, 200, 400, 800),

@@ -25,7 +25,15 @@ from tqdm import tqdm
 
 from xpeft.bank import AdapterBank, load_bank, random_bank
 from xpeft.config import TrainConfig, XPeftConfig
-from xpeft.fitting import BadProfileData, ProfileData, ProfileFitter, adapted_dims, bank_from_single_adapters, fit_mtl
+from xpeft.fitting import (
+    BadProfileData,
+    ProfileData,
+    ProfileFitter,
+    adapted_dims,
+    bank_from_single_adapters,
+    bank_member_profile,
+    fit_mtl,
+)
 from xpeft.store import ProfileStore
 
 log = logging.getLogger(__name__)
@@ -365,6 +373,16 @@ def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
             bank, shared_head, warm_metrics = fit_mtl(fitter, warm)
             head_id = f"mtl-{bank.fingerprint[:16]}"
             store.save_head(head_id, shared_head)
+            # The warm-start profiles are profiles too: each is served by its own member of the bank.
+            mask_cfg = replace(xcfg, N=bank.N, b=bank.b)
+            store.write(
+                [
+                    bank_member_profile(
+                        bank, m, mask_cfg, d.profile_id, warm_metrics.get(d.profile_id), head_id, cfg.label_names
+                    )
+                    for m, d in enumerate(warm)
+                ]
+            )
             report.warm_start = {
                 "setting": "mtl",
                 "profiles": len(warm),

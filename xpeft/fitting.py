@@ -17,6 +17,7 @@ from torch import nn
 from xpeft.bank import AdapterBank, bank_from_adapters
 from xpeft.config import TrainConfig, XPeftConfig
 from xpeft.layer import Adapter
+from xpeft.masks import pack_bits
 from xpeft.model import XPeftModel, encoder_blocks, task_loss
 from xpeft.profiles import Profile, profile_from_model
 from xpeft.train import (
@@ -229,6 +230,35 @@ def fit_mtl(
         test = tokenize(d.test, fitter.tokenizer, tcfg.max_length)
         metrics[d.profile_id] = evaluate(base, test, classification_metrics, tcfg.batch_size, fitter.pad)
     return bank, head, metrics
+
+
+def bank_member_profile(
+    bank: AdapterBank,
+    member: int,
+    xcfg: XPeftConfig,
+    profile_id: str,
+    metrics: dict | None = None,
+    head_id: str | None = None,
+    label_names: list[str] | None = None,
+) -> Profile:
+    """A warm-start profile whose own adapter became bank member `member` (the mtl setting), stored as an
+    X-PEFT profile: hard masks one-hot at `member` in every block (k = 1), no LayerNorm (its adapter was
+    trained without one), the shared head. It computes exactly what the joint training computed for it, in
+    2·⌈N/8⌉·L bytes instead of an adapter."""
+    if not 0 <= member < bank.N:
+        raise ValueError(f"bank member {member} out of range: the bank has N={bank.N} adapters")
+    cfg = replace(xcfg, mode="x_peft", mask_type="hard", N=bank.N, k=1, b=bank.b, layer_norm=False, masks="AB")
+    onehot = torch.zeros(bank.L, bank.N)
+    onehot[:, member] = 1.0
+    return Profile(
+        profile_id=profile_id,
+        config=cfg,
+        mask_bits=pack_bits(onehot) + pack_bits(onehot),
+        head_id=head_id,
+        bank_fingerprint=bank.fingerprint,
+        metrics=dict(metrics or {}),
+        label_names=label_names,
+    )
 
 
 def adapted_dims(encoder: nn.Module, target: str) -> tuple[int, int, int]:
