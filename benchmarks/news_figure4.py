@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from dataclasses import replace
 
@@ -34,6 +35,21 @@ MODES = {
 }
 
 
+def reuse_warm_start(src: str, dst: str, warm_ids: set[str]) -> None:
+    """Copy a finished mtl warm start (bank, shared head, farm state, warm-start profiles) into a new store."""
+    from xpeft.store import ProfileStore
+
+    state = os.path.join(src, "farm_state.json")
+    if not os.path.exists(state):
+        raise SystemExit(f"--reuse-warm-start {src}: no farm_state.json there; give the store of an mtl run")
+    os.makedirs(dst, exist_ok=True)
+    for part in ("banks", "heads"):
+        shutil.copytree(os.path.join(src, part), os.path.join(dst, part), dirs_exist_ok=True)
+    shutil.copy(state, dst)
+    old = ProfileStore(src)
+    ProfileStore(dst).write([old.get(p) for p in sorted(warm_ids & set(old.ids()))])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=None)
@@ -46,6 +62,12 @@ def main() -> None:
     ap.add_argument("--num-actors", type=int, default=2)
     ap.add_argument("--throughput", type=int, default=0, help="only measure profiles/min, 1 vs 2 actors, on n profiles")
     ap.add_argument("--out", default="results/news")
+    ap.add_argument(
+        "--reuse-warm-start",
+        default=None,
+        help="the store of an earlier mtl run: its bank, shared head and warm-start profiles are copied into "
+        "each mtl mode's store, so the joint warm start is not run again (the farm resumes after it)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -56,13 +78,19 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.throughput:
         part = sorted(datas, key=lambda d: d.profile_id)[: args.throughput]
-        for actors in (1, 2):
+        # 1 actor with 1 CPU (1 torch thread), 1 actor with both CPUs (2 threads), 2 actors with 1 CPU each
+        for actors, cpus in ((1, 1), (1, 2), (2, 1)):
             cfg = FarmConfig(
-                store=f"{args.out}/tp-{stamp}-{actors}", xpeft=base, train=train, num_actors=actors, progress=False
+                store=f"{args.out}/tp-{stamp}-{actors}x{cpus}",
+                xpeft=base,
+                train=train,
+                num_actors=actors,
+                cpus_per_actor=cpus,
+                progress=False,
             )
             rep = run_farm(cfg, part)
             print(
-                f"{actors} actor(s): {len(rep.fitted)} profiles in {rep.seconds:.1f} s = "
+                f"{actors} actor(s) x {cpus} CPU: {len(rep.fitted)} profiles in {rep.seconds:.1f} s = "
                 f"{rep.profiles_per_minute:.2f} profiles/min; RSS per actor "
                 f"{[round(b / 2**20) for b in rep.memory['rss_bytes_per_actor']]} MiB; "
                 f"object store {rep.memory.get('object_store')}",
@@ -91,6 +119,8 @@ def main() -> None:
             cfg.xpeft = replace(x, k=args.k)
         elif setting in ("sa", "mtl"):
             cfg.xpeft = replace(x, k=max(1, len(warm) // 2))
+        if args.reuse_warm_start and setting == "mtl":
+            reuse_warm_start(args.reuse_warm_start, cfg.store, {d.profile_id for d in warm})
         t = time.perf_counter()
         # Every mode is scored on `rest`; a warm-start setting fits all profiles (the first M build the bank,
         # the rest get masks: one run), a random-bank setting needs only `rest`.

@@ -182,7 +182,8 @@ def test_warm_start_learns_the_bank_from_the_first_profiles(local_ray, backbone,
         backbone,
         setting=setting,
         warm_start=3,
-        xpeft=XPeftConfig(N=3, k=2, b=32, head="linear", num_labels=4),
+        # k above the learned bank's N (= warm_start): the farm clamps it, as the demo needs
+        xpeft=XPeftConfig(N=8, k=4, b=32, head="linear", num_labels=4),
     )
     report = run_farm(cfg, datas)
     assert report.bank["source"] == ("single_adapter" if setting == "sa" else "mtl")

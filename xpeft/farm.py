@@ -374,11 +374,10 @@ def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
             head_id = f"mtl-{bank.fingerprint[:16]}"
             store.save_head(head_id, shared_head)
             # The warm-start profiles are profiles too: each is served by its own member of the bank.
-            mask_cfg = replace(xcfg, N=bank.N, b=bank.b)
             store.write(
                 [
                     bank_member_profile(
-                        bank, m, mask_cfg, d.profile_id, warm_metrics.get(d.profile_id), head_id, cfg.label_names
+                        bank, m, xcfg, d.profile_id, warm_metrics.get(d.profile_id), head_id, cfg.label_names
                     )
                     for m, d in enumerate(warm)
                 ]
