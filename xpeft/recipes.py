@@ -12,5 +12,6 @@ from xpeft.config import TrainConfig
 # GLUE-style tasks with a few thousand training examples: the best of the SST-2 study (BENCHMARKS.md).
 TASK_TRAIN = TrainConfig(lr=1e-3, head_lr=1e-3, adapter_lr=1e-3, mask_lr=3e-1, ln_lr=1e-2, epochs=2, batch_size=32)
 
-# One profile of tens of examples in the farm.
-FARM_TRAIN = TrainConfig(lr=1e-3, head_lr=1e-3, adapter_lr=1e-3, mask_lr=1e-1, ln_lr=1e-1, epochs=10, batch_size=16)
+# One profile of tens of examples in the farm. Mask lr 3e-1: on the news profiles (mtl bank) it took hard masks
+# from 0.804 to 0.812 and soft masks from 0.822 to 0.854 mean holdout accuracy over 1e-1 (BENCHMARKS.md, Figure 4).
+FARM_TRAIN = TrainConfig(lr=1e-3, head_lr=1e-3, adapter_lr=1e-3, mask_lr=3e-1, ln_lr=1e-1, epochs=10, batch_size=16)
