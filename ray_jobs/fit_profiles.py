@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import ray
-
+    from xpeft.cluster import init_ray
     from xpeft.data.profiles import NEWS_CATEGORIES
     from xpeft.farm import FarmConfig, run_farm
     from xpeft.fitting import profile_datas
@@ -117,12 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         label_names=list(NEWS_CATEGORIES) if num_labels == len(NEWS_CATEGORIES) else None,
         progress=not args.no_progress,
     )
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)  # a cluster (`ray job submit` sets RAY_ADDRESS)
-    else:  # an embedded Ray for this run only, even when another Ray runs on this machine
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_ray(args.address, log_to_driver=False)
     report = run_farm(cfg, datas)
     report.rejected.update(bad_ids)
     store = ProfileStore(store_uri)

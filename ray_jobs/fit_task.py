@@ -142,18 +142,6 @@ def fit_config(args: argparse.Namespace, num_labels: int | None = None):
     return cfg, data
 
 
-def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
-    """Join the cluster at RAY_ADDRESS, or start an embedded local Ray."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # address="local": a new cluster for this process, even where another one runs on the machine.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fit_arguments(ap)
@@ -161,10 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from xpeft.cluster import init_ray
     from xpeft.distributed import fit_distributed
 
     cfg, data = fit_config(args)
-    init_ray(args.num_cpus)
+    init_ray(num_cpus=args.num_cpus)
     start = time.perf_counter()
     report = fit_distributed(cfg, data)
     wall = time.perf_counter() - start

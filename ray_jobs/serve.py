@@ -62,13 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
+    from xpeft.cluster import init_ray
     from xpeft.serving import build_app
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded local Ray on this machine only
-        ray.init(address="local", include_dashboard=False)
+    init_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(cfg), name="xpeft", route_prefix="/")
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host

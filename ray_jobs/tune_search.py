@@ -28,8 +28,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fit_task import add_fit_arguments, fit_config, init_ray  # noqa: E402
+from fit_task import add_fit_arguments, fit_config  # noqa: E402
 
+from xpeft.cluster import init_ray  # noqa: E402
 from xpeft.tuning import SEARCH_SPACE  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         storage_path=args.storage_path,
         name=name,
     )
-    init_ray(args.num_cpus, dashboard=args.distributed)  # Ray Train's cleanup of stopped trials needs it
+    init_ray(num_cpus=args.num_cpus, dashboard=args.distributed)  # Ray Train's cleanup of stopped trials needs it
     result = (restore_search if args.restore else search)(scfg, data, store=args.store)
     print(f"{len(result.trials)} trials in {result.experiment_path}")
     for t in sorted(result.trials, key=lambda t: -(t["score"] if t["score"] is not None else -1e9)):
