@@ -41,7 +41,8 @@ WORDS = (
     "health business school science tech style culture love fun game team vote election money market trip "
     "recipe city world people week year report study season police court family home life"
 ).split()
-SERVER_STATS = ("batches", "rows", "forward_seconds", "profiles_loaded", "load_seconds")
+SERVER_STATS = ("batches", "rows", "forward_seconds", "profiles_loaded", "load_seconds", "store_reads")
+SCENARIOS = ("(a) one profile", "(b) a new profile each")
 FLUSH_EVERY = 8  # FarmConfig.flush_every: profiles per Parquet file as the farm writes them
 
 
@@ -129,6 +130,7 @@ def run_load(url: str, profile_ids: list[str], texts: list[list[str]], concurren
         "rps": len(latencies) / wall,
         "p50_ms": 1000 * q[49],
         "p99_ms": 1000 * q[98],
+        "latencies": latencies,
         "first_failure": failures[0] if failures else None,
     }
 
@@ -148,7 +150,13 @@ def main() -> None:
     ap.add_argument("--b", type=int, default=48)
     ap.add_argument("--num-labels", type=int, default=15)
     ap.add_argument("--store", default=None, help="default: a temporary directory, removed afterwards")
-    ap.add_argument("--requests", type=int, default=600, help="requests per scenario and payload")
+    ap.add_argument("--requests", type=int, default=600, help="requests per scenario, payload and round")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="(a) then (b), this many times per payload: alternating spreads a shared machine's drift over both",
+    )
     ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario and payload")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument(
@@ -162,10 +170,16 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     ap.add_argument("--cache-size", type=int, default=256)
+    ap.add_argument(
+        "--record-cache-mb",
+        type=float,
+        default=ServeConfig.__dataclass_fields__["record_cache_mb"].default,
+        help="stored records kept in memory (0: every miss of the combined cache reads the store)",
+    )
     args = ap.parse_args()
     n = args.requests
-    if n * len(args.payload) > args.profiles - 1:
-        ap.error("(b) sends each request to a profile not requested before: need requests × payloads < profiles")
+    if n * len(args.payload) * args.rounds > args.profiles - 1:
+        ap.error("(b) never sends two requests to one profile: need requests × payloads × rounds < profiles")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
@@ -179,7 +193,7 @@ def main() -> None:
     print(f"store: {len(store)} profiles in {len(store.files())} files at {root} ({time.perf_counter() - t0:.1f} s)")
     rng = random.Random(0)
     ids = store.ids()
-    hot, cold = ids[0], rng.sample(ids[1:], n * len(args.payload))  # (b): never the same profile twice
+    hot, cold = ids[0], iter(rng.sample(ids[1:], n * len(args.payload) * args.rounds))  # (b): never twice
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = []
@@ -191,6 +205,7 @@ def main() -> None:
             backbone=args.backbone,
             num_cpus=args.num_cpus,
             cache_size=args.cache_size,
+            record_cache_mb=args.record_cache_mb,
             max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_timeout_s,
             api_token=None,
@@ -199,17 +214,22 @@ def main() -> None:
         serve.run(build_app(cfg), name="xpeft-load", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         print(f"server up in {time.perf_counter() - t0:.1f} s: {cfg}")
-        for p, (per_request, words) in enumerate(args.payload):
+        while (health := requests.get(f"{url}/healthz", timeout=10).json())["preloading"]:
+            time.sleep(0.5)  # measure after the background preload, not beside it
+        print(f"records in memory: {health['records_in_memory']} ({time.perf_counter() - t0:.1f} s after start)")
+        for per_request, words in args.payload:
             texts = [[" ".join(rng.choices(WORDS, k=words)) for _ in range(per_request)] for _ in range(n)]
             warm = run_load(url, [hot] * 32, texts[:32], args.concurrency, args.time_limit)
             assert warm["failed"] == 0, warm["first_failure"]
-            for scenario, targets in [("(a) one profile", [hot] * n), ("(b) a new profile each", cold[p * n :][:n])]:
-                before = requests.get(f"{url}/healthz", timeout=10).json()
-                r = run_load(url, targets, texts, args.concurrency, args.time_limit)
-                after = requests.get(f"{url}/healthz", timeout=10).json()
-                r["server"] = {k: after[k] - before[k] for k in SERVER_STATS}
-                r["payload"], r["scenario"] = f"{per_request} × {words} words", scenario
-                results.append(r)
+            for round_ in range(args.rounds):
+                for scenario in SCENARIOS:
+                    targets = [hot] * n if scenario.startswith("(a)") else [next(cold) for _ in range(n)]
+                    before = requests.get(f"{url}/healthz", timeout=10).json()
+                    r = run_load(url, targets, texts, args.concurrency, args.time_limit)
+                    after = requests.get(f"{url}/healthz", timeout=10).json()
+                    r["server"] = {k: after[k] - before[k] for k in SERVER_STATS}
+                    r["payload"], r["scenario"], r["round"] = f"{per_request} × {words} words", scenario, round_
+                    results.append(r)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -218,30 +238,52 @@ def main() -> None:
     report(args, results)
 
 
+def pooled(runs: list[dict]) -> dict:
+    """One scenario over all its rounds: throughput = requests / seconds summed, latency quantiles of all."""
+    latencies = [x for r in runs for x in r["latencies"]]
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
+    server = {k: sum(r["server"][k] for r in runs) for k in SERVER_STATS}
+    return {
+        "requests": len(latencies),
+        "failed": sum(r["failed"] for r in runs),
+        "rps": len(latencies) / sum(r["seconds"] for r in runs),
+        "p50_ms": 1000 * q[49],
+        "p99_ms": 1000 * q[98],
+        "server": server,
+    }
+
+
 def report(args: argparse.Namespace, results: list[dict]) -> None:
     print(f"\n`{' '.join([os.path.basename(sys.executable), *sys.argv])}`  ")
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
         f"{platform.python_version()}; replica ({args.num_cpus} CPU), Serve proxy and client share these CPUs; "
-        f"C={args.concurrency}, max_batch_size={args.max_batch_size}, cache_size={args.cache_size}\n"
+        f"C={args.concurrency}, max_batch_size={args.max_batch_size}, cache_size={args.cache_size}, "
+        f"record_cache_mb={args.record_cache_mb:g}, "
+        f"{args.rounds} rounds of (a) then (b) per payload\n"
     )
     print(
         "| texts a request | scenario | requests | failed | requests/s | p50 ms | p99 ms | rows a forward "
-        "| forward ms a row | load ms a profile | (b)/(a) |"
+        "| forward ms a row | load ms a profile | store reads | (b)/(a) | (b)/(a) each round |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for i, r in enumerate(results):
-        s = r["server"]
-        load = f"{1000 * s['load_seconds'] / s['profiles_loaded']:.1f}" if s["profiles_loaded"] else "-"
-        ratio = f"**{r['rps'] / results[i - 1]['rps']:.2f}**" if i % 2 else ""
-        print(
-            f"| {r['payload']} | {r['scenario']} | {r['requests']} | {r['failed']} | {r['rps']:.1f} | "
-            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {s['rows'] / max(1, s['batches']):.1f} | "
-            f"{1000 * s['forward_seconds'] / max(1, s['rows']):.1f} | {load} | {ratio} |"
-        )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for payload in dict.fromkeys(r["payload"] for r in results):
+        runs = {sc: [r for r in results if r["payload"] == payload and r["scenario"] == sc] for sc in SCENARIOS}
+        a, b = (pooled(runs[sc]) for sc in SCENARIOS)
+        rounds = ", ".join(f"{rb['rps'] / ra['rps']:.2f}" for ra, rb in zip(*runs.values(), strict=True))
+        for sc, r in zip(SCENARIOS, (a, b), strict=True):
+            s = r["server"]
+            load = f"{1000 * s['load_seconds'] / s['profiles_loaded']:.1f}" if s["profiles_loaded"] else "-"
+            last = (f"**{b['rps'] / a['rps']:.2f}**", rounds) if r is b else ("", "")
+            print(
+                f"| {payload} | {sc} | {r['requests']} | {r['failed']} | {r['rps']:.1f} | "
+                f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {s['rows'] / max(1, s['batches']):.1f} | "
+                f"{1000 * s['forward_seconds'] / max(1, s['rows']):.1f} | {load} | {s['store_reads']} | "
+                f"{last[0]} | {last[1]} |"
+            )
     for r in results:
         if r["failed"]:
-            print(f"first failure ({r['payload']}, {r['scenario']}): {r['first_failure']}")
+            print(f"first failure ({r['payload']}, {r['scenario']}, round {r['round']}): {r['first_failure']}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ for a batch mixing profiles, a clear 4xx for every bad input (and the next reque
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,16 @@ from xpeft.config import XPeftConfig
 from xpeft.model import XPeftModel, load_encoder, load_tokenizer
 from xpeft.multiprofile import combine_profile
 from xpeft.profiles import apply_profile, profile_from_model
-from xpeft.serving import Coalescer, ProfileCache, ServeConfig, app_builder, combine_profiles
-from xpeft.store import ProfileStore
+from xpeft.serving import (
+    Coalescer,
+    ProfileCache,
+    ProfileEngine,
+    RecordCache,
+    ServeConfig,
+    app_builder,
+    combine_profiles,
+)
+from xpeft.store import Location, ProfileStore
 from xpeft.train import Collator, tokenize
 
 requests = pytest.importorskip("requests")
@@ -101,6 +110,68 @@ def test_profile_cache_is_bounded_and_evicts_the_least_recently_used():
     assert cache.get("a") is items["a"]  # a is now the most recent
     cache.put(items["c"])
     assert len(cache) == 2 and cache.get("b") is None and cache.get("a") is items["a"]
+
+
+def test_a_head_that_does_not_fit_its_config_is_refused_without_failing_the_others():
+    _, good = fitted_profile("good", *PROFILES["hard"], seed=1)
+    _, bad = fitted_profile("bad", *PROFILES["hard"], seed=2)
+    bad = dataclasses.replace(bad, tensors={**bad.tensors, "head.classifier.weight": torch.zeros(7, D)})
+    got = combine_profiles([bad, good], BANK, D, {})
+    assert isinstance(got[0], ValueError) and "needs tensors" in str(got[0]) and "(7, 32)" in str(got[0])
+    assert got[1].profile_id == "good"
+
+
+def test_record_cache_is_bounded_by_bytes_and_keyed_by_where_the_record_was_read():
+    records = [fitted_profile(pid, *PROFILES["hard"], seed=i)[1] for i, pid in enumerate("abc")]
+    size = records[0].record_bytes
+    locs = [Location(f"f{i}", 0, 0.0) for i in range(3)]
+    cache = RecordCache(int(2.5 * size))
+    assert cache.put(locs[0], records[0]) and cache.put(locs[1], records[1])
+    assert not cache.put(locs[2], records[2], evict=False)  # a preload stops when full: it never churns
+    assert cache.get(locs[0], "a") is records[0]  # a is now the most recent
+    assert cache.put(locs[2], records[2])  # a request's read evicts the least recently used: b
+    assert cache.get(locs[1], "b") is None and len(cache) == 2 and cache.nbytes <= 2.5 * size
+    assert cache.get(Location("f9", 0, 1.0), "a") is None  # a rewritten profile is never served from memory
+
+
+def engine_for(store: ProfileStore, backbone: str, **kwargs) -> ProfileEngine:
+    cfg = ServeConfig(store=store.uri, backbone=backbone, torch_threads=torch.get_num_threads(), **kwargs)
+    return ProfileEngine(cfg)
+
+
+def test_a_preloaded_replica_combines_stored_profiles_without_reading_the_store(store, backbone):
+    ids = ["hard", "soft", "single", "head-only", "mtl-a"]
+    preloaded = engine_for(store, backbone)
+    assert preloaded.preload_records() == len(store) and not preloaded.preloading
+    got = preloaded.load_profiles(ids)
+    assert preloaded.stats["store_reads"] == 0
+    reading = engine_for(store, backbone, record_cache_mb=0)
+    want = reading.load_profiles(ids)
+    assert reading.stats["store_reads"] == len(ids) and len(reading.records) == 0
+    for g, w in zip(got, want, strict=True):
+        for name in ("A_hat", "B_hat", "ln_weight", "ln_bias"):
+            a, b = getattr(g, name), getattr(w, name)
+            assert (a is None and b is None) or torch.equal(a, b), (g.profile_id, name)
+
+
+def test_a_preload_stops_at_its_budget_and_a_rewritten_profile_is_read_again(tmp_path, backbone):
+    store = ProfileStore(tmp_path)
+    store.save_bank(BANK)
+    encoder = load_encoder(backbone)
+    profiles = [fitted_profile(f"p{i}", *PROFILES["hard"], seed=i, encoder=encoder)[1] for i in range(4)]
+    store.write(profiles[:2])
+    store.write(profiles[2:])
+    budget = 2.5 * profiles[0].record_bytes / 2**20
+    engine = engine_for(store, backbone, record_cache_mb=budget)
+    assert engine.preload_records() == 2  # newest file first: p2, p3
+    engine.load_profiles(["p2", "p3"])
+    assert engine.stats["store_reads"] == 0
+    _, v2 = fitted_profile("p2", *PROFILES["hard"], seed=40, encoder=encoder)
+    store.write([v2])
+    engine.load_profiles(["p-unknown"])  # an unknown id re-lists the store: p2's new version is indexed
+    engine.cache = ProfileCache(4)  # p2 leaves the combined cache
+    (served,) = engine.load_profiles(["p2"])
+    assert engine.stats["store_reads"] == 1 and torch.equal(served.ln_weight, v2.tensors["ln_weight"])
 
 
 def test_calls_waiting_while_work_runs_are_merged_into_one_call():

@@ -62,6 +62,12 @@ def encoder_blocks(encoder: nn.Module) -> nn.ModuleList:
     raise ValueError(f"found no list of {L} transformer blocks in {type(encoder).__name__}")
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the unpadded token states (the 'linear' head's pooling)."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 class Head(nn.Module):
     """The task head. 'pooler' is the paper's: BERT's pooler (dense + tanh on [CLS], initialised from the
     pretrained pooler when there is one) and a classifier (Table 4 counts d·d + d + d·c + c). 'linear' is
@@ -79,8 +85,7 @@ class Head(nn.Module):
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             return torch.tanh(self.dense(hidden[:, 0]))
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return mean_pool(hidden, attention_mask)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.pool(hidden, attention_mask)))

@@ -11,12 +11,44 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xpeft.bank import AdapterBank
 from xpeft.layer import AdaptedLinear, Adapter, wrap_linear
-from xpeft.model import Head, encoder_blocks
+from xpeft.model import encoder_blocks, mean_pool
 from xpeft.profiles import Profile, check_profile_bank, mask_weights
+
+
+@dataclass
+class HeadWeights:
+    """A stored head as plain tensors, applied functionally: what `Head` computes in eval mode, without
+    building (and randomly initialising) an nn.Module for every profile a server reads."""
+
+    kind: str  # 'linear' or 'pooler' (see `Head`)
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def checked(cls, kind: str, state: dict[str, torch.Tensor], d: int, num_labels: int) -> HeadWeights:
+        """The head of `state`, or a ValueError naming what does not fit (before it can fail a batch)."""
+        want = {"classifier.weight": (num_labels, d), "classifier.bias": (num_labels,)}
+        if kind == "pooler":
+            want |= {"dense.weight": (d, d), "dense.bias": (d,)}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != want:
+            raise ValueError(f"a {kind} head for d={d}, {num_labels} labels needs tensors {want}, got {got}")
+        return cls(kind, dict(state))
+
+    def to(self, device: torch.device | str) -> HeadWeights:
+        return HeadWeights(self.kind, {k: v.to(device) for k, v in self.tensors.items()})
+
+    def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        t = self.tensors
+        if self.kind == "pooler":
+            pooled = torch.tanh(F.linear(hidden[:, 0], t["dense.weight"], t["dense.bias"]))
+        else:
+            pooled = mean_pool(hidden, attention_mask)
+        return F.linear(pooled, t["classifier.weight"], t["classifier.bias"])
 
 
 @dataclass
@@ -29,7 +61,7 @@ class CombinedProfile:
     ln_weight: torch.Tensor | None  # L × b
     ln_bias: torch.Tensor | None
     scale: float
-    head: Head
+    head: HeadWeights
     head_key: str  # rows with the same head_key share one head forward
     problem_type: str
     label_names: list[str] | None
@@ -59,14 +91,12 @@ def combine_profile(
     elif cfg.mode == "single_adapter":
         A_hat, B_hat = t["lora_A"], t["lora_B"]
         scale = (cfg.lora_alpha or cfg.b) / cfg.b
-    head = Head(cfg.head, d, cfg.num_labels, 0.0, None)
     head_state = {k[len("head.") :]: v for k, v in t.items() if k.startswith("head.")}
     if profile.head_id is not None:
         if shared_head is None:
             raise ValueError(f"profile {profile.profile_id} uses shared head {profile.head_id}; pass it in")
         head_state = shared_head
-    head.load_state_dict(head_state)
-    head.eval()
+    head = HeadWeights.checked(cfg.head, head_state, d, cfg.num_labels)
     return CombinedProfile(
         profile_id=profile.profile_id,
         A_hat=A_hat,

@@ -7,11 +7,14 @@
 Each replica loads the backbone, the tokenizer and the bank once. A profile is not a Serve model (that would
 split batches per profile): the profile id travels in the request, the profile is read from the store
 (`ProfileStore`, safetensors/Parquet, no pickle) and combined with the bank once (Â, B̂ per block) into an
-LRU cache of `CombinedProfile`s. Two `@serve.batch` queues gather concurrent requests of any profiles:
-one combines the profiles missing from the cache in one contraction over the bank, the other runs each text
-of each request as a row of one `MultiProfileModel.forward_mixed` call (per-row adapters, one encoder pass).
-A profile fitted after the server started is found on its first request (the store re-lists its files when an
-id is unknown); a profile rewritten in the store is served in its new version once it leaves the cache.
+LRU cache of `CombinedProfile`s. Stored records are small (mask bits, LN, head), so a second, byte-bounded
+cache (`RecordCache`) holds as many as `record_cache_mb` allows, filled in the background at start: a
+request to any of them skips the store and pays only for the contraction. Two `@serve.batch` queues
+gather concurrent requests of any profiles: one combines the profiles missing from the cache in one
+contraction over the bank, the other runs each text of each request as a row of one
+`MultiProfileModel.forward_mixed` call (per-row adapters, one encoder pass). A profile fitted after the
+server started is found on its first request (the store re-lists its files when an id is unknown); a
+profile rewritten in the store is served in its new version once it leaves the combined cache.
 
 HTTP API (OpenAPI schema at /openapi.json, docs at /docs):
     POST /v1/classify           {"profile_id", "texts", optional "text_pairs"} → one prediction per text
@@ -53,7 +56,7 @@ from xpeft.model import encoder_blocks, load_encoder, load_tokenizer
 from xpeft.multiprofile import CombinedProfile, MultiProfileModel, combine_profile
 from xpeft.profiles import MAX_PROFILE_ID, Profile, check_profile_bank, validate_profile_id
 from xpeft.profiles import mask_weights as profile_mask_weights
-from xpeft.store import ProfileStore
+from xpeft.store import Location, ProfileStore
 from xpeft.train import Collator, tokenize
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,15 @@ class ServeConfig:
         default=256,
         metadata={"help": "combined profiles kept per replica (LRU); ~0.9 MB each for MiniLM at N=100, b=48"},
     )
+    record_cache_mb: float = field(
+        default=512.0,
+        metadata={
+            "help": "stored profile records (mask bits, LN, head: ~25 KB each for MiniLM with a 15-class linear "
+            "head) kept in memory per replica, newest first, filled from the store in the background when the "
+            "replica starts and on every read; a profile among them is combined without touching the store. "
+            "0: read the store on every miss of the combined cache"
+        },
+    )
     # --- limits: each refusal names its limit ---
     max_texts: int = field(default=64, metadata={"help": "texts per request (413 above)"})
     max_text_chars: int = field(default=10_000, metadata={"help": "characters per text or text pair (413 above)"})
@@ -125,8 +137,8 @@ class ServeConfig:
             "max_page",
         )
         bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
-        if self.num_cpus < 0 or self.num_gpus < 0 or self.batch_wait_timeout_s < 0:
-            bad.append("num_cpus, num_gpus and batch_wait_timeout_s must be >= 0")
+        if min(self.num_cpus, self.num_gpus, self.batch_wait_timeout_s, self.record_cache_mb) < 0:
+            bad.append("num_cpus, num_gpus, batch_wait_timeout_s and record_cache_mb must be >= 0")
         if bad:
             raise ValueError(f"invalid ServeConfig: {', '.join(bad)} (counts and limits must be >= 1)")
 
@@ -183,6 +195,46 @@ class ProfileCache:
             self._items.move_to_end(item.profile_id)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class RecordCache:
+    """A thread-safe LRU of stored profile records (what `ProfileStore.read` returns), bounded by their
+    `record_bytes`, each kept with the location it was read from: a profile rewritten in the store has a new
+    location, so its old record is never served for it."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items: OrderedDict[str, tuple[Location, Profile]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, loc: Location, profile_id: str) -> Profile | None:
+        with self._lock:
+            item = self._items.get(profile_id)
+            if item is None or item[0] != loc:
+                return None
+            self._items.move_to_end(profile_id)
+            return item[1]
+
+    def put(self, loc: Location, profile: Profile, evict: bool = True) -> bool:
+        """Keep `profile`, evicting the least recently used records if needed (with evict=False: only if it
+        fits as is). Returns whether it was kept."""
+        size = profile.record_bytes
+        with self._lock:
+            old = self._items.pop(profile.profile_id, None)
+            if old is not None:
+                self.nbytes -= old[1].record_bytes
+            if size > self.max_bytes or (not evict and self.nbytes + size > self.max_bytes):
+                return False
+            while self.nbytes + size > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.nbytes -= dropped.record_bytes
+            self._items[profile.profile_id] = (loc, profile)
+            self.nbytes += size
+            return True
 
     def __len__(self) -> int:
         return len(self._items)
@@ -269,6 +321,8 @@ class ProfileEngine:
             if self.bank is not None:
                 self.bank = dataclasses.replace(self.bank, A=self.bank.A.to(self.device), B=self.bank.B.to(self.device))
         self.cache = ProfileCache(cfg.cache_size)
+        self.records = RecordCache(int(cfg.record_cache_mb * 2**20))
+        self.preloading = False  # True while preload_records fills the record cache
         self._forward_lock = threading.Lock()  # forward_mixed sets adapters on shared modules: one at a time
         self._heads: dict[str, dict[str, torch.Tensor]] = {}  # shared heads (mtl): few, kept for good
         # Since start, for /healthz: forwards, rows, profiles read and combined, and seconds spent on each.
@@ -279,6 +333,7 @@ class ProfileEngine:
             "forward_seconds": 0.0,
             "profiles_loaded": 0,
             "load_seconds": 0.0,
+            "store_reads": 0,
         }
         log.info(
             "profile server ready: backbone %s, %s, store %s",
@@ -344,9 +399,9 @@ class ProfileEngine:
     def _on_device(self, c: CombinedProfile) -> CombinedProfile:
         if self.device.type == "cpu":
             return c
-        c.head.to(self.device)
         names = ("A_hat", "B_hat", "ln_weight", "ln_bias")
-        return dataclasses.replace(c, **{n: getattr(c, n).to(self.device) for n in names if getattr(c, n) is not None})
+        moved = {n: getattr(c, n).to(self.device) for n in names if getattr(c, n) is not None}
+        return dataclasses.replace(c, head=c.head.to(self.device), **moved)
 
     def load_profiles(self, profile_ids: list[str]) -> list[CombinedProfile | ServeError]:
         """Read, check and combine profiles that are not cached; cache and return them (or the refusal)."""
@@ -361,7 +416,7 @@ class ProfileEngine:
                     found[pid] = cached
                     continue
                 try:
-                    p = self.store.get(pid)  # re-lists the store when pid is unknown: new profiles appear
+                    p = self._record(pid)
                 except KeyError:
                     found[pid] = ServeError(404, not_found(pid))
                     continue
@@ -387,10 +442,45 @@ class ProfileEngine:
         self.stats["load_seconds"] += time.perf_counter() - start
         return [found[pid] for pid in profile_ids]
 
+    def _record(self, profile_id: str) -> Profile:
+        """The stored profile, from memory when its newest version is there (call under _store_lock)."""
+        loc = self.store.locate(profile_id)  # re-lists the store when the id is unknown: new profiles appear
+        p = self.records.get(loc, profile_id)
+        if p is None:
+            p = self.store.read(loc)
+            self.records.put(loc, p)
+            self.stats["store_reads"] += 1
+        return p
+
+    def preload_records(self) -> int:
+        """Fill the record cache from the store, newest files first, until it is full; returns how many
+        records it added. Reads whole files without holding the store lock (stored files never change),
+        so requests are served meanwhile."""
+        self.preloading = True
+        try:
+            return self._preload_records()
+        finally:
+            self.preloading = False
+
+    def _preload_records(self) -> int:
+        with self._store_lock:
+            newest = self.store.locations()
+        by_file: dict[str, list[Location]] = {}
+        for loc in newest.values():
+            by_file.setdefault(loc.file, []).append(loc)
+        added = 0
+        for path in sorted(by_file, reverse=True):  # part-<time_ns>-…: newest first
+            wanted = {loc.row: loc for loc in by_file[path]}
+            for row, p in enumerate(self.store.read_file(path)):
+                if row in wanted and not self.records.put(wanted[row], p, evict=False):
+                    return added
+                added += row in wanted
+        return added
+
     def profile_info(self, profile_id: str) -> dict[str, Any]:
         with self._store_lock:
             try:
-                p = self.store.get(profile_id)
+                p = self._record(profile_id)
             except KeyError:
                 raise ServeError(404, not_found(profile_id)) from None
         sizes = p.size_report()
@@ -526,6 +616,10 @@ class Health(BaseModel):
     forward_seconds: float = Field(description="time spent in encoder forwards")
     profiles_loaded: int = Field(description="profiles read from the store and combined (cache misses)")
     load_seconds: float = Field(description="time spent reading and combining them")
+    store_reads: int = Field(description="profile records read from the store (misses of the record cache)")
+    records_in_memory: int = Field(description="profile records in the record cache")
+    preloading: bool = Field(description="whether the record cache is still being filled from the store")
+    record_bytes_in_memory: int
 
 
 class Detail(BaseModel):
@@ -640,6 +734,9 @@ def make_api(server: ProfileServer) -> FastAPI:
             "bank_fingerprint": bank.fingerprint if bank else None,
             "cached_profiles": len(server.engine.cache),
             "cache_size": cfg.cache_size,
+            "records_in_memory": len(server.engine.records),
+            "preloading": server.engine.preloading,
+            "record_bytes_in_memory": server.engine.records.nbytes,
             **server.engine.stats,
         }
 
@@ -714,6 +811,9 @@ class ProfileServer:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.engine = ProfileEngine(cfg)
+        if cfg.record_cache_mb > 0:
+            self.engine.preloading = True
+            threading.Thread(target=self._preload, name="xpeft-preload", daemon=True).start()
         self._combine_work = Coalescer(self.engine.load_profiles, cfg.max_batch_size)
         self._forward_work = Coalescer(self.engine.forward, cfg.max_batch_size)
         # Serve warns that max_batch_size × QUEUED_BATCHES exceeds max_ongoing_requests; it does not apply
@@ -723,6 +823,15 @@ class ProfileServer:
         self._combine.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._forward.set_max_batch_size(cfg.max_batch_size)
         self._forward.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    def _preload(self) -> None:
+        start = time.perf_counter()
+        try:
+            n = self.engine.preload_records()
+        except Exception:  # a store that cannot be bulk-read still serves, one read per miss
+            log.exception("preloading profile records failed; the store is read on each miss instead")
+            return
+        log.info("%d profile records preloaded in %.1f s", n, time.perf_counter() - start)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self)
@@ -744,10 +853,15 @@ class ProfileServer:
                 413, f"a text of {longest} characters; the limit is {cfg.max_text_chars} (ServeConfig.max_text_chars)"
             )
         profile_id = checked_id(request.profile_id)
-        combined = self.engine.cache.get(profile_id) or await self._combine(profile_id)
+        combined = self.engine.cache.get(profile_id)
+        if combined is None:  # read and combine it while the texts are tokenized
+            combined, rows = await asyncio.gather(
+                self._combine(profile_id), asyncio.to_thread(self.engine.tokenize, texts, pairs)
+            )
+        else:
+            rows = await asyncio.to_thread(self.engine.tokenize, texts, pairs)
         if isinstance(combined, ServeError):
             raise combined
-        rows = await asyncio.to_thread(self.engine.tokenize, texts, pairs)
         logits = await asyncio.gather(*(self._forward((combined, row)) for row in rows))
         return {"profile_id": profile_id, "predictions": predictions(combined, logits)}
 

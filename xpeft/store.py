@@ -51,8 +51,11 @@ SCHEMA = pa.schema(
 )
 
 
-@dataclass
-class _Loc:
+@dataclass(frozen=True)
+class Location:
+    """Where the newest stored row of a profile is. Files are never rewritten, so a location names one
+    version of a profile for good."""
+
     file: str
     row: int
     created: float
@@ -70,7 +73,7 @@ class ProfileStore:
         self.uri = uri
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.fs.create_dir(f"{self.root}/profiles", recursive=True)
-        self._index: dict[str, _Loc] = {}
+        self._index: dict[str, Location] = {}
         self._seen: set[str] = set()
 
     # --- writing ---------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ class ProfileStore:
         for row, (pid, ts) in enumerate(zip(ids, created, strict=True)):
             old = self._index.get(pid)
             if old is None or ts >= old.created:
-                self._index[pid] = _Loc(path, row, ts)
+                self._index[pid] = Location(path, row, ts)
 
     def ids(self) -> list[str]:
         self.refresh()
@@ -174,21 +177,36 @@ class ProfileStore:
         self.refresh()
         return len(self._index)
 
-    def get(self, profile_id: str) -> Profile:
-        """The newest stored row of a profile. KeyError (naming the store) when it is not there."""
+    def locate(self, profile_id: str) -> Location:
+        """Where the newest row of a profile is. KeyError (naming the store) when it is not there."""
         if profile_id not in self:
             raise KeyError(f"profile {profile_id!r} is not in the store {self.uri}")
-        loc = self._index[profile_id]
-        pf = pq.ParquetFile(loc.file, filesystem=self.fs)
-        # Read only the row group holding the row.
+        return self._index[profile_id]
+
+    def locations(self) -> dict[str, Location]:
+        """Every stored profile's newest location (a snapshot: safe to use while others write)."""
+        self.refresh()
+        return dict(self._index)
+
+    def get(self, profile_id: str) -> Profile:
+        """The newest stored row of a profile. KeyError (naming the store) when it is not there."""
+        return self.read(self.locate(profile_id))
+
+    def read(self, loc: Location) -> Profile:
+        """The profile stored at `loc`, decoding only the row group that holds it."""
+        # pre_buffer and threads pay off for big reads, not for one row group of a few profiles (~0.3 ms less).
+        pf = pq.ParquetFile(loc.file, filesystem=self.fs, pre_buffer=False)
         offset = 0
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             if loc.row < offset + n:
-                row = pf.read_row_group(rg).slice(loc.row - offset, 1).to_pylist()[0]
-                return from_row(row)
+                return from_row(pf.read_row_group(rg, use_threads=False).slice(loc.row - offset, 1).to_pylist()[0])
             offset += n
-        raise KeyError(f"profile {profile_id!r}: index points past the end of {loc.file}; call refresh()")
+        raise KeyError(f"row {loc.row} is past the end of {loc.file}; call refresh()")
+
+    def read_file(self, path: str) -> list[Profile]:
+        """Every profile row of one stored file, in row order (bulk reads, e.g. to warm a server)."""
+        return [from_row(row) for row in pq.read_table(path, filesystem=self.fs).to_pylist()]
 
     def summaries(self, offset: int = 0, limit: int = 100) -> list[dict]:
         """Profile id, mode, metrics, size for a page of profiles (sorted by id), without tensors."""
