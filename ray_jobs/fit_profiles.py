@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded local)")
     ap.add_argument("--num-actors", type=int, default=None, help="default: cluster CPUs // cpus-per-actor")
     ap.add_argument("--cpus-per-actor", type=float, default=1.0)
-    ap.add_argument("--gpus-per-actor", type=float, default=0.0)
+    ap.add_argument(
+        "--gpus-per-actor", type=float, default=0.0, help="> 0: each actor fits on the GPU Ray gives it (0.25: 4 a GPU)"
+    )
     ap.add_argument("--max-retries", type=int, default=2)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-progress", action="store_true")

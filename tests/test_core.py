@@ -271,3 +271,15 @@ def test_any_bert_family_encoder_takes_an_x_peft_bank(family):
 def test_unknown_target_lists_the_linears_there_are():
     with pytest.raises(ValueError, match="linears there are"):
         XPeftModel(tiny_encoder(), XPeftConfig(N=N, k=K, b=B, target="attention.nope"), random_bank(L, N, B, D))
+
+
+def test_moving_a_model_moves_its_frozen_bank_and_leaves_the_shared_one_alone():
+    """`.to(device)` (a GPU farm actor, Ray Train's prepare_model) must take the bank along, or the first
+    contraction mixes devices; the bank object other models share stays where it was."""
+    enc = tiny_encoder()
+    bank = random_bank(enc.config.num_hidden_layers, 8, 4, enc.config.hidden_size, seed=0)
+    model = XPeftModel(enc, XPeftConfig(N=8, k=2, b=4, mask_type="hard"), bank).to(torch.float64)
+    assert model.bank.A.dtype == model.bank.B.dtype == torch.float64 and bank.A.dtype == torch.float32
+    assert model.bank.fingerprint == bank.fingerprint
+    assert model(**tiny_batch())["logits"].dtype == torch.float64
+    assert model.to("meta").bank.A.device.type == "meta"

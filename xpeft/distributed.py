@@ -376,21 +376,8 @@ class Session:
         return [t.cpu() for t in out]
 
 
-class _OnDevice(nn.Module):
-    """Lets xpeft.train.evaluate (CPU batches, numpy out) score a model that lives on a GPU."""
-
-    def __init__(self, model: XPeftModel, device: torch.device):
-        super().__init__()
-        self.model, self.device, self.cfg = model, device, model.cfg
-
-    def forward(self, **batch):
-        out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
-        return {k: v.cpu() for k, v in out.items()}
-
-
-def _evaluate(cfg: FitConfig, model: XPeftModel, data: TaskData, device: torch.device) -> dict[str, float]:
-    scored = model if device.type == "cpu" else _OnDevice(model, device)
-    metrics = evaluate(scored, data.eval, metric_fn(cfg.task), cfg.train.batch_size, data.pad_token_id)
+def _evaluate(cfg: FitConfig, model: XPeftModel, data: TaskData) -> dict[str, float]:
+    metrics = evaluate(model, data.eval, metric_fn(cfg.task), cfg.train.batch_size, data.pad_token_id)
     model.train()
     return {**metrics, "score": score_of(cfg.task, metrics)}
 
@@ -464,7 +451,7 @@ def fit_loop(cfg: FitConfig, data: TaskData, session: Session, on_epoch_start: E
         progress["epoch"] = epoch + 1
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
         if rank == 0 and data.eval and (cfg.eval_every_epoch or epoch + 1 == epochs):
-            metrics.update(_evaluate(cfg, module, data, session.device))
+            metrics.update(_evaluate(cfg, module, data))
         progress["history"].append(metrics)
         _report(session, metrics, module, optimizer, scheduler, progress)
         log.info("rank %d epoch %d/%d: %s", rank, epoch + 1, epochs, metrics)

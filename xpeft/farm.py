@@ -145,8 +145,18 @@ class ProfileWorker:
         torch.set_num_threads(max(1, threads))
         self.bank_zero_copy = bank_obj is not None and not bank_obj["A"].flags.writeable
         bank = bank_from_object(bank_obj) if bank_obj is not None else None
+        # An actor given a GPU (FarmConfig.gpus_per_actor) fits there; Ray sets CUDA_VISIBLE_DEVICES to it.
+        self.device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.fitter = ProfileFitter(
-            load_encoder(backbone), load_tokenizer(backbone), bank, xcfg, tcfg, shared_head, head_id, label_names
+            load_encoder(backbone),
+            load_tokenizer(backbone),
+            bank,
+            xcfg,
+            tcfg,
+            shared_head,
+            head_id,
+            label_names,
+            device=self.device,
         )
 
     def fit(self, data: ProfileData) -> dict:
@@ -158,6 +168,7 @@ class ProfileWorker:
             "pid": os.getpid(),
             "rss_bytes": rss_bytes(),
             "bank_zero_copy": self.bank_zero_copy,
+            "device": self.device,
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 

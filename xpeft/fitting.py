@@ -105,7 +105,13 @@ class ProfileFitter:
         shared_head: dict[str, torch.Tensor] | None = None,
         head_id: str | None = None,
         label_names: list[str] | None = None,
+        device: torch.device | str = "cpu",
     ):
+        self.device = torch.device(device)
+        if self.device.type != "cpu":  # once for every profile: the frozen encoder and bank live there
+            encoder = encoder.to(self.device)
+            if bank is not None:
+                bank = replace(bank, A=bank.A.to(self.device), B=bank.B.to(self.device))
         self.encoder, self.tokenizer, self.bank = encoder, tokenizer, bank
         self.xcfg, self.tcfg = xcfg, tcfg
         self.shared_head, self.head_id = shared_head, head_id
@@ -117,7 +123,7 @@ class ProfileFitter:
         if self.shared_head is not None:  # mtl: the head is reused untouched
             model.head.load_state_dict(self.shared_head)
             model.head.requires_grad_(False)
-        return model
+        return model.to(self.device)
 
     def fit(self, data: ProfileData) -> FitOutcome:
         start = time.perf_counter()

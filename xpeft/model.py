@@ -7,6 +7,7 @@ frozen in every mode.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -148,6 +149,16 @@ class XPeftModel(nn.Module):
                 w = khot(logits, cfg.k)
             weights.append(w)
         return weights[0], weights[1]
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(device)`, `.half()`… carry the bank along: it is frozen, so not a parameter or buffer (it
+        would be stored with every profile), but it must live where the masks do."""
+        super()._apply(fn, recurse)
+        if getattr(self, "bank", None) is not None:
+            A, B = fn(self.bank.A), fn(self.bank.B)
+            if A is not self.bank.A or B is not self.bank.B:
+                self.bank = dataclasses.replace(self.bank, A=A, B=B)
+        return self
 
     def combined_adapters(self) -> list[Adapter]:
         """One Adapter per block. Weights first: Â = Σ_i M_A[l,i]·A_i is one contraction over the bank."""

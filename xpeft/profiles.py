@@ -88,7 +88,7 @@ def profile_from_model(
     bits = None
     state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     if cfg.mode == "x_peft" and cfg.mask_type == "hard":
-        weights = [khot(model.mask_logits_A.detach(), cfg.k), khot(model.mask_logits_B.detach(), cfg.k)]
+        weights = [khot(model.mask_logits_A.detach().cpu(), cfg.k), khot(model.mask_logits_B.detach().cpu(), cfg.k)]
         if cfg.masks == "B":
             weights[0] = torch.ones_like(weights[0])  # all adapters, mean-combined (the ablation's Â)
         bits = pack_bits(weights[0]) + pack_bits(weights[1])

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from xpeft.config import TrainConfig
@@ -163,11 +164,13 @@ def fit(
     tau0 = model.tau
     start = time.perf_counter()
     model.train()
+    device = model_device(model)
     for epoch in range(math.ceil(steps / max(1, len(loader)))):
         for batch in loader:
             if result.steps >= steps:
                 break
             model.tau = tau_at(result.steps, steps, cfg, tau0)
+            batch = {k: v.to(device) for k, v in batch.items()}
             result.losses.append(train_step(model, batch, optimizer, scheduler))
             result.steps += 1
             result.examples += len(batch["input_ids"])
@@ -182,15 +185,21 @@ def fit(
     return result
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are (the batches go there)."""
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def predict(model: XPeftModel, rows: list[dict], batch_size: int = 64, pad_token_id: int = 0) -> np.ndarray:
     """Logits for tokenized rows, in order."""
     model.eval()
     loader = make_loader(rows, batch_size, shuffle=False, pad_token_id=pad_token_id)
+    device = model_device(model)
     outs = []
     for batch in loader:
         batch.pop("labels", None)
-        outs.append(model(**batch)["logits"].float().numpy())
+        outs.append(model(**{k: v.to(device) for k, v in batch.items()})["logits"].float().cpu().numpy())
     return np.concatenate(outs) if outs else np.zeros((0, model.cfg.num_labels), dtype=np.float32)
 
 
