@@ -176,6 +176,18 @@ class ProfileWorker:
 ProfileActor = ray.remote(ProfileWorker)
 
 
+@ray.remote
+def warm_start_mtl(
+    backbone: str, xcfg: XPeftConfig, tcfg: TrainConfig, datas: list[ProfileData], threads: int
+) -> tuple[AdapterBank, dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """§3.1's mtl warm start (`fit_mtl`) as a Ray task: the learned bank, the shared head, the metrics."""
+    from xpeft.model import load_encoder, load_tokenizer
+
+    torch.set_num_threads(threads)
+    fitter = ProfileFitter(load_encoder(backbone), load_tokenizer(backbone), None, xcfg, tcfg)
+    return fit_mtl(fitter, datas)
+
+
 # --- scheduling --------------------------------------------------------------------------------------
 
 
@@ -309,7 +321,7 @@ def split_warm(cfg: FarmConfig, datas: list[ProfileData]) -> tuple[list[ProfileD
 
 def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
     """Fit every profile in `datas` into `cfg.store`; returns the run report (also written to the store)."""
-    from xpeft.model import load_encoder, load_tokenizer
+    from xpeft.model import load_encoder
 
     start = time.perf_counter()
     report = RunReport()
@@ -378,10 +390,13 @@ def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
             shared_head = store.load_head(head_id)
             report.warm_start = {"setting": "mtl", "profiles": len(warm), "resumed": True}
         else:
-            enc, tok = load_encoder(cfg.backbone), load_tokenizer(cfg.backbone)
-            fitter = ProfileFitter(enc, tok, None, replace(xcfg, mode="single_adapter"), warm_t)
             t0 = time.perf_counter()
-            bank, shared_head, warm_metrics = fit_mtl(fitter, warm)
+            # On a worker like any fit (the driver may sit on a head node with no CPUs to spare), retried
+            # like an actor's profile if its worker dies.
+            task = warm_start_mtl.options(num_cpus=cfg.cpus_per_actor, max_retries=cfg.max_retries)
+            warm_sa = replace(xcfg, mode="single_adapter")
+            threads = max(1, int(cfg.cpus_per_actor))
+            bank, shared_head, warm_metrics = ray.get(task.remote(cfg.backbone, warm_sa, warm_t, warm, threads))
             head_id = f"mtl-{bank.fingerprint[:16]}"
             store.save_head(head_id, shared_head)
             # The warm-start profiles are profiles too: each is served by its own member of the bank.
