@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 
 import pytest
@@ -145,3 +146,34 @@ def test_mixed_batch_equals_single_profile_forwards():
     mixed = MultiProfileModel(tiny_encoder(), BANK.target)
     got = torch.stack(mixed.forward_mixed(batch, combined))
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_one_store_is_shared_safely_by_threads_writing_and_reading(tmp_path):
+    """A server's threads and a writer in the same process share one ProfileStore (its index)."""
+    store = ProfileStore(tmp_path)
+    cfg = XPeftConfig(N=N, k=K, b=B)
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        for i in range(40):
+            store.write([Profile(f"t{i}", cfg, {"ln_weight": torch.full((L, B), float(i))}, mask_bits=b"\x01" * 12)])
+
+    def read() -> None:
+        try:
+            for _ in range(200):
+                ids = store.ids()
+                if ids:
+                    pid = ids[-1]
+                    assert store.get(pid).profile_id == pid
+                    assert store.locate(pid) == store.locations()[pid]
+        except BaseException as e:  # reported below, with the failing thread's error
+            errors.append(e)
+
+    threads = [threading.Thread(target=write)] + [threading.Thread(target=read) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[0]
+    assert store.ids() == sorted(f"t{i}" for i in range(40))
+    assert float(store.get("t39").tensors["ln_weight"][0, 0]) == 39.0

@@ -302,7 +302,7 @@ class ProfileEngine:
         torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
         self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.store = ProfileStore(cfg.store)
-        self._store_lock = threading.Lock()  # ProfileStore's index is not meant for concurrent refreshes
+        self._store_lock = threading.Lock()  # lookups here: the shared-head dict, a record's read-then-keep
         self.bank = self._load_bank()
         encoder = load_encoder(cfg.backbone)
         self.tokenizer = load_tokenizer(cfg.backbone)

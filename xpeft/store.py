@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class ProfileStore:
         self.fs.create_dir(f"{self.root}/profiles", recursive=True)
         self._index: dict[str, Location] = {}
         self._seen: set[str] = set()
+        self._lock = threading.RLock()  # the index: one store may be shared by threads (a server, a writer)
 
     # --- writing ---------------------------------------------------------------------------------------
 
@@ -151,42 +153,49 @@ class ProfileStore:
 
     def refresh(self) -> int:
         """Index files written since the last refresh (by any writer); returns how many were new."""
-        new = [f for f in self.files() if f not in self._seen]
-        for path in new:
-            t = pq.read_table(path, columns=["profile_id", "created"], filesystem=self.fs)
-            self._add_to_index(path, t.column("profile_id").to_pylist(), t.column("created").to_pylist())
-        return len(new)
+        with self._lock:
+            new = [f for f in self.files() if f not in self._seen]
+            for path in new:
+                t = pq.read_table(path, columns=["profile_id", "created"], filesystem=self.fs)
+                self._add_to_index(path, t.column("profile_id").to_pylist(), t.column("created").to_pylist())
+            return len(new)
 
     def _add_to_index(self, path: str, ids: list[str], created: list[float]) -> None:
-        self._seen.add(path)
-        for row, (pid, ts) in enumerate(zip(ids, created, strict=True)):
-            old = self._index.get(pid)
-            if old is None or ts >= old.created:
-                self._index[pid] = Location(path, row, ts)
+        with self._lock:
+            self._seen.add(path)
+            for row, (pid, ts) in enumerate(zip(ids, created, strict=True)):
+                old = self._index.get(pid)
+                if old is None or ts >= old.created:
+                    self._index[pid] = Location(path, row, ts)
 
     def ids(self) -> list[str]:
-        self.refresh()
-        return sorted(self._index)
+        with self._lock:
+            self.refresh()
+            return sorted(self._index)
 
     def __contains__(self, profile_id: str) -> bool:
-        if profile_id not in self._index:
-            self.refresh()
-        return profile_id in self._index
+        with self._lock:
+            if profile_id not in self._index:
+                self.refresh()
+            return profile_id in self._index
 
     def __len__(self) -> int:
-        self.refresh()
-        return len(self._index)
+        with self._lock:
+            self.refresh()
+            return len(self._index)
 
     def locate(self, profile_id: str) -> Location:
         """Where the newest row of a profile is. KeyError (naming the store) when it is not there."""
-        if profile_id not in self:
-            raise KeyError(f"profile {profile_id!r} is not in the store {self.uri}")
-        return self._index[profile_id]
+        with self._lock:
+            if profile_id not in self:
+                raise KeyError(f"profile {profile_id!r} is not in the store {self.uri}")
+            return self._index[profile_id]
 
     def locations(self) -> dict[str, Location]:
         """Every stored profile's newest location (a snapshot: safe to use while others write)."""
-        self.refresh()
-        return dict(self._index)
+        with self._lock:
+            self.refresh()
+            return dict(self._index)
 
     def get(self, profile_id: str) -> Profile:
         """The newest stored row of a profile. KeyError (naming the store) when it is not there."""
