@@ -176,6 +176,13 @@ class ProfileWorker:
 ProfileActor = ray.remote(ProfileWorker)
 
 
+def warm_start_cpus(cfg: FarmConfig) -> float:
+    """CPUs for the joint warm start, which runs alone before the pool: the largest node's, up to 8 (one
+    training loop's threads stop paying off beyond that), and never fewer than an actor's."""
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return max(cfg.cpus_per_actor, float(min(8, int(max(nodes, default=1)))))
+
+
 @ray.remote
 def warm_start_mtl(
     backbone: str, xcfg: XPeftConfig, tcfg: TrainConfig, datas: list[ProfileData], threads: int
@@ -393,10 +400,10 @@ def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
             t0 = time.perf_counter()
             # On a worker like any fit (the driver may sit on a head node with no CPUs to spare), retried
             # like an actor's profile if its worker dies.
-            task = warm_start_mtl.options(num_cpus=cfg.cpus_per_actor, max_retries=cfg.max_retries)
+            cpus = warm_start_cpus(cfg)
+            task = warm_start_mtl.options(num_cpus=cpus, max_retries=cfg.max_retries)
             warm_sa = replace(xcfg, mode="single_adapter")
-            threads = max(1, int(cfg.cpus_per_actor))
-            bank, shared_head, warm_metrics = ray.get(task.remote(cfg.backbone, warm_sa, warm_t, warm, threads))
+            bank, shared_head, warm_metrics = ray.get(task.remote(cfg.backbone, warm_sa, warm_t, warm, int(cpus)))
             head_id = f"mtl-{bank.fingerprint[:16]}"
             store.save_head(head_id, shared_head)
             # The warm-start profiles are profiles too: each is served by its own member of the bank.
