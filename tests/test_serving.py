@@ -131,6 +131,9 @@ def test_record_cache_is_bounded_by_bytes_and_keyed_by_where_the_record_was_read
     assert cache.get(locs[0], "a") is records[0]  # a is now the most recent
     assert cache.put(locs[2], records[2])  # a request's read evicts the least recently used: b
     assert cache.get(locs[1], "b") is None and len(cache) == 2 and cache.nbytes <= 2.5 * size
+    bigger_a = dataclasses.replace(records[0], tensors={**records[0].tensors, "extra": torch.zeros(10_000)})
+    assert not cache.put(Location("f8", 0, 2.0), bigger_a, evict=False)  # refused: the kept a stays
+    assert cache.get(locs[0], "a") is records[0] and cache.nbytes == 2 * size
     assert cache.get(Location("f9", 0, 1.0), "a") is None  # a rewritten profile is never served from memory
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,15 @@ class AdapterBank:
     @property
     def nbytes(self) -> int:
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+
+    def map(self, fn) -> AdapterBank:
+        """The same bank (fingerprint kept) with `fn` applied to A and B, e.g. a device or dtype move; itself
+        when `fn` returns both tensors unchanged."""
+        A, B = fn(self.A), fn(self.B)
+        return self if A is self.A and B is self.B else replace(self, A=A, B=B)
+
+    def to(self, device: torch.device | str) -> AdapterBank:
+        return self.map(lambda t: t.to(device))
 
     def metadata(self) -> dict[str, str]:
         return {

@@ -111,7 +111,7 @@ class ProfileFitter:
         if self.device.type != "cpu":  # once for every profile: the frozen encoder and bank live there
             encoder = encoder.to(self.device)
             if bank is not None:
-                bank = replace(bank, A=bank.A.to(self.device), B=bank.B.to(self.device))
+                bank = bank.to(self.device)
         self.encoder, self.tokenizer, self.bank = encoder, tokenizer, bank
         self.xcfg, self.tcfg = xcfg, tcfg
         self.shared_head, self.head_id = shared_head, head_id

@@ -7,7 +7,6 @@ frozen in every mode.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -155,9 +154,7 @@ class XPeftModel(nn.Module):
         would be stored with every profile), but it must live where the masks do."""
         super()._apply(fn, recurse)
         if getattr(self, "bank", None) is not None:
-            A, B = fn(self.bank.A), fn(self.bank.B)
-            if A is not self.bank.A or B is not self.bank.B:
-                self.bank = dataclasses.replace(self.bank, A=A, B=B)
+            self.bank = self.bank.map(fn)
         return self
 
     def combined_adapters(self) -> list[Adapter]:

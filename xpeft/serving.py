@@ -224,11 +224,13 @@ class RecordCache:
         fits as is). Returns whether it was kept."""
         size = profile.record_bytes
         with self._lock:
-            old = self._items.pop(profile.profile_id, None)
+            old = self._items.get(profile.profile_id)
+            freed = old[1].record_bytes if old is not None else 0
+            if size > self.max_bytes or (not evict and self.nbytes - freed + size > self.max_bytes):
+                return False  # and whatever was kept for this profile stays
             if old is not None:
-                self.nbytes -= old[1].record_bytes
-            if size > self.max_bytes or (not evict and self.nbytes + size > self.max_bytes):
-                return False
+                del self._items[profile.profile_id]
+                self.nbytes -= freed
             while self.nbytes + size > self.max_bytes:
                 _, (_, dropped) = self._items.popitem(last=False)
                 self.nbytes -= dropped.record_bytes
@@ -319,7 +321,7 @@ class ProfileEngine:
         if self.device.type != "cpu":
             self.model.to(self.device)
             if self.bank is not None:
-                self.bank = dataclasses.replace(self.bank, A=self.bank.A.to(self.device), B=self.bank.B.to(self.device))
+                self.bank = self.bank.to(self.device)
         self.cache = ProfileCache(cfg.cache_size)
         self.records = RecordCache(int(cfg.record_cache_mb * 2**20))
         self.preloading = False  # True while preload_records fills the record cache
@@ -619,7 +621,7 @@ class Health(BaseModel):
     store_reads: int = Field(description="profile records read from the store (misses of the record cache)")
     records_in_memory: int = Field(description="profile records in the record cache")
     preloading: bool = Field(description="whether the record cache is still being filled from the store")
-    record_bytes_in_memory: int
+    record_bytes_in_memory: int = Field(description="their record_bytes, bounded by record_cache_mb")
 
 
 class Detail(BaseModel):
