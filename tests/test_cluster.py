@@ -134,6 +134,12 @@ def cluster():
     mp = pytest.MonkeyPatch()
     loopback_only(mp)
     temp_dir = tempfile.mkdtemp(prefix="xc", dir="/tmp")  # short: unix socket paths max out at 107 bytes
+    # Cluster.add_node writes the head's address to <Ray's default temp root>/ray_current_cluster, a
+    # directory only an earlier Ray run creates (a fresh machine has none), and any `ray.init("auto")` on
+    # the machine would then find this test's cluster there. Point the default root at this test's own
+    # directory and create it.
+    mp.setenv("RAY_TMPDIR", temp_dir)
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
     node = {"node_ip_address": LOOPBACK, "object_store_memory": 80 * 2**20}
     head = {**node, "num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir}
     head["_system_config"] = {
