@@ -18,7 +18,7 @@ from dataclasses import replace
 import ray
 
 from xpeft.config import XPeftConfig
-from xpeft.data.profiles import NEWS_CATEGORIES, load_news_profiles
+from xpeft.data.profiles import load_news_profiles
 from xpeft.farm import FarmConfig, run_farm, split_warm
 from xpeft.fitting import profile_datas
 from xpeft.recipes import FARM_TRAIN
@@ -57,8 +57,13 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["head_only", "single_adapter", "mtl-hard"])
     ap.add_argument("--warm-start", type=float, default=0.45)
     ap.add_argument("--epochs", type=int, default=FARM_TRAIN.epochs)
-    ap.add_argument("--warm-epochs", type=int, default=3, help="epochs of the sa / mtl warm start")
-    ap.add_argument("--k", type=int, default=None, help="default: half the bank (N/2)")
+    ap.add_argument(
+        "--warm-epochs",
+        type=int,
+        default=None,
+        help="epochs of the sa / mtl warm start (default: the main job's, --epochs)",
+    )
+    ap.add_argument("--k", type=int, default=None, help="default: the main job's, half the bank (N/2)")
     ap.add_argument("--mask-lr", type=float, default=FARM_TRAIN.mask_lr)
     ap.add_argument("--num-actors", type=int, default=2)
     ap.add_argument("--throughput", type=int, default=0, help="only measure profiles/min, 1 vs 2 actors, on n profiles")
@@ -72,9 +77,10 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    datas, _ = profile_datas(load_news_profiles(args.data_dir, args.min_articles))
+    dataset = profile_datas(load_news_profiles(args.data_dir, args.min_articles))
+    datas, labels = dataset.profiles, dataset.labels
     train = replace(FARM_TRAIN, epochs=args.epochs, mask_lr=args.mask_lr)
-    base = XPeftConfig(head="linear", num_labels=len(NEWS_CATEGORIES))
+    base = XPeftConfig(head="linear", num_labels=labels.num_labels, k=args.k)
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.throughput:
@@ -111,15 +117,11 @@ def main() -> None:
             train=train,
             setting=setting,
             warm_start=args.warm_start,
-            warm_train=replace(train, epochs=args.warm_epochs),
+            warm_train=replace(train, epochs=args.warm_epochs) if args.warm_epochs else None,
             num_actors=args.num_actors,
             progress=False,
-            label_names=list(NEWS_CATEGORIES),
+            label_names=labels.label_names,
         )
-        if args.k:
-            cfg.xpeft = replace(x, k=args.k)
-        elif setting in ("sa", "mtl"):
-            cfg.xpeft = replace(x, k=max(1, len(warm) // 2))
         if args.reuse_warm_start and setting == "mtl":
             reuse_warm_start(args.reuse_warm_start, cfg.store, {d.profile_id for d in warm})
         t = time.perf_counter()

@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--N", type=int, default=100)
-    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--k", type=int, default=None, help="default: half the bank (N/2)")
     ap.add_argument("--target", default="attention.self.value")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--extra", default="{}", help="json: name -> [xcfg, tcfg, bankcfg] more variants")

@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--profiles", type=int, default=10_000)
     ap.add_argument("--backbone", default="minilm")
     ap.add_argument("--N", type=int, default=100)
-    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--k", type=int, default=None, help="default: half the bank (N/2)")
     ap.add_argument("--b", type=int, default=48)
     ap.add_argument("--num-labels", type=int, default=15)
     ap.add_argument("--store", default=None, help="default: a temporary directory, removed afterwards")

@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data-dir", default=None, help="where ../shared/data-style files are (for --profiles news)")
     ap.add_argument("--min-articles", type=int, default=10)
     ap.add_argument("--max-profiles", type=int, default=None, help="fit only the first n profiles (by id)")
+    ap.add_argument(
+        "--drop-invalid",
+        action="store_true",
+        help="leave out rows with null labels, empty texts, invalid profile ids or unknown splits (default: refuse)",
+    )
     ap.add_argument("--store", default=None, help="profile store: directory or pyarrow.fs URI (default runs/<name>)")
     ap.add_argument("--report-dir", default=None, help="default: <store>/reports/<time>")
     ap.add_argument("--setting", choices=["random", "sa", "mtl"], default="random")
@@ -39,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mode", choices=["x_peft", "single_adapter", "head_only"], default="x_peft")
     ap.add_argument("--mask-type", choices=["hard", "soft"], default="hard")
     ap.add_argument("--N", type=int, default=100)
-    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--k", type=int, default=None, help="adapters a hard mask selects per block (k < N); default N/2")
     ap.add_argument("--b", type=int, default=48)
     ap.add_argument("--head", choices=["linear", "pooler"], default="linear")
     ap.add_argument("--bank", default=None, help="an existing bank (safetensors) instead of a random one")
@@ -85,22 +90,31 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from xpeft.cluster import init_ray
-    from xpeft.data.profiles import NEWS_CATEGORIES
     from xpeft.farm import FarmConfig, run_farm
     from xpeft.fitting import profile_datas
-    from xpeft.report import plot_masks, write_report
+    from xpeft.report import finish_run
     from xpeft.store import ProfileStore
 
-    table = load_table(args)
-    datas, bad_ids = profile_datas(table)
-    if args.max_profiles:
-        datas = datas[: args.max_profiles]
-    labels = sorted(set(table["label"].to_pylist()))
-    num_labels = max(len(NEWS_CATEGORIES), (labels[-1] + 1) if labels else 2)
-    train = TrainConfig(**{k: getattr(args, k) for k in FARM_TRAIN.to_dict() if hasattr(args, k)})
-    xcfg = XPeftConfig(
-        mode=args.mode, mask_type=args.mask_type, N=args.N, k=args.k, b=args.b, head=args.head, num_labels=num_labels
-    )
+    try:
+        dataset = profile_datas(load_table(args), drop_invalid=args.drop_invalid)
+        datas = dataset.profiles[: args.max_profiles] if args.max_profiles else dataset.profiles
+        labels = dataset.labels
+        train = TrainConfig(**{k: getattr(args, k) for k in FARM_TRAIN.to_dict() if hasattr(args, k)})
+        xcfg = XPeftConfig(
+            mode=args.mode,
+            mask_type=args.mask_type,
+            N=args.N,
+            k=args.k,
+            b=args.b,
+            head=args.head,
+            num_labels=labels.num_labels,
+            problem_type=labels.problem_type,
+        )
+    except ValueError as e:
+        raise SystemExit(f"fit_profiles.py: error: {e}") from None
+    logging.info("%d profiles; %s", len(datas), labels.describe())
+    if dataset.dropped:
+        logging.warning("rows left out (--drop-invalid): %s", dataset.dropped)
     store_uri = args.store or f"runs/{args.profiles or 'profiles'}-{args.setting}-{args.mode}"
     cfg = FarmConfig(
         store=store_uri,
@@ -115,24 +129,20 @@ def main(argv: list[str] | None = None) -> None:
         cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor,
         max_retries=args.max_retries,
-        label_names=list(NEWS_CATEGORIES) if num_labels == len(NEWS_CATEGORIES) else None,
+        label_names=labels.label_names,
         progress=not args.no_progress,
     )
     init_ray(args.address, log_to_driver=False)
-    report = run_farm(cfg, datas)
-    report.rejected.update(bad_ids)
+    try:
+        report = run_farm(cfg, datas)
+    except ValueError as e:
+        raise SystemExit(f"fit_profiles.py: error: {e}") from None
     store = ProfileStore(store_uri)
     report_dir = args.report_dir or os.path.join(store_uri, "reports", time.strftime("%Y%m%d-%H%M%S"))
-    paths = write_report(report, cfg.to_dict(), report_dir)
-    if not args.no_plots and xcfg.mode == "x_peft":
-        fitted = [store.get(pid) for pid in report.fitted]
-        x = [p for p in fitted if p.config.mode == "x_peft"]
-        if x:
-            by_profile = {d.profile_id: [r["label"] for r in d.train + d.test] for d in datas}
-            N, L = int(report.bank["N"]), int(report.bank["L"])
-            paths.update(plot_masks(x, N, L, by_profile, cfg.label_names, report_dir))
+    paths, _, drawn = finish_run(report, cfg.to_dict(), store, datas, labels.label_names, report_dir, not args.no_plots)
     print(open(paths["md"]).read().split("## Per profile")[0])
-    print("report and plots:", ", ".join(paths.values()))
+    plots = [] if drawn.get("skipped") else list(drawn.values())
+    print("report and plots:", ", ".join([*paths.values(), *plots]))
     print(f"profiles stored in {store_uri}: {len(store)}")
 
 

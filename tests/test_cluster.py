@@ -202,7 +202,7 @@ class TestFarmOnThreeNodes:
     def test_farm_spreads_over_nodes_reads_one_bank_and_stores_each_profile_once(self, cluster, backbone, tmp_path):
         from xpeft.farm import run_farm
 
-        datas, _ = profile_datas(profile_table(n_profiles=20, per_profile=14))
+        datas = profile_datas(profile_table(n_profiles=20, per_profile=14)).profiles
         store = str(tmp_path / "store")
         before = all_actor_ids()
         report = run_farm(farm_config(store, backbone), datas)
@@ -224,7 +224,7 @@ class TestFarmOnThreeNodes:
         node installs signal handlers, which only the main thread may do."""
         from xpeft.farm import run_farm
 
-        datas, _ = profile_datas(profile_table(n_profiles=22, per_profile=14, seed=1))
+        datas = profile_datas(profile_table(n_profiles=22, per_profile=14, seed=1)).profiles
         store = str(tmp_path / "store")
         before = all_actor_ids()
         out: dict = {}

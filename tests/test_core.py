@@ -120,6 +120,24 @@ def test_hard_mask_has_exactly_k_ones_of_value_one_over_k():
     assert logits.grad is not None and (logits.grad != 0).all()
 
 
+@pytest.mark.parametrize("masks", ["AB", "B"])
+def test_a_model_frozen_for_inference_keeps_its_k_hot_masks(masks):
+    """`model.requires_grad_(False)` (a common way to freeze a model) must not turn hard masks into softmaxes."""
+    model = make({"mask_type": "hard", "masks": masks})
+    with torch.no_grad():
+        if masks == "AB":  # the ablation's M_A is never trained: it stays at zeros
+            model.mask_logits_A.normal_()
+        model.mask_logits_B.normal_()
+    model.eval()
+    before = model.mask_weights()
+    model.requires_grad_(False)
+    after = model.mask_weights()
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert ((after[1] != 0).sum(-1) == K).all()
+    if masks == "B":  # the single-mask ablation: Â is the mean of the A_i
+        assert torch.allclose(after[0], torch.full_like(after[0], 1 / N))
+
+
 def test_hard_mask_is_deterministic_at_eval():
     model = make({"mask_type": "hard"})
     with torch.no_grad():
@@ -205,7 +223,13 @@ def test_bank_that_does_not_fit_the_encoder_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"k": 11}, "1 <= k <= N"), ({"b": 0}, "b must be"), ({"mode": "lora"}, "mode must be"), ({"tau": 0}, "tau")],
+    [
+        ({"k": 11}, "1 <= k < N"),
+        ({"k": 10}, "1 <= k < N"),
+        ({"b": 0}, "b must be"),
+        ({"mode": "lora"}, "mode must be"),
+        ({"tau": 0}, "tau"),
+    ],
 )
 def test_impossible_configs_fail_fast(kwargs, match):
     with pytest.raises(ValueError, match=match):

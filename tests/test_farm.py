@@ -66,7 +66,7 @@ def test_farm_fits_one_valid_row_per_profile_and_resumes(local_ray, backbone, tm
     from xpeft.farm import run_farm
     from xpeft.store import ProfileStore
 
-    datas, _ = profile_datas(profile_table())
+    datas = profile_datas(profile_table()).profiles
     cfg = farm_config(tmp_path / "store", backbone)
     report = run_farm(cfg, datas)
     assert len(report.fitted) == 22 and not report.failed and not report.rejected
@@ -96,7 +96,7 @@ def test_a_killed_actor_loses_no_profile(local_ray, backbone, tmp_path):
 
     from xpeft.farm import run_farm
 
-    datas, _ = profile_datas(profile_table(per_profile=20))
+    datas = profile_datas(profile_table(per_profile=20)).profiles
     cfg = farm_config(tmp_path / "store", backbone, train=TrainConfig(lr=1e-2, epochs=8, batch_size=4))
     killed: list[int] = []
 
@@ -151,52 +151,76 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-def test_malformed_profiles_are_reported_and_the_rest_fitted(local_ray, backbone, tmp_path):
+def test_bad_rows_are_refused_before_the_run_or_left_out_and_small_profiles_rejected(local_ray, backbone, tmp_path):
+    from xpeft.data.labels import BadDataSet
     from xpeft.farm import run_farm
 
     good = profile_table(n_profiles=4).to_pylist()
     bad = [
-        {"text": "politics vote", "label": 0, "profile_id": "lonely"},  # one example
+        {"text": "politics vote", "label": 0, "profile_id": "lonely"},  # one example: too few to fit
         {"text": "", "label": 1, "profile_id": "blank"},
         {"text": "  ", "label": 1, "profile_id": "blank"},
         {"text": "sports game", "label": 1, "profile_id": "blank"},
-        *[{"text": "food trip", "label": 99, "profile_id": "badlabel"} for _ in range(4)],
+        *[{"text": "food trip", "label": 99, "profile_id": "newlabel"} for _ in range(4)],  # a class of its own
         {"text": "x", "label": 0, "profile_id": "../escape"},
     ]
-    datas, bad_ids = profile_datas(pa.Table.from_pylist(good + bad))
-    assert "../escape" in bad_ids
-    report = run_farm(farm_config(tmp_path / "store", backbone), datas)
-    assert set(report.fitted) == {f"author-{i:02d}" for i in range(4)}
-    assert set(report.rejected) == {"lonely", "blank", "badlabel"}
-    assert "needs >= 2" in report.rejected["lonely"] and "unknown label 99" in report.rejected["badlabel"]
+    table = pa.Table.from_pylist(good + bad)
+    with pytest.raises(BadDataSet, match=r"empty text: 2 row\(s\).*invalid profile id: 1 row\(s\)"):
+        profile_datas(table)
+    dataset = profile_datas(table, drop_invalid=True)
+    assert dataset.dropped == {"empty text": 2, "invalid profile id": 1}
+    assert dataset.labels.values == (0, 1, 2, 3, 99)  # every label of the data is a class
+    cfg = farm_config(tmp_path / "store", backbone)
+    cfg.xpeft = XPeftConfig(N=256, k=8, b=32, head="linear", num_labels=dataset.labels.num_labels)
+    report = run_farm(cfg, dataset.profiles)
+    assert set(report.fitted) == {f"author-{i:02d}" for i in range(4)} | {"newlabel"}
+    assert set(report.rejected) == {"lonely", "blank"}  # blank has one usable row left
+    assert "needs >= 2" in report.rejected["lonely"]
+
+
+def test_a_hard_k_the_learned_bank_cannot_hold_is_refused_before_any_fit(local_ray, backbone, tmp_path):
+    from xpeft.farm import run_farm
+
+    datas = profile_datas(profile_table(n_profiles=8)).profiles
+    cfg = farm_config(tmp_path / "store", backbone, setting="mtl", warm_start=3, xpeft=XPeftConfig(N=8, k=4, b=32))
+    with pytest.raises(ValueError, match="bank of N=3 adapters .* 1 <= k < N; got k=4, N=3"):
+        run_farm(cfg, datas)
+    assert not stored_rows(cfg.store)
 
 
 @pytest.mark.parametrize("setting", ["sa", "mtl"])
-def test_warm_start_learns_the_bank_from_the_first_profiles(local_ray, backbone, tmp_path, setting):
+def test_warm_start_learns_the_bank_and_the_profiles_fit_distinct_proper_subsets(
+    local_ray, backbone, tmp_path, setting
+):
+    """k left unset: the learned bank has N = the warm start (10 here, far below the paper's k = 50) and each
+    hard mask picks half of it, k = 5 < N, so the fitted masks differ from profile to profile (>= 90 % distinct;
+    with k = N they were all the same)."""
     from xpeft.farm import run_farm
+    from xpeft.report import mask_diversity
     from xpeft.store import ProfileStore
 
-    datas, _ = profile_datas(profile_table(n_profiles=8))
+    datas = profile_datas(profile_table(n_profiles=20)).profiles
     cfg = farm_config(
         tmp_path / "store",
         backbone,
         setting=setting,
-        warm_start=3,
-        # k above the learned bank's N (= warm_start): the farm clamps it, as the demo needs
-        xpeft=XPeftConfig(N=8, k=4, b=32, head="linear", num_labels=4),
+        warm_start=10,
+        xpeft=XPeftConfig(b=32, head="linear", num_labels=4),
     )
     report = run_farm(cfg, datas)
     assert report.bank["source"] == ("single_adapter" if setting == "sa" else "mtl")
-    assert int(report.bank["N"]) == 3
+    assert int(report.bank["N"]) == 10 and report.masks["k"] == 5 and "half of N=10" in report.masks["why"]
     store = ProfileStore(cfg.store)
     x = [store.get(p) for p in report.fitted if store.get(p).config.mode == "x_peft"]
-    assert len(x) == 5
+    assert len(x) == 10 and all((p.config.N, p.config.k) == (10, 5) for p in x)
+    diversity = mask_diversity(x, 10, 2)
+    assert diversity["distinct"] >= 9 and diversity["warning"] is None, diversity
     if setting == "mtl":  # new profiles reuse the shared head untouched: no head stored per profile
         assert all(p.head_id and not any(n.startswith("head.") for n in p.tensors) for p in x)
-        assert report.warm_start["profiles"] == 3
+        assert report.warm_start["profiles"] == 10
         assert_mtl_warm_profiles_are_served_by_their_bank_member(cfg, datas, report, backbone)
     else:
-        assert len(report.fitted) == 8  # 3 single_adapter profiles + 5 x_peft
+        assert len(report.fitted) == 20  # 10 single_adapter profiles + 10 x_peft
 
 
 def assert_mtl_warm_profiles_are_served_by_their_bank_member(cfg, datas, report, backbone):

@@ -34,7 +34,8 @@ def test_search_space_is_appendix_c():
         "b": (12, 24, 48, 96),
         "batch_size": (8, 16, 32, 64, 128),
     }
-    validate_space(SearchConfig())  # every k <= every N: the paper's space has no impossible trial
+    # A hard mask selects a proper subset (k < N): the paper's space has one pair that cannot, k = N = 100.
+    assert validate_space(SearchConfig()) == [(100, 100)]
 
 
 @pytest.mark.ray
@@ -62,10 +63,15 @@ def test_four_trial_search_over_N_and_k_completes_with_asha_and_reports_the_best
     assert len(again.trials) == 4 and again.best_score == result.best_score
 
 
-def test_a_space_with_k_above_N_is_refused_before_any_trial_starts(tmp_path):
-    with pytest.raises(ValueError, match=r"\(k, N\) = \[\(10, 8\)\].*k <= min\(N\) = 8"):
-        search(tiny_search(tmp_path, {"N": (8, 16), "k": (2, 10)}), DATA)
-    validate_space(tiny_search(tmp_path, {"N": (8,), "k": (2, 10)}, mask_type="soft"))  # soft masks ignore k
+def test_pairs_with_k_at_least_N_are_never_drawn_and_a_space_of_only_those_is_refused(tmp_path):
+    from xpeft.tuning import tune_space
+
+    scfg = tiny_search(tmp_path, {"N": (8, 16), "k": (2, 8, 10)}, grid=True)
+    assert validate_space(scfg) == [(8, 8), (8, 10)]
+    assert sorted(map(tuple, tune_space(scfg)["N_k"]["grid_search"])) == [(8, 2), (16, 2), (16, 8), (16, 10)]
+    with pytest.raises(ValueError, match=r"proper subset of the bank \(k < N\): dropped \[\(8, 8\), \(8, 10\)\]"):
+        search(tiny_search(tmp_path, {"N": (8,), "k": (8, 10)}), DATA)
+    assert validate_space(tiny_search(tmp_path, {"N": (8,), "k": (2, 10)}, mask_type="soft")) == []  # soft: no k
 
 
 def test_a_zero_bottleneck_is_refused_before_any_trial_starts(tmp_path):
@@ -75,7 +81,7 @@ def test_a_zero_bottleneck_is_refused_before_any_trial_starts(tmp_path):
 
 @pytest.mark.parametrize(
     "params, message",
-    [({"N": 4, "k": 8}, "1 <= k <= N; got k=8, N=4"), ({"b": 0}, "bottleneck b must be >= 1")],
+    [({"N": 4, "k": 8}, "1 <= k < N; got k=8, N=4"), ({"b": 0}, "bottleneck b must be >= 1")],
 )
 def test_an_impossible_trial_fails_fast_inside_the_trainable(tmp_path, params, message):
     scfg = tiny_search(tmp_path, {"N": (8,)})

@@ -36,7 +36,7 @@ class XPeftConfig:
     mode: Mode = "x_peft"
     mask_type: MaskType = "hard"
     N: int = 100  # number of adapters in the bank
-    k: int = 50  # adapters selected per block by a hard mask (top-k)
+    k: int | None = None  # adapters a hard mask selects per block (top-k); None: half the bank (see top_k)
     b: int = 48  # adapter bottleneck dimension
     tau: float = 1.0  # Gumbel-softmax temperature (Algorithm 1)
     nu: float = 1.0  # Gumbel noise level (Algorithm 1); no noise at eval
@@ -52,6 +52,12 @@ class XPeftConfig:
     def __post_init__(self) -> None:
         validate(self)
 
+    @property
+    def top_k(self) -> int:
+        """The k a hard mask selects: `k` as given, else the paper's ratio (k = 50 of N = 100), half the bank
+        and at least 1, so a bank whose N is fixed later (a learned bank) still gets a proper subset."""
+        return self.k if self.k is not None else default_k(self.N)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -62,6 +68,27 @@ class XPeftConfig:
         if unknown:
             raise ValueError(f"unknown X-PEFT config keys {sorted(unknown)}; known keys are {sorted(known)}")
         return cls(**d)
+
+
+def default_k(N: int) -> int:
+    """Half the bank, at least 1: the paper's k = 50 of N = 100."""
+    return max(1, N // 2)
+
+
+def check_k(k: int, N: int) -> None:
+    """A hard mask selects a proper subset of the bank: 1 <= k < N. With k = N every block selects every
+    adapter, so every profile's masks are the same and carry nothing; the error says what to change."""
+    if N < 2:
+        raise ValueError(
+            f"hard masks need a bank of at least 2 adapters to choose from, got N={N}; use soft masks "
+            "(--mask-type soft) or a bigger bank (a larger --N, or more --warm-start profiles for sa / mtl)"
+        )
+    if not 1 <= k < N:
+        raise ValueError(
+            f"a hard mask selects a proper subset of the bank, so 1 <= k < N; got k={k}, N={N} "
+            f"(k >= N would select every adapter: every profile's masks identical). Use --k below {N}, "
+            f"or leave k unset for half the bank (k={default_k(N)})"
+        )
 
 
 def validate(cfg: XPeftConfig) -> None:
@@ -75,8 +102,8 @@ def validate(cfg: XPeftConfig) -> None:
     if cfg.mode == "x_peft":
         if cfg.N < 1:
             raise ValueError(f"the bank needs at least one adapter, got N={cfg.N}")
-        if cfg.mask_type == "hard" and not 1 <= cfg.k <= cfg.N:
-            raise ValueError(f"hard masks select k of N adapters, so 1 <= k <= N; got k={cfg.k}, N={cfg.N}")
+        if cfg.mask_type == "hard":
+            check_k(cfg.top_k, cfg.N)
         if cfg.tau <= 0:
             raise ValueError(f"temperature tau must be > 0, got {cfg.tau}")
     if cfg.masks not in ("AB", "B"):

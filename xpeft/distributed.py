@@ -179,7 +179,7 @@ def load_profile_data(path: str, profile_id: str, tokenizer, max_length: int = 1
 
     from xpeft.fitting import profile_datas
 
-    datas, _ = profile_datas(pq.read_table(path))
+    datas = profile_datas(pq.read_table(path)).profiles
     match = [d for d in datas if d.profile_id == profile_id]
     if not match:
         raise ValueError(

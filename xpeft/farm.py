@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from xpeft.bank import AdapterBank, load_bank, random_bank
-from xpeft.config import TrainConfig, XPeftConfig
+from xpeft.config import TrainConfig, XPeftConfig, check_k, default_k
 from xpeft.fitting import (
     BadProfileData,
     ProfileData,
@@ -82,6 +82,7 @@ class RunReport:
     bank: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     warm_start: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, Any] = field(default_factory=dict)  # mask type, N, the k used and why
 
     @property
     def profiles_per_minute(self) -> float:
@@ -384,6 +385,9 @@ def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
     rest = datas
     if xcfg.mode == "x_peft" and cfg.setting in ("sa", "mtl"):
         warm, rest = split_warm(cfg, datas)
+        # Before any fit: the learned bank will have N = len(warm), and its warm-start profiles are stored as
+        # one-hot hard masks over it (k = 1 of N), so even soft runs need N >= 2.
+        check_learned_bank_k(xcfg if xcfg.mask_type == "hard" else replace(xcfg, k=1), len(warm), cfg.setting)
         warm_t = cfg.warm_train or cfg.train
         state = load_state(store)
         if cfg.setting == "sa":
@@ -423,7 +427,7 @@ def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
             }
         store.save_bank(bank)
         save_state(store, {"setting": cfg.setting, "bank": bank.fingerprint, "head_id": head_id})
-        xcfg = replace(xcfg, N=bank.N, k=min(xcfg.k, bank.N), b=bank.b)
+        xcfg = replace(xcfg, N=bank.N, b=bank.b)
     elif xcfg.mode == "x_peft":
         if cfg.bank_path:
             bank = load_bank(cfg.bank_path)
@@ -433,9 +437,39 @@ def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
         store.save_bank(bank)
     if bank is not None:
         report.bank = {**bank.metadata(), "nbytes": bank.nbytes}
+    if xcfg.mode == "x_peft":
+        xcfg, report.masks = resolve_k(xcfg, bank, cfg.setting)
     pool(rest, bank, xcfg, cfg.train)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_learned_bank_k(xcfg: XPeftConfig, M: int, setting: str) -> None:
+    """The sa / mtl bank has one adapter per warm-start profile (N = M): refuse a k it cannot select a proper
+    subset of now, rather than after the warm start has run."""
+    try:
+        check_k(xcfg.k if xcfg.k is not None else default_k(M), M)
+    except ValueError as e:
+        raise ValueError(
+            f"the {setting} warm start makes a bank of N={M} adapters (one per warm-start profile): {e}; "
+            "or raise --warm-start"
+        ) from None
+
+
+def resolve_k(xcfg: XPeftConfig, bank: AdapterBank | None, setting: str) -> tuple[XPeftConfig, dict[str, Any]]:
+    """The mask config the profiles are fitted with, k made explicit, and what the report says about it."""
+    N = bank.N if bank is not None else xcfg.N
+    if xcfg.mask_type == "soft":
+        return replace(xcfg, N=N), {"mask_type": "soft", "N": N, "k": None, "why": "soft masks weigh all N"}
+    k = xcfg.top_k if xcfg.k is not None else default_k(N)
+    check_k(k, N)
+    learned = f"the {setting} bank learned from {N} warm-start profiles" if setting in ("sa", "mtl") else None
+    why = (
+        f"given (--k {k})"
+        if xcfg.k is not None
+        else f"half of N={N} ({learned or 'the random bank'}), the paper's ratio k = 50 of N = 100; set --k to choose"
+    )
+    return replace(xcfg, N=N, k=k), {"mask_type": "hard", "N": N, "k": k, "why": why}
 
 
 def load_state(store: ProfileStore) -> dict:

@@ -7,6 +7,7 @@ The farm's actors (xpeft.farm) hold one `ProfileFitter` each and call `fit` for 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,7 @@ from torch import nn
 
 from xpeft.bank import AdapterBank, bank_from_adapters
 from xpeft.config import TrainConfig, XPeftConfig
+from xpeft.data.labels import LabelVocabulary, label_counts
 from xpeft.layer import Adapter
 from xpeft.masks import pack_bits
 from xpeft.model import XPeftModel, encoder_blocks, task_loss
@@ -26,6 +28,7 @@ from xpeft.train import (
     fit,
     make_loader,
     make_scheduler,
+    regression_metrics,
     seed_everything,
     tokenize,
     total_steps,
@@ -61,8 +64,9 @@ class BadProfileData(ValueError):
     """The profile's data cannot be fitted; the message says why (recorded in the run report)."""
 
 
-def clean(data: ProfileData, num_labels: int) -> tuple[ProfileData, dict[str, int]]:
-    """Drop rows that cannot be used, counting why; reject a profile that has too little left."""
+def clean(data: ProfileData, num_labels: int, regression: bool = False) -> tuple[ProfileData, dict[str, int]]:
+    """Drop rows that cannot be used, counting why; reject a profile that has too little left. (A data set read
+    through `profile_datas` has none: its bad rows were refused before the run; this guards direct callers.)"""
     dropped: Counter[str] = Counter()
 
     def ok(row: dict, split: str) -> bool:
@@ -71,7 +75,8 @@ def clean(data: ProfileData, num_labels: int) -> tuple[ProfileData, dict[str, in
             dropped[f"{split}: empty text"] += 1
             return False
         label = row.get("label")
-        if not isinstance(label, int) or not 0 <= label < num_labels:
+        good = isinstance(label, int | float) and math.isfinite(label) if regression else isinstance(label, int)
+        if not good or (not regression and not 0 <= label < num_labels):
             dropped[f"{split}: unknown label {label!r}"] += 1
             return False
         return True
@@ -86,7 +91,7 @@ def clean(data: ProfileData, num_labels: int) -> tuple[ProfileData, dict[str, in
     if not test:
         raise BadProfileData(f"profile {data.profile_id} has no usable holdout examples to evaluate on")
     seen = {r["label"] for r in train}
-    unseen = [r for r in test if r["label"] not in seen]
+    unseen = [] if regression else [r for r in test if r["label"] not in seen]
     if unseen:  # kept: a shared head can still predict them, and dropping them would flatter the metric
         dropped["test: label never seen in training (kept)"] = len(unseen)
     return replace(data, train=train, test=test), dict(dropped)
@@ -125,15 +130,21 @@ class ProfileFitter:
             model.head.requires_grad_(False)
         return model.to(self.device)
 
+    @property
+    def regression(self) -> bool:
+        return self.xcfg.problem_type == "regression"
+
     def fit(self, data: ProfileData) -> FitOutcome:
         start = time.perf_counter()
-        data, dropped = clean(data, self.xcfg.num_labels)
+        data, dropped = clean(data, self.xcfg.num_labels, self.regression)
         seed_everything(self.tcfg.seed)
         model = self.build()
         train = tokenize(data.train, self.tokenizer, self.tcfg.max_length)
         test = tokenize(data.test, self.tokenizer, self.tcfg.max_length)
-        result = fit(model, train, self.tcfg, eval_rows=test, pad_token_id=self.pad)
+        metric_fn = regression_metrics if self.regression else classification_metrics
+        result = fit(model, train, self.tcfg, eval_rows=test, metric_fn=metric_fn, pad_token_id=self.pad)
         metrics = {**result.metrics, "n_train": len(train), "n_test": len(test), "final_loss": result.losses[-1]}
+        metrics["label_counts"] = label_counts([r["label"] for r in data.train], self.label_names, self.regression)
         profile = profile_from_model(model, data.profile_id, metrics, self.head_id, self.label_names)
         return FitOutcome(profile, metrics, time.perf_counter() - start, len(train), len(test), dropped)
 
@@ -190,7 +201,7 @@ def fit_mtl(
 ) -> tuple[AdapterBank, dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """Train one adapter per profile and a shared head jointly; return the learned bank (N = len(datas)),
     the shared head's state and each warm-start profile's holdout metrics under its own adapter."""
-    cleaned = [clean(d, fitter.xcfg.num_labels)[0] for d in datas]
+    cleaned = [clean(d, fitter.xcfg.num_labels, fitter.regression)[0] for d in datas]
     seed_everything(fitter.tcfg.seed)
     mtl = MultiTaskAdapters(fitter, len(cleaned))
     rows = []
@@ -234,7 +245,8 @@ def fit_mtl(
         base.lora_A.data.copy_(mtl.lora_A[:, m].detach())
         base.lora_B.data.copy_(mtl.lora_B[:, m].detach())
         test = tokenize(d.test, fitter.tokenizer, tcfg.max_length)
-        metrics[d.profile_id] = evaluate(base, test, classification_metrics, tcfg.batch_size, fitter.pad)
+        metric_fn = regression_metrics if fitter.regression else classification_metrics
+        metrics[d.profile_id] = evaluate(base, test, metric_fn, tcfg.batch_size, fitter.pad)
     return bank, head, metrics
 
 
@@ -274,58 +286,37 @@ def adapted_dims(encoder: nn.Module, target: str) -> tuple[int, int, int]:
     return encoder.config.num_hidden_layers, base.in_features, base.out_features
 
 
-def profile_datas(table, test_fraction: float = 0.3, seed: int = 42) -> tuple[list[ProfileData], dict[str, str]]:
-    """Split a profile table (text, label, profile_id[, split]) into one ProfileData per profile.
+@dataclass
+class ProfileDataset:
+    """A checked profile data set, one ProfileData per profile, and the classes every profile's head covers."""
 
-    Rows with a missing profile id are left out; rows with empty text or a bad label stay in (the fit
-    rejects or drops them per profile, with the reason in the run report, instead of failing the run).
-    Without a `split` column, each profile gets the seeded, stratified 70/30 holdout of §3.1.
-    Returns the profiles and {profile_id: reason} for ids that cannot be a profile."""
+    profiles: list[ProfileData]
+    labels: LabelVocabulary
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows left out (drop_invalid=True)
+
+
+def profile_datas(table, test_fraction: float = 0.3, seed: int = 42, drop_invalid: bool = False) -> ProfileDataset:
+    """Check a profile table (text, label, profile_id[, split][, text_pair]) and split it into one ProfileData
+    per profile, labels encoded by the data set's vocabulary (`xpeft.data.labels`).
+
+    Bad rows (null labels, empty texts, invalid ids, unknown splits) are refused before anything is fitted,
+    or left out with `drop_invalid`. Without a `split` column each profile gets the seeded, stratified 70/30
+    holdout of §3.1."""
+    from xpeft.data.labels import check_profile_table
     from xpeft.data.profiles import holdout_split
-    from xpeft.profiles import validate_profile_id
 
-    missing = {"text", "label", "profile_id"} - set(table.column_names)
-    if missing:
-        raise ValueError(
-            f"the profile data set lacks columns {sorted(missing)}; it needs text, label, profile_id "
-            "(make one with `xpeft data make-profiles`)"
-        )
-    rows = table.select([c for c in ("text", "label", "profile_id", "split") if c in table.column_names]).to_pylist()
-    bad_ids: dict[str, str] = {}
+    checked = check_profile_table(table, drop_invalid=drop_invalid)
+    t = checked.table
+    if "split" not in t.column_names:
+        t = holdout_split(t, test_fraction, seed)
+    columns = [c for c in ("text", "text_pair", "label", "profile_id", "split") if c in t.column_names]
     by_profile: dict[str, list[dict]] = {}
-    for r in rows:
-        pid = r["profile_id"]
-        try:
-            validate_profile_id(pid)
-        except ValueError as e:
-            bad_ids[str(pid)] = str(e)
-            continue
-        by_profile.setdefault(pid, []).append(r)
-    if "split" not in table.column_names:
-        import pyarrow as pa
-
-        usable = [r for rs in by_profile.values() for r in rs if _usable(r)]
-        t = pa.Table.from_pylist(
-            usable, schema=pa.schema([("text", pa.string()), ("label", pa.int64()), ("profile_id", pa.string())])
-        )
-        split = holdout_split(t, test_fraction, seed)["split"].to_pylist()
-        for r, s in zip(usable, split, strict=True):
-            r["split"] = s
-        for rs in by_profile.values():
-            for r in rs:
-                r.setdefault("split", "train")  # unusable rows: the fit drops them with a reason
+    for r in t.select(columns).to_pylist():
+        by_profile.setdefault(r["profile_id"], []).append(r)
     datas = []
     for pid, rs in sorted(by_profile.items()):
-        train = [{"text": r["text"], "label": r["label"]} for r in rs if r["split"] != "test"]
-        test = [{"text": r["text"], "label": r["label"]} for r in rs if r["split"] == "test"]
+        keep = [c for c in ("text", "text_pair", "label") if c in columns]
+        train = [{c: r[c] for c in keep} for r in rs if r["split"] != "test"]
+        test = [{c: r[c] for c in keep} for r in rs if r["split"] == "test"]
         datas.append(ProfileData(pid, train, test))
-    return datas, bad_ids
-
-
-def _usable(row: dict) -> bool:
-    return (
-        isinstance(row.get("text"), str)
-        and bool(row["text"].strip())
-        and isinstance(row.get("label"), int)
-        and row["label"] >= 0
-    )
+    return ProfileDataset(datas, checked.labels, checked.dropped)

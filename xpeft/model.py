@@ -139,13 +139,15 @@ class XPeftModel(nn.Module):
         gradients in training (hard), deterministic k-hot / k at eval (hard)."""
         cfg = self.cfg
         weights = []
-        for logits in (self.mask_logits_A, self.mask_logits_B):
-            if cfg.mask_type == "soft" or not logits.requires_grad:
+        for name, logits in (("A", self.mask_logits_A), ("B", self.mask_logits_B)):
+            # Keyed on the config, not on requires_grad: a model frozen for inference (requires_grad_(False))
+            # keeps its k-hot masks. The single-mask ablation's M_A is the softmax of zeros: the mean of the A_i.
+            if cfg.mask_type == "soft" or (name == "A" and cfg.masks == "B"):
                 w = soft_mask(logits)
             elif self.training:
-                w = gumbel_topk(logits, cfg.k, tau=self.tau, nu=cfg.nu)
+                w = gumbel_topk(logits, cfg.top_k, tau=self.tau, nu=cfg.nu)
             else:
-                w = khot(logits, cfg.k)
+                w = khot(logits, cfg.top_k)
             weights.append(w)
         return weights[0], weights[1]
 

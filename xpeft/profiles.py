@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -88,7 +88,10 @@ def profile_from_model(
     bits = None
     state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     if cfg.mode == "x_peft" and cfg.mask_type == "hard":
-        weights = [khot(model.mask_logits_A.detach().cpu(), cfg.k), khot(model.mask_logits_B.detach().cpu(), cfg.k)]
+        weights = [
+            khot(model.mask_logits_A.detach().cpu(), cfg.top_k),
+            khot(model.mask_logits_B.detach().cpu(), cfg.top_k),
+        ]
         if cfg.masks == "B":
             weights[0] = torch.ones_like(weights[0])  # all adapters, mean-combined (the ablation's Â)
         bits = pack_bits(weights[0]) + pack_bits(weights[1])
@@ -97,6 +100,8 @@ def profile_from_model(
     if head_id is not None:
         state = {n: t for n, t in state.items() if not n.startswith("head.")}
     tensors.update(state)
+    if cfg.mode == "x_peft" and cfg.k is None:  # stored with the k it was fitted with, not "half of N"
+        cfg = replace(cfg, k=cfg.top_k)
     return Profile(
         profile_id=profile_id,
         config=cfg,
@@ -177,8 +182,8 @@ def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, to
     if profile.mask_bits is not None:
         wA, wB = hard_mask_weights(profile, cfg.N, model.L)
         # Logits whose top-k is exactly the stored k-hot set: eval's khot() reproduces the stored mask.
-        state["mask_logits_A"] = wA * cfg.k if cfg.masks == "AB" else torch.zeros_like(wA)
-        state["mask_logits_B"] = wB * cfg.k
+        state["mask_logits_A"] = wA * cfg.top_k if cfg.masks == "AB" else torch.zeros_like(wA)
+        state["mask_logits_B"] = wB * cfg.top_k
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     if missing:

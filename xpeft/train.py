@@ -224,3 +224,18 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, f
         "accuracy": float((preds == labels).mean()) if len(labels) else float("nan"),
         "f1": float(f1_score(labels, preds, average="macro", zero_division=0)) if len(labels) else float("nan"),
     }
+
+
+def regression_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Mean squared error and Pearson / Spearman correlation for a regression target."""
+    from scipy.stats import pearsonr, spearmanr
+
+    preds, labels = np.asarray(preds, dtype=float), np.asarray(labels, dtype=float)
+    if not len(labels):
+        return {"mse": float("nan"), "pearson": float("nan"), "spearmanr": float("nan")}
+    constant = len(labels) < 2 or np.ptp(labels) == 0 or np.ptp(preds) == 0
+    return {
+        "mse": float(np.mean((preds - labels) ** 2)),
+        "pearson": float("nan") if constant else float(pearsonr(preds, labels)[0]),
+        "spearmanr": float("nan") if constant else float(spearmanr(preds, labels)[0]),
+    }

@@ -7,8 +7,10 @@ each is a single-process fit (default) or a Ray Train run over `fit.num_workers`
 xpeft.distributed's epoch loop, which checkpoints every epoch, so `restore_search` (Tuner.restore) picks
 an interrupted search up where its trials left off.
 
-A space that admits an impossible trial (k > N for hard masks, b < 1) is refused before anything starts,
-and the trainable validates its own config before it loads a model.
+A hard mask selects a proper subset of the bank (k < N), so when N and k are both searched they are drawn
+as one choice over the pairs that allow it, and the pairs left out are logged (Appendix C's space has one:
+k = N = 100). A space with no usable pair, or a b < 1, is refused before anything starts, and the trainable
+validates its own config before it loads a model.
 
 Distributed trials and ASHA: a trial that ASHA stops takes its Ray Train controller down with it, and the
 workers' placement group (scoped to the job, not the trial) is then removed by Ray Train's placement-group
@@ -102,8 +104,9 @@ def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def validate_space(scfg: SearchConfig) -> None:
-    """Refuse a space with an impossible trial before any trial starts, saying which values to drop."""
+def validate_space(scfg: SearchConfig) -> list[tuple[int, int]]:
+    """Refuse a space that cannot be searched before any trial starts, saying which values to drop; returns
+    the (N, k) pairs left out because a hard mask must select a proper subset (k < N)."""
     unknown = set(scfg.space) - set(SEARCH_SPACE)
     if unknown:
         raise ValueError(f"cannot search over {sorted(unknown)}; the space has {list(SEARCH_SPACE)}")
@@ -113,18 +116,56 @@ def validate_space(scfg: SearchConfig) -> None:
         bad = [v for v in values if not isinstance(v, int) or v < 1]
         if bad:
             raise ValueError(f"{name} must be a positive integer, but the grid has {bad}; drop them")
-    x = scfg.fit.xpeft
-    if x.mode == "x_peft" and x.mask_type == "hard":
-        Ns, ks = scfg.space.get("N", (x.N,)), scfg.space.get("k", (x.k,))
-        pairs = sorted({(k, n) for k, n in product(ks, Ns) if k > n})
-        if pairs:
-            raise ValueError(
-                f"this search would ask hard masks for more adapters than the bank holds: (k, N) = {pairs}. "
-                f"Keep k <= min(N) = {min(Ns)} or drop N values below max(k) = {max(ks)}"
-            )
     if scfg.distributed:
         for batch in scfg.space.get("batch_size", (scfg.fit.train.batch_size,)):
             per_worker_batch(batch, scfg.fit.num_workers)
+    pairs, dropped = nk_pairs(scfg)
+    if not pairs:
+        raise ValueError(
+            f"no (N, k) of this search lets a hard mask select a proper subset of the bank (k < N): "
+            f"dropped {dropped}. Keep some k below max(N)"
+        )
+    return dropped
+
+
+def nk_pairs(scfg: SearchConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The (N, k) pairs of the space a hard mask can use (k < N) and the ones it cannot (k >= N would select
+    every adapter: every profile's masks identical). Soft masks ignore k: every pair is kept."""
+    x = scfg.fit.xpeft
+    Ns, ks = scfg.space.get("N", (x.N,)), scfg.space.get("k", (x.top_k,))
+    every = list(product(Ns, ks))
+    if not (x.mode == "x_peft" and x.mask_type == "hard"):
+        return every, []
+    return [(n, k) for n, k in every if k < n], [(n, k) for n, k in every if k >= n]
+
+
+def tune_space(scfg: SearchConfig) -> dict[str, Any]:
+    """Tune's param_space: each dimension a choice (or grid); N and k, when searched, as one choice over
+    the pairs a hard mask can use, so an impossible trial is never drawn."""
+    from ray import tune
+
+    pick = tune.grid_search if scfg.grid else tune.choice
+    space = {name: pick(list(values)) for name, values in scfg.space.items() if name not in ("N", "k")}
+    pairs, dropped = nk_pairs(scfg)
+    if dropped:
+        log.warning(
+            "left out %d (N, k) pairs with k >= N (a hard mask selects a proper subset): %s", len(dropped), dropped
+        )
+    if "N" in scfg.space and "k" in scfg.space:
+        space["N_k"] = pick([list(p) for p in pairs])
+    elif "N" in scfg.space:
+        space["N"] = pick(sorted({n for n, _ in pairs}))
+    elif "k" in scfg.space:
+        space["k"] = pick(sorted({k for _, k in pairs}))
+    return space
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, int]:
+    """A trial's N, k, b, batch_size from Tune's config (the joint N_k choice split back into N and k)."""
+    params = {k: v for k, v in config.items() if k in SEARCH_SPACE}
+    if "N_k" in config:
+        params["N"], params["k"] = (int(v) for v in config["N_k"])
+    return params
 
 
 def trial_config(base: FitConfig, params: dict[str, int]) -> FitConfig:
@@ -144,7 +185,7 @@ def _trial(params: dict, scfg: SearchConfig, data: TaskData) -> None:
     """The trainable: validate, then fit, reporting the score every epoch to Tune (and ASHA)."""
     from ray import tune
 
-    cfg = trial_config(scfg.fit, params)  # before anything is loaded: impossible trials fail in milliseconds
+    cfg = trial_config(scfg.fit, trial_params(params))  # before anything loads: impossible trials fail in ms
     if scfg.distributed:
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -197,8 +238,7 @@ def make_tuner(scfg: SearchConfig, data: TaskData):
     check_cluster_fits(scfg)
     if not data.eval:
         raise ValueError("a search scores its trials on evaluation rows, but TaskData.eval is empty")
-    pick = tune.grid_search if scfg.grid else tune.choice
-    space = {name: pick(list(values)) for name, values in scfg.space.items()}
+    space = tune_space(scfg)
     # max_t one past the last epoch: a trial that completes returns by itself instead of being stopped by
     # ASHA at its last report, which would kill a distributed trial's Ray Train run before it frees its
     # workers' placement group.
@@ -256,7 +296,7 @@ def summarize(scfg: SearchConfig, results, store: str | None = None) -> SearchRe
         m = r.metrics or {}
         trials.append(
             {
-                "config": {k: r.config[k] for k in scfg.space if k in r.config},
+                "config": trial_params(r.config),
                 "score": m.get(METRIC),
                 "epochs": m.get("training_iteration", 0),
                 "error": str(r.error).splitlines()[0] if r.error else None,
@@ -267,7 +307,7 @@ def summarize(scfg: SearchConfig, results, store: str | None = None) -> SearchRe
         errors = sorted({t["error"] for t in trials if t["error"]})
         raise RuntimeError(f"no trial of {scfg.experiment_path()} reported a score; errors: {errors}")
     best = results.get_best_result(metric=METRIC, mode="max", scope="last")
-    config = {k: best.config[k] for k in scfg.space if k in best.config}
+    config = trial_params(best.config)
     metrics = {k: v for k, v in best.metrics.items() if isinstance(v, int | float) and k not in _TUNE_KEYS}
     out = SearchResult(config, float(best.metrics[METRIC]), metrics, trials, results.experiment_path)
     checkpoint = _checkpoint_of(best)

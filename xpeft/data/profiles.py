@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from xpeft.data.labels import label_kind
 from xpeft.data.tasks import SAMPLES_DIR, default_data_dir
 
 log = logging.getLogger(__name__)
@@ -235,12 +236,12 @@ def holdout_split(data, test_fraction: float = 0.3, seed: int = 42):
     table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
     _validate(table, "holdout_split input")
     profile_ids = np.asarray(table["profile_id"].to_pylist(), dtype=object)
-    labels = table["label"].to_numpy()
+    labels = np.asarray(table["label"].to_pylist(), dtype=object)
     texts = np.asarray(table["text"].to_pylist(), dtype=object)
     split = np.full(len(table), "train", dtype=object)
     for pid in sorted(set(profile_ids.tolist())):
         rows = np.flatnonzero(profile_ids == pid)
-        rows = np.array(sorted(rows.tolist(), key=lambda i: (texts[i], int(labels[i]))), dtype=int)
+        rows = np.array(sorted(rows.tolist(), key=lambda i: (texts[i], labels[i])), dtype=int)
         rng = np.random.default_rng([seed, zlib.crc32(pid.encode("utf-8"))])
         split[rows[_profile_test_rows(labels[rows], test_fraction, rng)]] = "test"
     if "split" in table.column_names:
@@ -260,11 +261,12 @@ def _validate(table: pa.Table, where: str) -> None:
                 f"(it has {', '.join(table.column_names)})"
             )
         got = table.schema.field(name).type
-        if not (
-            got == typ
-            or (name == "label" and pa.types.is_integer(got))
-            or (typ == pa.string() and pa.types.is_large_string(got))
-        ):
+        if name == "label":
+            try:
+                label_kind(got)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        elif not (got == typ or (typ == pa.string() and pa.types.is_large_string(got))):
             raise ValueError(f"{where}: column {name!r} is {got}, expected {typ}")
         if table[name].null_count:
             raise ValueError(f"{where}: column {name!r} has {table[name].null_count} null value(s); drop those rows")
@@ -273,8 +275,6 @@ def _validate(table: pa.Table, where: str) -> None:
         raise ValueError(f"{where}: {len(empty)} row(s) have empty text (first: row {empty[0]}); drop them")
     if any(not p.strip() for p in table["profile_id"].to_pylist()):
         raise ValueError(f"{where}: some rows have an empty profile_id; give every row its author/profile")
-    if len(table) and min(table["label"].to_pylist()) < 0:
-        raise ValueError(f"{where}: labels must be class ids >= 0")
     if "split" in table.column_names:
         bad = set(table["split"].to_pylist()) - set(SPLITS)
         if bad:
