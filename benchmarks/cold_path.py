@@ -20,7 +20,8 @@ import time
 
 from serve_load import make_store
 
-from xpeft.serving import ProfileEngine, ServeConfig
+from xpeft.serve.config import ServeConfig
+from xpeft.serve.engine import ProfileEngine
 
 
 def per_profile_ms(engine: ProfileEngine, ids: list[str], P: int, calls: int) -> tuple[float, float]:

@@ -22,7 +22,8 @@ import time
 
 from serve_load import WORDS, make_store
 
-from xpeft.serving import ProfileEngine, ServeConfig
+from xpeft.serve.config import ServeConfig
+from xpeft.serve.engine import ProfileEngine
 
 
 def timed(fn, reps: int) -> float:

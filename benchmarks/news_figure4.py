@@ -18,11 +18,11 @@ from dataclasses import replace
 import ray
 
 from xpeft.config import XPeftConfig
+from xpeft.data.dataset import profile_datas
 from xpeft.data.profiles import load_news_profiles
-from xpeft.farm import FarmConfig, run_farm, split_warm
-from xpeft.fitting import profile_datas
-from xpeft.recipes import FARM_TRAIN
-from xpeft.report import summarize
+from xpeft.fit.recipes import FARM_TRAIN
+from xpeft.ray.farm import FarmConfig, run_farm, split_warm
+from xpeft.ray.report import summarize
 
 MODES = {
     "head_only": ("random", {"mode": "head_only"}),
@@ -37,15 +37,13 @@ MODES = {
 
 def reuse_warm_start(src: str, dst: str, warm_ids: set[str]) -> None:
     """Copy a finished mtl warm start (bank, shared head, farm state, warm-start profiles) into a new store."""
-    from xpeft.store import ProfileStore
+    from xpeft.profiles.store import ProfileStore
 
-    state = os.path.join(src, "farm_state.json")
-    if not os.path.exists(state):
-        raise SystemExit(f"--reuse-warm-start {src}: no farm_state.json there; give the store of an mtl run")
+    if not os.path.exists(os.path.join(src, "state", "farm.json")):
+        raise SystemExit(f"--reuse-warm-start {src}: no state/farm.json there; give the store of an mtl run")
     os.makedirs(dst, exist_ok=True)
-    for part in ("banks", "heads"):
+    for part in ("banks", "heads", "state"):
         shutil.copytree(os.path.join(src, part), os.path.join(dst, part), dirs_exist_ok=True)
-    shutil.copy(state, dst)
     old = ProfileStore(src)
     ProfileStore(dst).write([old.get(p) for p in sorted(warm_ids & set(old.ids()))])
 

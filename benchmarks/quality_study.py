@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from xpeft.bank import random_bank
 from xpeft.config import TrainConfig, XPeftConfig
-from xpeft.model import build_model, encoder_blocks, load_encoder, load_tokenizer
-from xpeft.train import fit, tokenize
+from xpeft.core.bank import random_bank_for
+from xpeft.core.encoder import load_encoder, load_tokenizer
+from xpeft.core.model import build_model
+from xpeft.fit.loop import fit, tokenize
 
 DATA = os.environ.get("XPEFT_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
@@ -77,18 +78,8 @@ def main() -> None:
         enc = load_encoder(None)
         bank = None
         if xcfg.mode == "x_peft":
-            lin = encoder_blocks(enc)[0].get_submodule(xcfg.target)
-            bank = random_bank(
-                enc.config.num_hidden_layers,
-                xcfg.N,
-                xcfg.b,
-                lin.in_features,
-                lin.out_features,
-                seed=bk.get("seed", 0),
-                target=xcfg.target,
-                scale=bk.get("scale", 1.0),
-            )
-        model = build_model(xcfg, bank, encoder=enc)
+            bank = random_bank_for(enc, xcfg, seed=bk.get("seed", 0), scale=bk.get("scale", 1.0))
+        model = build_model(xcfg, bank, encoder=enc, seed=tcfg.seed)
         if "ln_init" in bk and xcfg.mode == "x_peft":
             with torch.no_grad():
                 model.ln_weight.fill_(bk["ln_init"])

@@ -38,15 +38,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xpeft.bank import random_bank
 from xpeft.config import XPeftConfig
+from xpeft.core.bank import random_bank_for
+from xpeft.core.encoder import load_encoder, load_tokenizer
+from xpeft.core.model import XPeftModel
 from xpeft.data.tasks import TASKS, get_task, task_file
-from xpeft.distributed import for_task, load_task_data, metric_fn, score_of
-from xpeft.fitting import adapted_dims
+from xpeft.fit.loop import evaluate, fit
+from xpeft.fit.recipes import TASK_TRAIN
+from xpeft.fit.task import for_task, load_task_data, metric_fn, score_of
 from xpeft.metrics import TASK_METRICS
-from xpeft.model import XPeftModel, load_encoder, load_tokenizer
-from xpeft.recipes import TASK_TRAIN
-from xpeft.train import evaluate, fit, seed_everything
 
 log = logging.getLogger("reproduce_glue")
 
@@ -164,22 +164,22 @@ class Runner:
 
     def bank(self, N: int, seed: int):
         if (N, seed) not in self.banks:
-            L, d_in, d_out = adapted_dims(self.encoder, XPeftConfig().target)
-            self.banks[(N, seed)] = random_bank(L, N, 48, d_in, d_out, seed=seed)
+            self.banks[(N, seed)] = random_bank_for(self.encoder, XPeftConfig(N=N, b=48), seed=seed)
         return self.banks[(N, seed)]
 
     def fit(self, run: Run, diagnostics: list[str]) -> dict:
         data = self.task_data(run.task)
         xcfg = for_task(
-            XPeftConfig(mode=run.mode, mask_type=run.mask_type or "hard", N=run.N or 100, k=50, b=48, masks=run.masks),
+            XPeftConfig(mode=run.mode, mask_type=run.mask_type or "hard", N=run.N or 100, b=48, masks=run.masks),
             run.task,
         )
         bank = self.bank(run.N, run.seed) if run.N else None
-        seed_everything(run.seed)  # the head's init: a run must not depend on the runs before it
-        model = XPeftModel(copy.deepcopy(self.encoder), xcfg, bank)
+        model = XPeftModel(copy.deepcopy(self.encoder), xcfg, bank, seed=run.seed)  # independent of earlier runs
         train = dataclasses.replace(self.train, seed=run.seed)
         start = time.perf_counter()
-        result = fit(model, data.train, train, data.eval, metric_fn(run.task), data.pad_token_id)
+        result = fit(
+            model, data.train, train, eval_rows=data.eval, metric_fn=metric_fn(run.task), pad_token_id=data.pad_token_id
+        )
         scores = {run.task: score_of(run.task, result.metrics)}
         metrics = {run.task: result.metrics}
         for diag in diagnostics:  # the paper scores AX-b and AX-g with its RTE model

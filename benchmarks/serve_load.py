@@ -28,13 +28,14 @@ import time
 
 import torch
 
-from xpeft.bank import random_bank
 from xpeft.config import XPeftConfig
-from xpeft.masks import khot, pack_bits
-from xpeft.model import load_encoder
-from xpeft.profiles import Profile
-from xpeft.serving import ServeConfig, build_app
-from xpeft.store import ProfileStore
+from xpeft.core.bank import random_bank_for
+from xpeft.core.encoder import load_encoder
+from xpeft.core.masks import khot, pack_bits
+from xpeft.profiles.record import Profile
+from xpeft.profiles.store import ProfileStore
+from xpeft.serve.config import ServeConfig
+from xpeft.serve.deployment import build_app
 
 WORDS = (
     "the a new old big small good bad great awful movie film story news politics sports music art travel food "
@@ -51,11 +52,10 @@ def make_store(root: str, n: int, backbone: str, N: int, k: int, b: int, num_lab
     store = ProfileStore(root)
     if len(store) >= n and store.bank_fingerprints():
         return store
-    config = load_encoder(backbone).config
-    L, d = config.num_hidden_layers, config.hidden_size
-    bank = random_bank(L, N, b, d, seed=0)
-    store.save_bank(bank)
     cfg = XPeftConfig(N=N, k=k, b=b, head="linear", num_labels=num_labels)
+    bank = random_bank_for(load_encoder(backbone), cfg, seed=0)
+    L, d = bank.L, bank.d_in
+    store.save_bank(bank)
     g = torch.Generator().manual_seed(0)
     batch = []
     for i in range(n):

@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from xpeft.bank import random_bank
 from xpeft.config import TrainConfig, XPeftConfig
-from xpeft.fitting import adapted_dims
-from xpeft.model import XPeftModel, load_encoder
-from xpeft.train import make_optimizer, make_scheduler, train_step
+from xpeft.core.bank import random_bank_for
+from xpeft.core.encoder import load_encoder
+from xpeft.core.model import XPeftModel
+from xpeft.fit.loop import make_optimizer, make_scheduler, train_step
 
 
 class PerTokenXPeft(XPeftModel):
@@ -46,7 +46,7 @@ class PerTokenXPeft(XPeftModel):
             for h in handles:
                 h.remove()
         logits = self.head(hidden, attention_mask)
-        from xpeft.model import task_loss
+        from xpeft.core.model import task_loss
 
         return {"logits": logits, "loss": task_loss(logits, labels, self.cfg.problem_type)}
 
@@ -72,8 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.backbone)
-    L, d_in, d_out = adapted_dims(encoder, XPeftConfig().target)
-    banks = {N: random_bank(L, N, 48, d_in, d_out, seed=0) for N in args.N}
+    banks = {N: random_bank_for(encoder, XPeftConfig(N=N, b=48), seed=0) for N in args.N}
     g = torch.Generator().manual_seed(0)
     batch = {
         "input_ids": torch.randint(1000, 20000, (args.batch, args.tokens), generator=g),
@@ -84,7 +83,7 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     todo = cases(args.N) + [(f"x_peft per-token N={N}", XPeftConfig(mask_type="soft", N=N)) for N in args.per_token]
     for N in args.per_token:
-        banks.setdefault(N, random_bank(L, N, 48, d_in, d_out, seed=0))
+        banks.setdefault(N, random_bank_for(encoder, XPeftConfig(N=N, b=48), seed=0))
     for _ in range(args.rounds):
         for name, cfg in todo:
             cls = PerTokenXPeft if "per-token" in name else XPeftModel

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from xpeft.accounting import dims_of, fmt_count, fmt_millions, head_params, profile_bytes, trainable_params
+from xpeft.core.accounting import dims_of, fmt_count, fmt_millions, head_params, profile_bytes, trainable_params
 
 BERT = dims_of("bert-base-uncased")
 

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from xpeft.config import TrainConfig, XPeftConfig
-from xpeft.fitting import profile_datas
+from xpeft.data.dataset import profile_datas
 
 ray = pytest.importorskip("ray")
 
@@ -55,7 +55,7 @@ def profile_table(n_profiles: int, per_profile: int, seed: int = 0) -> pa.Table:
 
 def stored_ids(store: str) -> list[str]:
     """Every stored row's profile_id, duplicates included (the index would hide a second copy)."""
-    from xpeft.store import ProfileStore
+    from xpeft.profiles.store import ProfileStore
 
     return ProfileStore(store).read_table(columns=["profile_id"])["profile_id"].to_pylist()
 
@@ -165,7 +165,7 @@ def cluster():
 
 
 def farm_config(store: str, backbone: str, **kw):
-    from xpeft.farm import FarmConfig
+    from xpeft.ray.farm import FarmConfig
 
     return FarmConfig(
         store=store,
@@ -200,7 +200,7 @@ class TestFarmOnThreeNodes:
     """One cluster for both tests (the second replaces a node of it), torn down before the job test."""
 
     def test_farm_spreads_over_nodes_reads_one_bank_and_stores_each_profile_once(self, cluster, backbone, tmp_path):
-        from xpeft.farm import run_farm
+        from xpeft.ray.farm import run_farm
 
         datas = profile_datas(profile_table(n_profiles=20, per_profile=14)).profiles
         store = str(tmp_path / "store")
@@ -222,7 +222,7 @@ class TestFarmOnThreeNodes:
 
         The farm runs in a thread and the test drives the cluster from the main thread, because starting a
         node installs signal handlers, which only the main thread may do."""
-        from xpeft.farm import run_farm
+        from xpeft.ray.farm import run_farm
 
         datas = profile_datas(profile_table(n_profiles=22, per_profile=14, seed=1)).profiles
         store = str(tmp_path / "store")

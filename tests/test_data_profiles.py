@@ -283,7 +283,7 @@ def _run_cli(*argv: str) -> int:
 
 
 def test_cli_stats_make_profiles_and_convert_lamp2(tmp_path, lamp2_files, capsys):
-    assert _run_cli("data", "stats", "--profiles", "sample") == 0
+    assert _run_cli("data", "stats", "--data", "news-sample") == 0
     out = capsys.readouterr().out
     assert "texts: 1,112" in out and "profiles: 36" in out and "split: train" in out
     _news(tmp_path / "news_category_huffpost" / "v.json", [_rec(i, "CRIME", f"A{i % 2}") for i in range(8)])
@@ -318,5 +318,5 @@ def test_cli_stats_make_profiles_and_convert_lamp2(tmp_path, lamp2_files, capsys
         == 0
     )
     assert "profiles: 2" in capsys.readouterr().out
-    assert data_cli.main(["data", "stats", "--profiles", str(tmp_path / "none.parquet")]) == 2
+    assert data_cli.main(["data", "stats", "--data", str(tmp_path / "none.parquet")]) == 2
     assert "no profile data set at" in capsys.readouterr().err

@@ -15,19 +15,12 @@ import torch
 from conftest import tiny_rows
 
 from xpeft.config import TrainConfig, XPeftConfig
-from xpeft.distributed import (
-    FitConfig,
-    TaskData,
-    build_fit_model,
-    fit_distributed,
-    make_trainer,
-    per_worker_batch,
-    read_checkpoint,
-    trainable_state,
-)
-from xpeft.profiles import apply_profile
-from xpeft.store import ProfileStore
-from xpeft.train import predict
+from xpeft.fit.checkpoints import load_trainable_state, read_checkpoint, trainable_state
+from xpeft.fit.loop import per_worker_batch, predict
+from xpeft.fit.task import FitConfig, TaskData, build_fit_model
+from xpeft.profiles.record import apply_profile
+from xpeft.profiles.store import ProfileStore
+from xpeft.ray.train import fit_distributed, make_trainer
 
 # The failure hook below is defined here; Ray workers cannot import this test module, so ship it by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -100,8 +93,8 @@ def test_two_workers_reach_the_same_loss_curve_as_one(two_workers, tmp_path):
 def test_every_epoch_leaves_a_checkpoint_with_state_and_progress(two_workers):
     cfg, report = two_workers
     state, progress = read_checkpoint(report.checkpoint_path)  # torch.load(weights_only=True) + JSON
-    assert progress["epoch"] == EPOCHS and progress["step"] == STEPS
-    assert progress["losses"] == pytest.approx(report.losses)
+    assert progress.epoch == EPOCHS and progress.step == STEPS
+    assert progress.losses == pytest.approx(report.losses)
     assert set(state) == {"model", "optimizer", "scheduler"}
     assert set(state["model"]) == set(report.replica_states[0])
     run_dir = os.path.dirname(report.checkpoint_path)
@@ -163,8 +156,6 @@ def test_resume_after_a_killed_worker_continues_from_the_last_checkpoint(two_wor
 
 
 def test_checkpoint_loading_refuses_a_run_of_another_shape(tmp_path):
-    from xpeft.distributed import load_trainable_state
-
     model = build_fit_model(tiny_fit(tmp_path, 1))
     state = trainable_state(model)
     state["mask_logits_A"] = torch.zeros(2, 16)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from xpeft.config import TrainConfig, XPeftConfig
-from xpeft.fitting import profile_datas
+from xpeft.data.dataset import profile_datas
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -41,7 +41,7 @@ def backbone(tmp_path_factory):
 
 
 def farm_config(store, backbone, **kw):
-    from xpeft.farm import FarmConfig
+    from xpeft.ray.farm import FarmConfig
 
     base = dict(
         store=str(store),
@@ -57,14 +57,14 @@ def farm_config(store, backbone, **kw):
 
 
 def stored_rows(store_uri) -> list[str]:
-    from xpeft.store import ProfileStore
+    from xpeft.profiles.store import ProfileStore
 
     return ProfileStore(store_uri).read_table(columns=["profile_id"])["profile_id"].to_pylist()
 
 
 def test_farm_fits_one_valid_row_per_profile_and_resumes(local_ray, backbone, tmp_path):
-    from xpeft.farm import run_farm
-    from xpeft.store import ProfileStore
+    from xpeft.profiles.store import ProfileStore
+    from xpeft.ray.farm import run_farm
 
     datas = profile_datas(profile_table()).profiles
     cfg = farm_config(tmp_path / "store", backbone)
@@ -94,7 +94,7 @@ def test_a_killed_actor_loses_no_profile(local_ray, backbone, tmp_path):
     """SIGKILL one actor's process mid-run: its profile is retried elsewhere; every profile stored once."""
     import signal
 
-    from xpeft.farm import run_farm
+    from xpeft.ray.farm import run_farm
 
     datas = profile_datas(profile_table(per_profile=20)).profiles
     cfg = farm_config(tmp_path / "store", backbone, train=TrainConfig(lr=1e-2, epochs=8, batch_size=4))
@@ -153,7 +153,7 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 
 def test_bad_rows_are_refused_before_the_run_or_left_out_and_small_profiles_rejected(local_ray, backbone, tmp_path):
     from xpeft.data.labels import BadDataSet
-    from xpeft.farm import run_farm
+    from xpeft.ray.farm import run_farm
 
     good = profile_table(n_profiles=4).to_pylist()
     bad = [
@@ -179,7 +179,7 @@ def test_bad_rows_are_refused_before_the_run_or_left_out_and_small_profiles_reje
 
 
 def test_a_hard_k_the_learned_bank_cannot_hold_is_refused_before_any_fit(local_ray, backbone, tmp_path):
-    from xpeft.farm import run_farm
+    from xpeft.ray.farm import run_farm
 
     datas = profile_datas(profile_table(n_profiles=8)).profiles
     cfg = farm_config(tmp_path / "store", backbone, setting="mtl", warm_start=3, xpeft=XPeftConfig(N=8, k=4, b=32))
@@ -195,9 +195,9 @@ def test_warm_start_learns_the_bank_and_the_profiles_fit_distinct_proper_subsets
     """k left unset: the learned bank has N = the warm start (10 here, far below the paper's k = 50) and each
     hard mask picks half of it, k = 5 < N, so the fitted masks differ from profile to profile (>= 90 % distinct;
     with k = N they were all the same)."""
-    from xpeft.farm import run_farm
-    from xpeft.report import mask_diversity
-    from xpeft.store import ProfileStore
+    from xpeft.profiles.store import ProfileStore
+    from xpeft.ray.farm import run_farm
+    from xpeft.ray.report import mask_diversity
 
     datas = profile_datas(profile_table(n_profiles=20)).profiles
     cfg = farm_config(
@@ -226,12 +226,13 @@ def test_warm_start_learns_the_bank_and_the_profiles_fit_distinct_proper_subsets
 def assert_mtl_warm_profiles_are_served_by_their_bank_member(cfg, datas, report, backbone):
     """Every profile of an mtl run is stored, the warm-start ones too: as one-hot (k = 1) X-PEFT profiles over
     their own adapter in the learned bank, which score on their holdout what the joint training scored."""
-    from xpeft.farm import split_warm
-    from xpeft.masks import mask_bytes
-    from xpeft.model import XPeftModel, load_encoder, load_tokenizer
-    from xpeft.profiles import apply_profile, hard_mask_weights
-    from xpeft.store import ProfileStore
-    from xpeft.train import classification_metrics, evaluate, tokenize
+    from xpeft.core.encoder import load_encoder, load_tokenizer
+    from xpeft.core.masks import mask_bytes
+    from xpeft.core.model import XPeftModel
+    from xpeft.fit.loop import evaluate, profile_metric_fn, tokenize
+    from xpeft.profiles.record import apply_profile, stored_mask_weights
+    from xpeft.profiles.store import ProfileStore
+    from xpeft.ray.farm import split_warm
 
     store = ProfileStore(cfg.store)
     assert sorted(store.ids()) == sorted(d.profile_id for d in datas)
@@ -242,10 +243,10 @@ def assert_mtl_warm_profiles_are_served_by_their_bank_member(cfg, datas, report,
         p = store.get(d.profile_id)
         assert (p.config.mode, p.config.mask_type, p.config.k, p.config.layer_norm) == ("x_peft", "hard", 1, False)
         assert p.tensors == {} and p.record_bytes == 2 * mask_bytes(bank.N, bank.L)  # bits only: no head, no LN
-        wA, wB = hard_mask_weights(p, bank.N, bank.L)
+        wA, wB = stored_mask_weights(p, bank.N, bank.L)
         assert (wA.argmax(-1) == member).all() and (wB.argmax(-1) == member).all() and wB.sum() == bank.L
         model = XPeftModel(load_encoder(backbone), p.config, bank)
         apply_profile(model, p, store.load_head(p.head_id))
         rows = tokenize(d.test, tokenizer, 64)
-        scored = evaluate(model, rows, classification_metrics, 8, tokenizer.pad_token_id)
+        scored = evaluate(model, rows, profile_metric_fn(model), 8, tokenizer.pad_token_id)
         assert scored == pytest.approx(report.warm_start["metrics"][d.profile_id])

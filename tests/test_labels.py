@@ -11,11 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from xpeft.accounting import Dims, profile_bytes
-from xpeft.bank import random_bank
 from xpeft.config import TrainConfig, XPeftConfig
+from xpeft.core.accounting import Dims, profile_bytes
+from xpeft.core.bank import random_bank
+from xpeft.data.dataset import profile_datas
 from xpeft.data.labels import BadDataSet, check_profile_table
-from xpeft.fitting import ProfileFitter, profile_datas
+from xpeft.fit.profile import ProfileFitter
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = {"good": "great fun love happy", "bad": "awful boring hate sad", "meh": "old slow small"}
@@ -120,7 +121,7 @@ def test_the_main_job_refuses_bad_data_before_anything_is_stored(tmp_path):
 
 def fitted(labels: dict, tiny_backbone_dir: str, head: str = "linear"):
     """Fit one profile of `labels` on the tiny backbone, as a farm actor does (no Ray)."""
-    from xpeft.model import load_encoder, load_tokenizer
+    from xpeft.core.encoder import load_encoder, load_tokenizer
 
     ds = profile_datas(table(labels, per_profile=10, profiles=1))
     encoder = load_encoder(tiny_backbone_dir)
@@ -142,8 +143,9 @@ def backbone(tmp_path_factory):
 
 @pytest.mark.parametrize("name,labels,classes,problem", CASES, ids=[c[0] for c in CASES])
 def test_a_fitted_profile_serves_its_classes_by_name(name, labels, classes, problem, backbone, tmp_path):
-    from xpeft.serving import ProfileEngine, ServeConfig, predictions
-    from xpeft.store import ProfileStore
+    from xpeft.profiles.store import ProfileStore
+    from xpeft.serve.config import ServeConfig
+    from xpeft.serve.engine import ProfileEngine, predictions
 
     ds, bank, profile = fitted(labels, backbone)
     assert profile.label_names == classes and profile.config.num_labels == ds.labels.num_labels

@@ -5,57 +5,26 @@ from __future__ import annotations
 import multiprocessing as mp
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_encoder
+from cases import B, D, K, L, N, fitted_profile
+from conftest import tiny_encoder
 
-from xpeft.bank import random_bank
 from xpeft.config import XPeftConfig
-from xpeft.masks import mask_bytes
-from xpeft.model import XPeftModel
-from xpeft.multiprofile import MultiProfileModel, combine_profile
-from xpeft.profiles import Profile, apply_profile, from_row, profile_from_model, to_row, validate_profile_id
-from xpeft.store import ProfileStore
+from xpeft.core.bank import random_bank
+from xpeft.core.masks import mask_bytes
+from xpeft.core.model import XPeftModel
+from xpeft.profiles.record import Profile, apply_profile, validate_profile_id
+from xpeft.profiles.store import ProfileStore
+from xpeft.serve.combine import combine_profiles
 
-L, N, K, B, D = 2, 20, 5, 4, 32
-BANK = random_bank(L, N, B, D, seed=7)
-
-MODES = [
-    {"mode": "x_peft", "mask_type": "hard"},
-    {"mode": "x_peft", "mask_type": "soft"},
-    {"mode": "x_peft", "mask_type": "hard", "masks": "B"},
-    {"mode": "single_adapter"},
-    {"mode": "head_only"},
-]
-
-
-def fitted(cfg_kwargs: dict, seed: int = 0) -> XPeftModel:
-    """A model whose trainable tensors are random (as if fitted)."""
-    cfg = XPeftConfig(**{"N": N, "k": K, "b": B, **cfg_kwargs})
-    model = XPeftModel(tiny_encoder(), cfg, BANK if cfg.mode == "x_peft" else None)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model.eval()
-
-
-@pytest.mark.parametrize("cfg", MODES, ids=lambda c: "-".join(map(str, c.values())))
-def test_profile_round_trip_is_lossless(cfg):
-    """Saved through a Parquet row and applied to a fresh model, a profile predicts exactly the same."""
-    model = fitted(cfg)
-    batch = tiny_batch(labels=None)
-    expected = model(**batch)["logits"]
-    profile = from_row(to_row(profile_from_model(model, "author 17", metrics={"accuracy": 0.5})))
-    fresh = XPeftModel(tiny_encoder(), profile.config, BANK if cfg["mode"] == "x_peft" else None).eval()
-    apply_profile(fresh, profile)
-    assert torch.allclose(fresh(**batch)["logits"], expected, atol=1e-6)
-    assert profile.metrics == {"accuracy": 0.5}
+HARD = "hard-no-ln"  # a hard profile with its own 2-class head (tests/cases.py)
 
 
 def test_hard_profile_stores_its_masks_in_2_ceil_N_over_8_times_L_bytes():
-    profile = profile_from_model(fitted({"mode": "x_peft", "mask_type": "hard"}), "p1")
+    _, profile = fitted_profile("hard", "p1")
     assert len(profile.mask_bits) == 2 * mask_bytes(N, L) == 2 * 3 * 2
     assert "mask_logits_A" not in profile.tensors
     sizes = profile.size_report()
@@ -65,7 +34,7 @@ def test_hard_profile_stores_its_masks_in_2_ceil_N_over_8_times_L_bytes():
 
 
 def test_profile_against_a_different_bank_is_a_clear_error():
-    profile = profile_from_model(fitted({"mode": "x_peft", "mask_type": "hard"}), "p1")
+    profile = fitted_profile("hard", "p1")[1]
     other = random_bank(L, N, B, D, seed=8)
     model = XPeftModel(tiny_encoder(), profile.config, other)
     with pytest.raises(ValueError, match="was fitted on bank"):
@@ -73,11 +42,11 @@ def test_profile_against_a_different_bank_is_a_clear_error():
 
 
 def test_profile_with_mismatched_N_is_a_clear_error():
-    profile = profile_from_model(fitted({"mode": "x_peft", "mask_type": "hard"}), "p1")
+    profile = fitted_profile("hard", "p1")[1]
     bigger = random_bank(L, N + 8, B, D, seed=7)
     profile.bank_fingerprint = bigger.fingerprint  # even with a matching fingerprint the bits cannot fit
-    with pytest.raises(ValueError, match="N="):
-        combine_profile(profile, bigger, D)
+    (refused,) = combine_profiles([profile], bigger, D, {})
+    assert isinstance(refused, ValueError) and "N=" in str(refused)
 
 
 @pytest.mark.parametrize("bad", ["", "../etc/passwd", "a/b", " x", "x" * 300, "tab\there", 7])
@@ -88,9 +57,9 @@ def test_profile_ids_that_could_escape_the_store_are_refused(bad):
 
 def test_store_round_trip_and_newest_version_wins(tmp_path):
     store = ProfileStore(tmp_path / "store")
-    a = profile_from_model(fitted({"mode": "x_peft", "mask_type": "hard"}, seed=1), "alice", {"accuracy": 0.1})
+    a = replace(fitted_profile("hard", "alice", seed=1)[1], metrics={"accuracy": 0.1})
     store.write([a])
-    b = profile_from_model(fitted({"mode": "x_peft", "mask_type": "hard"}, seed=2), "alice", {"accuracy": 0.9})
+    b = replace(fitted_profile("hard", "alice", seed=2)[1], metrics={"accuracy": 0.9})
     store.write([b])
     reopened = ProfileStore(tmp_path / "store")
     assert reopened.ids() == ["alice"]
@@ -133,19 +102,6 @@ def test_lookup_by_profile_id_is_fast_with_100000_profiles(tmp_path):
         assert reader.get(f"p{i}").profile_id == f"p{i}"
     per_lookup = (time.perf_counter() - start) / 100
     assert opened < 5 and per_lookup < 0.05, (opened, per_lookup)
-
-
-def test_mixed_batch_equals_single_profile_forwards():
-    """One forward over rows of different profiles (and modes) equals each profile's own model."""
-    batch = tiny_batch(n=5, labels=None)
-    cfgs = [MODES[0], MODES[1], MODES[0], MODES[3], MODES[4]]
-    models = [fitted(c, seed=i) for i, c in enumerate(cfgs)]
-    expected = torch.cat([m(**{k: v[i : i + 1] for k, v in batch.items()})["logits"] for i, m in enumerate(models)])
-    profiles = [profile_from_model(m, f"p{i}") for i, m in enumerate(models)]
-    combined = [combine_profile(p, BANK, D) for p in profiles]
-    mixed = MultiProfileModel(tiny_encoder(), BANK.target)
-    got = torch.stack(mixed.forward_mixed(batch, combined))
-    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_one_store_is_shared_safely_by_threads_writing_and_reading(tmp_path):

@@ -11,62 +11,27 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import tiny_encoder
+from cases import BANK, BY_NAME, CASES, SHARED_HEAD_ID, B, D, L, N, fitted_profile
 
-from xpeft.bank import random_bank
-from xpeft.config import XPeftConfig
-from xpeft.model import XPeftModel, load_encoder, load_tokenizer
-from xpeft.multiprofile import combine_profile
-from xpeft.profiles import apply_profile, profile_from_model
-from xpeft.serving import (
-    Coalescer,
-    ProfileCache,
-    ProfileEngine,
-    RecordCache,
-    ServeConfig,
-    app_builder,
-    combine_profiles,
-)
-from xpeft.store import Location, ProfileStore
-from xpeft.train import Collator, tokenize
+from xpeft.core.bank import random_bank
+from xpeft.core.encoder import load_encoder, load_tokenizer
+from xpeft.core.model import XPeftModel
+from xpeft.fit.loop import Collator, tokenize
+from xpeft.profiles.record import apply_profile
+from xpeft.profiles.store import Location, ProfileStore
+from xpeft.serve.cache import ProfileCache, RecordCache
+from xpeft.serve.combine import combine_profiles
+from xpeft.serve.config import ServeConfig
+from xpeft.serve.deployment import Coalescer, app_builder
+from xpeft.serve.engine import ProfileEngine
 
 requests = pytest.importorskip("requests")
 
-L, N, K, B, D = 2, 20, 5, 4, 32
-BANK = random_bank(L, N, B, D, seed=7)
 OTHER_BANK = random_bank(L, N, B, D, seed=8)
 TOKEN = "s3cret-token"
 LIMITS = {"max_texts": 8, "max_text_chars": 300, "max_body_bytes": 8192}
 TEXTS = ["the movie was great fun", "bad boring plot", "news about the election and the vote"]
-
-# id → (config, extras): every mode the server must meet, each with its own random "fitted" tensors.
-PROFILES = {
-    "hard": ({"mode": "x_peft", "mask_type": "hard", "num_labels": 3}, {"label_names": ["neg", "neu", "pos"]}),
-    "soft": ({"mode": "x_peft", "mask_type": "soft"}, {}),
-    "hard-B": ({"mode": "x_peft", "mask_type": "hard", "masks": "B"}, {}),
-    "soft-B": ({"mode": "x_peft", "mask_type": "soft", "masks": "B"}, {}),
-    "single": ({"mode": "single_adapter"}, {}),
-    "head-only": ({"mode": "head_only", "num_labels": 4}, {}),
-    "pooler": ({"mode": "x_peft", "mask_type": "hard", "head": "pooler"}, {}),
-    "regress": ({"mode": "x_peft", "mask_type": "hard", "num_labels": 1, "problem_type": "regression"}, {}),
-    "mtl-a": ({"mode": "x_peft", "mask_type": "hard"}, {"head_id": "shared-1"}),
-    "mtl-b": ({"mode": "x_peft", "mask_type": "hard"}, {"head_id": "shared-1"}),
-}
-
-
-def fitted_profile(profile_id: str, cfg_kwargs: dict, extras: dict, seed: int, encoder=None, bank=BANK):
-    """A profile whose trainable tensors are random, as if fitted (the shared head comes from seed 99)."""
-    cfg = XPeftConfig(**{"N": N, "k": K, "b": B, "head": "linear", **cfg_kwargs})
-    model = XPeftModel(encoder or tiny_encoder(), cfg, bank if cfg.mode == "x_peft" else None)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        if extras.get("head_id"):
-            shared = torch.Generator().manual_seed(99)
-            for p in model.head.parameters():
-                p.copy_(torch.randn(p.shape, generator=shared))
-    return model, profile_from_model(model, profile_id, metrics={"accuracy": 0.5 + seed / 100}, **extras)
+SERVED = [c.name for c in CASES]  # every mode of the table, over real HTTP
 
 
 def free_port() -> int:
@@ -80,10 +45,10 @@ def free_port() -> int:
 
 def test_combining_profiles_in_bulk_equals_one_at_a_time():
     ids = ["hard", "soft", "hard-B", "single", "head-only"]
-    profiles = [fitted_profile(pid, *PROFILES[pid], seed=i)[1] for i, pid in enumerate(ids)]
+    profiles = [fitted_profile(pid, seed=i)[1] for i, pid in enumerate(ids)]
     bulk = combine_profiles(profiles, BANK, D, {})
     for p, got in zip(profiles, bulk, strict=True):
-        want = combine_profile(p, BANK, D)
+        want = combine_profiles([p], BANK, D, {})[0]
         for name in ("A_hat", "B_hat", "ln_weight", "ln_bias"):
             a, b = getattr(got, name), getattr(want, name)
             assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6), (p.profile_id, name)
@@ -93,8 +58,8 @@ def test_combining_profiles_in_bulk_equals_one_at_a_time():
 
 
 def test_bulk_combination_reports_a_profile_of_another_bank_without_failing_the_others():
-    _, good = fitted_profile("good", *PROFILES["hard"], seed=1)
-    _, alien = fitted_profile("alien", *PROFILES["hard"], seed=2, bank=OTHER_BANK)
+    _, good = fitted_profile("hard", "good", seed=1)
+    _, alien = fitted_profile("hard", "alien", seed=2, bank=OTHER_BANK)
     got = combine_profiles([alien, good], BANK, D, {})
     assert isinstance(got[0], ValueError) and "was fitted on bank" in str(got[0])
     assert got[1].profile_id == "good"
@@ -103,7 +68,7 @@ def test_bulk_combination_reports_a_profile_of_another_bank_without_failing_the_
 def test_profile_cache_is_bounded_and_evicts_the_least_recently_used():
     cache = ProfileCache(2)
     items = {
-        pid: combine_profile(fitted_profile(pid, *PROFILES["hard"], seed=i)[1], BANK, D) for i, pid in enumerate("abc")
+        pid: combine_profiles([fitted_profile("hard", pid, seed=i)[1]], BANK, D, {})[0] for i, pid in enumerate("abc")
     }
     cache.put(items["a"])
     cache.put(items["b"])
@@ -113,8 +78,8 @@ def test_profile_cache_is_bounded_and_evicts_the_least_recently_used():
 
 
 def test_a_head_that_does_not_fit_its_config_is_refused_without_failing_the_others():
-    _, good = fitted_profile("good", *PROFILES["hard"], seed=1)
-    _, bad = fitted_profile("bad", *PROFILES["hard"], seed=2)
+    _, good = fitted_profile("hard", "good", seed=1)
+    _, bad = fitted_profile("hard", "bad", seed=2)
     bad = dataclasses.replace(bad, tensors={**bad.tensors, "head.classifier.weight": torch.zeros(7, D)})
     got = combine_profiles([bad, good], BANK, D, {})
     assert isinstance(got[0], ValueError) and "needs tensors" in str(got[0]) and "(7, 32)" in str(got[0])
@@ -122,7 +87,7 @@ def test_a_head_that_does_not_fit_its_config_is_refused_without_failing_the_othe
 
 
 def test_record_cache_is_bounded_by_bytes_and_keyed_by_where_the_record_was_read():
-    records = [fitted_profile(pid, *PROFILES["hard"], seed=i)[1] for i, pid in enumerate("abc")]
+    records = [fitted_profile("hard", pid, seed=i)[1] for i, pid in enumerate("abc")]
     size = records[0].record_bytes
     locs = [Location(f"f{i}", 0, 0.0) for i in range(3)]
     cache = RecordCache(int(2.5 * size))
@@ -161,7 +126,7 @@ def test_a_preload_stops_at_its_budget_and_a_rewritten_profile_is_read_again(tmp
     store = ProfileStore(tmp_path)
     store.save_bank(BANK)
     encoder = load_encoder(backbone)
-    profiles = [fitted_profile(f"p{i}", *PROFILES["hard"], seed=i, encoder=encoder)[1] for i in range(4)]
+    profiles = [fitted_profile("hard", f"p{i}", seed=i, encoder=encoder)[1] for i in range(4)]
     store.write(profiles[:2])
     store.write(profiles[2:])
     budget = 2.5 * profiles[0].record_bytes / 2**20
@@ -169,7 +134,7 @@ def test_a_preload_stops_at_its_budget_and_a_rewritten_profile_is_read_again(tmp
     assert engine.preload_records() == 2  # newest file first: p2, p3
     engine.load_profiles(["p2", "p3"])
     assert engine.stats["store_reads"] == 0
-    _, v2 = fitted_profile("p2", *PROFILES["hard"], seed=40, encoder=encoder)
+    _, v2 = fitted_profile("hard", "p2", seed=40, encoder=encoder)
     store.write([v2])
     engine.load_profiles(["p-unknown"])  # an unknown id re-lists the store: p2's new version is indexed
     engine.cache = ProfileCache(4)  # p2 leaves the combined cache
@@ -229,12 +194,12 @@ def store(tmp_path_factory, backbone):
     store.save_bank(BANK)
     encoder = load_encoder(backbone)
     profiles = []
-    for i, (pid, (cfg, extras)) in enumerate(PROFILES.items()):
-        model, profile = fitted_profile(pid, cfg, extras, seed=i, encoder=encoder)
-        if extras.get("head_id"):
-            store.save_head(extras["head_id"], {k: v.clone() for k, v in model.head.state_dict().items()})
+    for i, case in enumerate(CASES):
+        model, profile = fitted_profile(case, seed=i, encoder=encoder)
+        if case.shared_head:
+            store.save_head(SHARED_HEAD_ID, {k: v.clone() for k, v in model.head.state_dict().items()})
         profiles.append(profile)
-    profiles.append(fitted_profile("other-bank", *PROFILES["hard"], seed=50, encoder=encoder, bank=OTHER_BANK)[1])
+    profiles.append(fitted_profile("hard", "other-bank", seed=50, encoder=encoder, bank=OTHER_BANK)[1])
     store.write(profiles)
     return store
 
@@ -245,7 +210,7 @@ def server(store, backbone):
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from xpeft.serving import build_app
+    from xpeft.serve.deployment import build_app
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared cluster
     port = free_port()
@@ -291,14 +256,14 @@ def assert_matches(preds: list[dict], logits: torch.Tensor, problem_type: str = 
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("profile_id", list(PROFILES))
+@pytest.mark.parametrize("profile_id", SERVED)
 def test_predictions_equal_the_in_process_model(server, store, backbone, profile_id):
     body = classify(server, profile_id, TEXTS)
     assert body["profile_id"] == profile_id
     assert_matches(
         body["predictions"],
         expected(store, backbone, profile_id, TEXTS),
-        PROFILES[profile_id][0].get("problem_type", "classification"),
+        BY_NAME[profile_id].xpeft().problem_type,
     )
 
 
@@ -357,7 +322,7 @@ BAD = [
         "/v1/classify",
         {"profile_id": "other-bank", "texts": ["x"]},
         409,
-        f"fitted on bank {OTHER_BANK.fingerprint} but this server holds bank {BANK.fingerprint}",
+        f"fitted on bank {OTHER_BANK.fingerprint} but the bank here is {BANK.fingerprint}",
     ),
     ("invalid id in the path", "get", "/v1/profiles/a..b", None, 400, "invalid profile id"),
     ("unknown profile in the path", "get", "/v1/profiles/nobody", None, 404, "not in the store"),
@@ -396,7 +361,7 @@ def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(serve
 
 @pytest.mark.ray
 def test_a_profile_written_after_the_server_started_is_served(server, store, backbone):
-    _, late = fitted_profile("late-comer", *PROFILES["hard"], seed=77, encoder=load_encoder(backbone))
+    _, late = fitted_profile("hard", "late-comer", seed=77, encoder=load_encoder(backbone))
     store.write([late])
     body = classify(server, "late-comer", TEXTS)
     assert_matches(body["predictions"], expected(store, backbone, "late-comer", TEXTS))

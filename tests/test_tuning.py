@@ -10,9 +10,9 @@ import pytest
 from conftest import tiny_rows
 
 from xpeft.config import TrainConfig, XPeftConfig
-from xpeft.distributed import FitConfig, TaskData
-from xpeft.store import ProfileStore
-from xpeft.tuning import BEST_FILE, SEARCH_SPACE, SearchConfig, _trial, restore_search, search, validate_space
+from xpeft.fit.task import FitConfig, TaskData
+from xpeft.profiles.store import ProfileStore
+from xpeft.ray.tune import BEST_FILE, SEARCH_SPACE, SearchConfig, _trial, restore_search, search, validate_space
 
 DATA = TaskData(train=tiny_rows(32), eval=tiny_rows(16, seed=1))
 EPOCHS = 4
@@ -64,7 +64,7 @@ def test_four_trial_search_over_N_and_k_completes_with_asha_and_reports_the_best
 
 
 def test_pairs_with_k_at_least_N_are_never_drawn_and_a_space_of_only_those_is_refused(tmp_path):
-    from xpeft.tuning import tune_space
+    from xpeft.ray.tune import tune_space
 
     scfg = tiny_search(tmp_path, {"N": (8, 16), "k": (2, 8, 10)}, grid=True)
     assert validate_space(scfg) == [(8, 8), (8, 10)]

@@ -1,11 +1,9 @@
 """xpeft: X-PEFT profiles over one shared bank of frozen LoRA adapters.
 
-The core (config, bank, masks, layer, model, profiles, train) imports no Ray; the Ray pieces
-(farm, distributed, tuning, serving) import the core.
+Layers, each importing only those below it (a lint rule checks that the lower ones import no Ray and no
+FastAPI): `config` → `core` (bank, masks, combine, layer, model, per-row forward; torch only) → `profiles`
+(the record and the store) → `data`, `metrics` → `fit` (the one fit loop, warm starts, checkpoints) →
+`ray` (cluster, farm, Ray Train, Ray Tune, report, jobs) and `serve` (engine, HTTP API, Serve deployment).
 """
 
-from xpeft.bank import AdapterBank, load_bank, random_bank, save_bank
-from xpeft.config import TrainConfig, XPeftConfig
-
-__all__ = ["AdapterBank", "TrainConfig", "XPeftConfig", "load_bank", "random_bank", "save_bank"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,10 +1,13 @@
 """The `xpeft` command. Each subcommand is a thin wrapper over library functions.
 
+xpeft fit-profiles  fit one profile per profile_id into a store (the farm; = ray_jobs/fit_profiles.py)
+xpeft fit-task      fit a task or one profile with Ray Train DDP (= ray_jobs/fit_task.py)
+xpeft tune          Appendix C's search with Ray Tune (= ray_jobs/tune_search.py)
+xpeft serve         serve a store over HTTP with Ray Serve (= ray_jobs/serve.py)
 xpeft params        trainable parameters and bytes per profile for every mode (Table 1 / Table 4)
-xpeft bank random   draw a random bank from a seed and save it (safetensors)
-xpeft bank info     show a bank's metadata and fingerprint
-xpeft data ...      task data and profile data sets (see `xpeft data --help`)
-xpeft profiles ...  list / show profiles in a store
+xpeft bank ...      draw a random bank, inspect one
+xpeft data ...      task data and profile data sets
+xpeft profiles ...  list / show the profiles of a store
 """
 
 from __future__ import annotations
@@ -16,40 +19,31 @@ import sys
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    from xpeft.accounting import table
+    from xpeft.core.accounting import table
 
     print(table(args.backbone, args.N, args.b, args.num_labels, args.head, args.shared_head))
 
 
 def cmd_bank_random(args: argparse.Namespace) -> None:
-    from xpeft.bank import random_bank, save_bank
-    from xpeft.model import encoder_blocks, load_encoder
+    from xpeft.config import XPeftConfig
+    from xpeft.core.bank import random_bank_for, save_bank
+    from xpeft.core.encoder import load_encoder
 
-    enc = load_encoder(args.backbone)
-    lin = encoder_blocks(enc)[0].get_submodule(args.target)
-    bank = random_bank(
-        enc.config.num_hidden_layers,
-        args.N,
-        args.b,
-        lin.in_features,
-        lin.out_features,
-        args.seed,
-        args.target,
-        args.scale,
-    )
+    cfg = XPeftConfig(N=args.N, b=args.b, target=args.target, mask_type="soft")
+    bank = random_bank_for(load_encoder(args.backbone), cfg, args.seed, args.scale)
     save_bank(bank, args.out)
     print(f"wrote {bank.describe()} to {args.out}")
 
 
 def cmd_bank_info(args: argparse.Namespace) -> None:
-    from xpeft.bank import load_bank
+    from xpeft.core.bank import load_bank
 
-    bank = load_bank(args.path, verify=args.verify)
-    print(json.dumps(bank.metadata(), indent=2))
+    bank = load_bank(args.path, verify=not args.no_verify)
+    print(json.dumps({**bank.metadata(), "verified": not args.no_verify}, indent=2))
 
 
 def cmd_profiles_list(args: argparse.Namespace) -> None:
-    from xpeft.store import ProfileStore
+    from xpeft.profiles.store import ProfileStore
 
     store = ProfileStore(args.store)
     for s in store.summaries(args.offset, args.limit):
@@ -58,66 +52,86 @@ def cmd_profiles_list(args: argparse.Namespace) -> None:
 
 
 def cmd_profiles_show(args: argparse.Namespace) -> None:
-    from xpeft.store import ProfileStore
+    from xpeft.profiles.store import ProfileStore
 
     print(json.dumps(ProfileStore(args.store).summary(args.profile_id), indent=2))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_params(sub) -> None:
+    p = sub.add_parser("params", help="parameters and bytes per profile for every mode (Table 1 / 4)")
+    p.add_argument("--backbone", default="bert-base-uncased", help="a known name or a directory with config.json")
+    p.add_argument("--N", type=int, nargs="+", default=[100, 200, 400, 800], help="bank sizes N (default: Table 1's)")
+    p.add_argument("--b", type=int, default=48, help="the adapters' bottleneck b (default 48)")
+    p.add_argument("--num-labels", type=int, default=2, help="classes c of the head (default 2)")
+    p.add_argument("--head", choices=["pooler", "linear"], default="pooler", help="the head (default pooler)")
+    p.add_argument("--shared-head", action="store_true", help="the head is shared (mtl): not stored per profile")
+    p.set_defaults(func=cmd_params)
+
+
+def add_bank(sub) -> None:
     from xpeft.config import DEFAULT_TARGET
+
+    bank = sub.add_parser("bank", help="create or inspect adapter banks").add_subparsers(dest="bank_cmd", required=True)
+    p = bank.add_parser("random", help="draw a random bank for a backbone from a seed")
+    p.add_argument("--backbone", default="minilm", help="'minilm' (bundled), 'tiny', a local path (default minilm)")
+    p.add_argument("--N", type=int, default=100, help="adapters N (default 100)")
+    p.add_argument("--b", type=int, default=48, help="bottleneck b (default 48)")
+    p.add_argument("--seed", type=int, default=0, help="the bank's seed (default 0)")
+    p.add_argument("--scale", type=float, default=1.0, help="scale of the adapters (default 1)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"the linear the adapters wrap (default {DEFAULT_TARGET})")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.set_defaults(func=cmd_bank_random)
+    p = bank.add_parser("info", help="print a bank's metadata, after verifying its fingerprint")
+    p.add_argument("path", help="a bank file (.safetensors)")
+    p.add_argument("--no-verify", action="store_true", help="skip recomputing the sha256 fingerprint")
+    p.set_defaults(func=cmd_bank_info)
+
+
+def add_profiles(sub) -> None:
+    prof = sub.add_parser("profiles", help="inspect a profile store").add_subparsers(dest="profiles_cmd", required=True)
+    p = prof.add_parser("list", help="one JSON line per profile")
+    p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
+    p.add_argument("--offset", type=int, default=0, help="skip this many (ids sorted; default 0)")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.set_defaults(func=cmd_profiles_list)
+    p = prof.add_parser("show", help="one profile's config, metrics and size")
+    p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
+    p.add_argument("profile_id", help="the profile's id")
+    p.set_defaults(func=cmd_profiles_show)
+
+
+def add_jobs(sub) -> None:
+    from xpeft.jobs import JOBS
+
+    for name, (add, _, help_text) in JOBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.set_defaults(job=name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xpeft.data import cli as data_cli
 
     ap = argparse.ArgumentParser(
         prog="xpeft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("params", help="parameters and bytes per profile for every mode (Table 1 / 4)")
-    p.add_argument("--backbone", default="bert-base-uncased", help="known name or a directory with config.json")
-    p.add_argument("--N", type=int, nargs="+", default=[100, 200, 400, 800])
-    p.add_argument("--b", type=int, default=48)
-    p.add_argument("--num-labels", type=int, default=2)
-    p.add_argument("--head", choices=["pooler", "linear"], default="pooler")
-    p.add_argument("--shared-head", action="store_true", help="the head is shared (mtl): not stored per profile")
-    p.set_defaults(func=cmd_params)
-
-    bank = sub.add_parser("bank", help="create or inspect adapter banks").add_subparsers(dest="bank_cmd", required=True)
-    p = bank.add_parser("random", help="draw a random bank from a seed")
-    p.add_argument("--backbone", default="minilm")
-    p.add_argument("--N", type=int, default=100)
-    p.add_argument("--b", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_bank_random)
-    p = bank.add_parser("info", help="print a bank's metadata")
-    p.add_argument("path")
-    p.add_argument("--verify", action="store_true", help="recompute the sha256 fingerprint")
-    p.set_defaults(func=cmd_bank_info)
-
-    prof = sub.add_parser("profiles", help="inspect a profile store").add_subparsers(dest="profiles_cmd", required=True)
-    p = prof.add_parser("list", help="one JSON line per profile")
-    p.add_argument("--store", required=True)
-    p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--limit", type=int, default=100)
-    p.set_defaults(func=cmd_profiles_list)
-    p = prof.add_parser("show", help="one profile's config, metrics and size")
-    p.add_argument("--store", required=True)
-    p.add_argument("profile_id")
-    p.set_defaults(func=cmd_profiles_show)
-
-    try:
-        from xpeft.data import cli as data_cli
-    except ImportError:  # the data commands are optional at import time
-        data_cli = None
-    if data_cli is not None and hasattr(data_cli, "register"):
-        data_cli.register(sub)
+    add_jobs(sub)
+    add_params(sub)
+    add_bank(sub)
+    data_cli.register(sub)
+    add_profiles(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "job", None):
+        from xpeft.jobs import run
+
+        run(args.job, args)
+        return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)

@@ -1,11 +1,14 @@
 """Typed configuration with the paper's defaults (X-PEFT §2, §3 "Experimental settings", Appendix C).
 
 Every field names the paper's symbol where there is one (N, k, b, tau, nu) so that code, CLI, JSON and
-docs use one name for one thing.
+docs use one name for one thing, and carries its help (`field(metadata={"help": ...})`, as PEFT's
+`LoraConfig` does): `xpeft.flags` turns any of these dataclasses into command-line flags, so every script
+shows the same defaults and the same help.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,29 +28,55 @@ MASK_TYPES: tuple[str, ...] = ("soft", "hard")
 DEFAULT_TARGET = "attention.self.value"
 
 
+def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:
+    """A dataclass field with its help (and, optionally, `flag`: the command-line name when it is not the
+    field's own); mutable defaults (lists, dicts) are copied per instance."""
+    meta = {"help": help, **metadata}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    if dataclasses.is_dataclass(default):  # a nested config: a copy per instance
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class Config:
+    """Dict round trips shared by the configs: unknown keys are refused, naming the known ones."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
 @dataclass
-class XPeftConfig:
+class XPeftConfig(Config):
     """What a profile is made of: the mode, the masks and the head.
 
-    Defaults follow the paper: N=100 adapters, k=50, b=48 (LoRA reduction factor 16 on bert-base),
-    Gumbel noise nu=1 and temperature tau=1 (Algorithm 1), LayerNorm after Â, two masks (M_A and M_B).
+    Defaults follow the paper: N=100 adapters, k=50 (half the bank), b=48 (LoRA reduction factor 16 on
+    bert-base), Gumbel noise nu=1 and temperature tau=1 (Algorithm 1), LayerNorm after Â, two masks.
     """
 
-    mode: Mode = "x_peft"
-    mask_type: MaskType = "hard"
-    N: int = 100  # number of adapters in the bank
-    k: int | None = None  # adapters a hard mask selects per block (top-k); None: half the bank (see top_k)
-    b: int = 48  # adapter bottleneck dimension
-    tau: float = 1.0  # Gumbel-softmax temperature (Algorithm 1)
-    nu: float = 1.0  # Gumbel noise level (Algorithm 1); no noise at eval
-    layer_norm: bool = True  # LayerNorm after Â (footnote 1 of §2)
-    masks: Literal["AB", "B"] = "AB"  # "B": the single-mask ablation of §3.2 (Â = mean of the A_i)
-    target: str = DEFAULT_TARGET
-    head: HeadType = "pooler"  # "pooler": BERT pooler + classifier as in the paper (Table 4)
-    num_labels: int = 2
-    problem_type: ProblemType = "classification"
-    lora_alpha: float | None = None  # single_adapter scaling alpha/b; None = alpha = b (scale 1)
-    dropout: float = 0.1  # dropout before the classifier, as in BertForSequenceClassification
+    mode: Mode = option("x_peft", "x_peft (masks over the bank), or the baselines single_adapter / head_only")
+    mask_type: MaskType = option("hard", "hard: k-hot masks, stored as bits (Gumbel top-k); soft: softmax weights")
+    N: int = option(100, "N, adapters in the bank (a learned sa / mtl bank has one per warm-start profile)")
+    k: int | None = option(None, "k, adapters a hard mask selects per block (k < N); default: half the bank")
+    b: int = option(48, "b, the adapters' bottleneck dimension")
+    tau: float = option(1.0, "tau, the Gumbel-softmax temperature (Algorithm 1)")
+    nu: float = option(1.0, "nu, the Gumbel noise level while training (Algorithm 1); none at eval")
+    layer_norm: bool = option(True, "a LayerNorm after Â (footnote 1 of §2)")
+    masks: Literal["AB", "B"] = option("AB", "AB: M_A and M_B; B: the single-mask ablation of §3.2 (Â = mean A_i)")
+    target: str = option(DEFAULT_TARGET, "the linear of each block the adapters wrap")
+    head: HeadType = option("pooler", "pooler: BERT's pooler + classifier (Table 4); linear: mean-pool + classifier")
+    num_labels: int = option(2, "classes (1 for a regression target)")
+    problem_type: ProblemType = option("classification", "classification (cross-entropy) or regression (MSE)")
+    lora_alpha: float | None = option(None, "single_adapter's LoRA alpha (scale alpha/b); default alpha = b")
+    dropout: float = option(0.1, "dropout before the classifier, as in BertForSequenceClassification")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -58,16 +87,10 @@ class XPeftConfig:
         and at least 1, so a bank whose N is fixed later (a learned bank) still gets a proper subset."""
         return self.k if self.k is not None else default_k(self.N)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> XPeftConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown X-PEFT config keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
+def lora_scale(cfg: XPeftConfig) -> float:
+    """single_adapter's LoRA scale alpha / b (1 when lora_alpha is unset); X-PEFT adapters are unscaled."""
+    return (cfg.lora_alpha or cfg.b) / cfg.b if cfg.mode == "single_adapter" else 1.0
 
 
 def default_k(N: int) -> int:
@@ -117,29 +140,29 @@ def validate(cfg: XPeftConfig) -> None:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """The fit loop's settings. Defaults are the paper's (§3): AdamW, lr 1e-5 with linear decay, 10 epochs,
     batch 64, max length 128, seed 42.
 
-    `mask_lr`, `ln_lr` and `head_lr` override `lr` for the mask logits, the LayerNorm after Â and the
-    task head; masks are logits behind a softmax and move little at 1e-5 (see BENCHMARKS.md).
+    `mask_lr`, `ln_lr`, `head_lr` and `adapter_lr` override `lr` for one role each: masks are logits behind a
+    softmax and move little at 1e-5 (BENCHMARKS.md, quality study; `xpeft.fit.recipes` has measured sets).
     """
 
-    lr: float = 1e-5
-    mask_lr: float | None = None
-    ln_lr: float | None = None
-    head_lr: float | None = None
-    adapter_lr: float | None = None  # single_adapter's A and B
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    epochs: int = 10
-    batch_size: int = 64
-    max_length: int = 128
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    max_steps: int | None = None  # stop early (tests, smoke runs)
-    tau_final: float | None = None  # anneal tau linearly to this value over training (hard masks)
-    log_every: int = 0  # log the running loss every n steps (0: never)
+    lr: float = option(1e-5, "learning rate (AdamW, linear decay to 0)")
+    mask_lr: float | None = option(None, "learning rate of the mask logits (default: lr)")
+    ln_lr: float | None = option(None, "learning rate of the LayerNorm after Â (default: lr)")
+    head_lr: float | None = option(None, "learning rate of the head (default: lr)")
+    adapter_lr: float | None = option(None, "learning rate of single_adapter's A and B (default: lr)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.0, "share of the steps with a linear warm-up")
+    epochs: int = option(10, "passes over the training rows")
+    batch_size: int = option(64, "rows per optimiser step (the global batch under data parallelism)")
+    max_length: int = option(128, "tokens per text after truncation")
+    seed: int = option(42, "seed of the initial tensors, the shuffling, dropout and the Gumbel noise")
+    gradient_checkpointing: bool = option(False, "recompute the encoder's activations in the backward pass")
+    max_steps: int | None = option(None, "stop after this many steps (smoke runs)")
+    tau_final: float | None = option(None, "anneal tau linearly to this value over the fit (hard masks)")
+    log_every: int = option(0, "log the running loss every n steps (0: never)")
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 8:
@@ -149,27 +172,3 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
-
-
-@dataclass
-class BankConfig:
-    """How a random bank is drawn (the paper's random adapters, §2 "Connection to the Lottery Ticket
-    Hypothesis"): A_i and B_i ~ N(0, 1/fan_in) * scale, from a seed."""
-
-    N: int = 100
-    b: int = 48
-    seed: int = 0
-    scale: float = 1.0
-    target: str = DEFAULT_TARGET
-    extra: dict[str, Any] = field(default_factory=dict)

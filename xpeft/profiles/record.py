@@ -1,7 +1,7 @@
-"""A profile (masks + LN affine + head or a shared-head reference + bank fingerprint + config) and the
-Parquet profile store.
+"""A profile record: masks + LN affine + head (or a shared-head reference) + bank fingerprint + config.
 
-A hard profile's masks are stored bit-packed: M_A then M_B, 2·⌈N/8⌉·L bytes together. Every other tensor
+A hard profile's masks are stored bit-packed: M_A then M_B, 2·⌈N/8⌉·L bytes together (M_B alone for the
+single-mask ablation). Every other tensor
 (soft mask logits, LN affine, a per-profile head, single_adapter's A and B) is one safetensors blob, so
 nothing is ever unpickled. `record_bytes` is the honest size: mask bits plus everything else stored.
 """
@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from xpeft.bank import AdapterBank
 from xpeft.config import XPeftConfig
-from xpeft.masks import bits_to_weights, khot, mask_bytes, pack_bits, unpack_bits
-from xpeft.model import XPeftModel
+from xpeft.core.bank import AdapterBank
+from xpeft.core.masks import bits_to_weights, khot, mask_bytes, pack_bits, unpack_bits
+from xpeft.core.model import XPeftModel
 
 MAX_PROFILE_ID = 200
 
@@ -88,13 +88,10 @@ def profile_from_model(
     bits = None
     state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     if cfg.mode == "x_peft" and cfg.mask_type == "hard":
-        weights = [
-            khot(model.mask_logits_A.detach().cpu(), cfg.top_k),
-            khot(model.mask_logits_B.detach().cpu(), cfg.top_k),
-        ]
-        if cfg.masks == "B":
-            weights[0] = torch.ones_like(weights[0])  # all adapters, mean-combined (the ablation's Â)
-        bits = pack_bits(weights[0]) + pack_bits(weights[1])
+        # M_A then M_B; the single-mask ablation stores M_B alone (its Â is the fixed mean of all the A_i).
+        bits = pack_bits(khot(model.mask_logits_B.detach().cpu(), cfg.top_k))
+        if cfg.masks == "AB":
+            bits = pack_bits(khot(model.mask_logits_A.detach().cpu(), cfg.top_k)) + bits
         state.pop("mask_logits_A", None)
         state.pop("mask_logits_B", None)
     if head_id is not None:
@@ -114,26 +111,21 @@ def profile_from_model(
     )
 
 
-def hard_mask_weights(profile: Profile, N: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored k-hot masks of a hard profile as combination weights (L×N each)."""
-    half = mask_bytes(N, L)
-    if profile.mask_bits is None or len(profile.mask_bits) != 2 * half:
-        got = 0 if profile.mask_bits is None else len(profile.mask_bits)
-        raise ValueError(
-            f"profile {profile.profile_id} stores {got} mask bytes but a bank with N={N}, L={L} needs "
-            f"{2 * half} (2·⌈N/8⌉·L); it was fitted for a different bank"
-        )
-    return (
-        bits_to_weights(unpack_bits(profile.mask_bits[:half], N, L)),
-        bits_to_weights(unpack_bits(profile.mask_bits[half:], N, L)),
-    )
-
-
-def mask_weights(profile: Profile, N: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """M_A, M_B of a stored x_peft profile as L×N combination weights: k-hot / k for hard masks, softmax of
-    the logits for soft ones. The single-mask ablation stores no M_A: its Â is the mean of the A_i."""
+def stored_mask_weights(profile: Profile, N: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """M_A, M_B of a stored x_peft profile as L×N combination weights: k-hot / k for hard masks (unpacked
+    from its bits), softmax of the logits for soft ones. The single-mask ablation stores no M_A logits: its Â
+    is the mean of the A_i."""
     if profile.config.mask_type == "hard":
-        return hard_mask_weights(profile, N, L)
+        half, masks = mask_bytes(N, L), len(profile.config.masks)
+        if profile.mask_bits is None or len(profile.mask_bits) != masks * half:
+            got = 0 if profile.mask_bits is None else len(profile.mask_bits)
+            raise ValueError(
+                f"profile {profile.profile_id} stores {got} mask bytes but a bank with N={N}, L={L} needs "
+                f"{masks * half} ({masks}·⌈N/8⌉·L); it was fitted for a different bank"
+            )
+        wB = bits_to_weights(unpack_bits(profile.mask_bits[-half:], N, L))
+        wA = bits_to_weights(unpack_bits(profile.mask_bits[:half], N, L)) if masks == 2 else torch.full((L, N), 1 / N)
+        return wA, wB
     logits_B = profile.tensors["mask_logits_B"]
     logits_A = profile.tensors.get("mask_logits_A", torch.zeros_like(logits_B))
     if logits_A.shape != (L, N) or logits_B.shape != (L, N):
@@ -144,25 +136,56 @@ def mask_weights(profile: Profile, N: int, L: int) -> tuple[torch.Tensor, torch.
     return torch.softmax(logits_A, -1), torch.softmax(logits_B, -1)
 
 
-def check_profile_bank(profile: Profile, bank: AdapterBank | None) -> None:
-    if profile.config.mode != "x_peft":
-        return
-    if bank is None or profile.bank_fingerprint != bank.fingerprint:
-        held = "no bank" if bank is None else f"bank {bank.fingerprint[:12]}…"
-        raise ValueError(
-            f"profile {profile.profile_id} was fitted on bank {str(profile.bank_fingerprint)[:12]}… but this "
-            f"model holds {held}; refit the profile or load bank {str(profile.bank_fingerprint)[:12]}…"
-        )
-    if (bank.N, bank.L) != (profile.config.N, _profile_L(profile, bank)):
-        raise ValueError(f"profile {profile.profile_id} has N={profile.config.N} but the bank has N={bank.N}")
+@dataclass(frozen=True)
+class Dims:
+    """What a model or server that would apply a profile has: its encoder's blocks, hidden size, the linear
+    its adapters wrap and that linear's dimensions."""
+
+    L: int
+    d: int
+    target: str
+    d_in: int
+    d_out: int
 
 
-def _profile_L(profile: Profile, bank: AdapterBank) -> int:
-    if "ln_weight" in profile.tensors:
-        return profile.tensors["ln_weight"].shape[0]
-    if "mask_logits_B" in profile.tensors:
-        return profile.tensors["mask_logits_B"].shape[0]
-    return bank.L
+def compatibility(profile: Profile, bank: AdapterBank | None, dims: Dims) -> str | None:
+    """Why `profile` cannot be applied over `bank` on an encoder of `dims` (None: it can). The one check
+    every reader of a stored profile makes: a model, the server, the farm."""
+    cfg, pid = profile.config, profile.profile_id
+    if cfg.mode == "x_peft":
+        if bank is None:
+            return f"profile {pid} is an x_peft profile but no bank is loaded here"
+        if profile.bank_fingerprint != bank.fingerprint:
+            return (
+                f"profile {pid} was fitted on bank {profile.bank_fingerprint} but the bank here is "
+                f"{bank.fingerprint}; use bank {str(profile.bank_fingerprint)[:12]}… for it, or refit it on this one"
+            )
+        if (cfg.N, cfg.b, bank.L) != (bank.N, bank.b, dims.L):
+            return f"profile {pid} has N={cfg.N}, b={cfg.b} but the bank has N={bank.N}, b={bank.b}, L={bank.L}"
+    if cfg.mode != "head_only" and cfg.target != dims.target:
+        return f"profile {pid} adapts {cfg.target!r} but this encoder is adapted at {dims.target!r}"
+    if cfg.mode == "single_adapter":
+        want = {"lora_A": (dims.L, cfg.b, dims.d_in), "lora_B": (dims.L, dims.d_out, cfg.b)}
+        got = {k: tuple(profile.tensors[k].shape) if k in profile.tensors else None for k in want}
+        if got != want:
+            return f"profile {pid} has adapters {got} but this backbone needs {want}"
+    return None
+
+
+def check_compatible(profile: Profile, bank: AdapterBank | None, dims: Dims) -> None:
+    """`compatibility` as a ValueError."""
+    problem = compatibility(profile, bank, dims)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def model_dims(model) -> Dims:
+    """The Dims of an XPeftModel or MultiProfileModel (whichever target its adapters wrap)."""
+    from xpeft.core.encoder import adapted_dims
+
+    target = getattr(model, "target", None) or model.cfg.target
+    L, d_in, d_out = adapted_dims(model.encoder, target)
+    return Dims(L, model.encoder.config.hidden_size, target, d_in, d_out)
 
 
 def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, torch.Tensor] | None = None) -> None:
@@ -173,14 +196,14 @@ def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, to
             f"profile {profile.profile_id} is {profile.config.mode}/{profile.config.mask_type} but the model is "
             f"{cfg.mode}/{cfg.mask_type}; build the model from the profile's config"
         )
-    check_profile_bank(profile, getattr(model, "bank", None))
+    check_compatible(profile, getattr(model, "bank", None), model_dims(model))
     state = dict(profile.tensors)
     if profile.head_id is not None:
         if shared_head is None:
             raise ValueError(f"profile {profile.profile_id} uses shared head {profile.head_id}; pass it in")
         state.update({f"head.{k}": v for k, v in shared_head.items()})
     if profile.mask_bits is not None:
-        wA, wB = hard_mask_weights(profile, cfg.N, model.L)
+        wA, wB = stored_mask_weights(profile, cfg.N, model.L)
         # Logits whose top-k is exactly the stored k-hot set: eval's khot() reproduces the stored mask.
         state["mask_logits_A"] = wA * cfg.top_k if cfg.masks == "AB" else torch.zeros_like(wA)
         state["mask_logits_B"] = wB * cfg.top_k
@@ -200,7 +223,25 @@ def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, to
             params[name].copy_(value)
 
 
-# --- rows for the Parquet store ------------------------------------------------------------------------
+def summary(profile: Profile) -> dict[str, Any]:
+    """What a listing shows of a profile: its config, metrics, labels and size in bytes, no tensors."""
+    sizes = profile.size_report()
+    return {
+        "profile_id": profile.profile_id,
+        "mode": profile.config.mode,
+        "mask_type": profile.config.mask_type if profile.config.mode == "x_peft" else None,
+        "config": profile.config.to_dict(),
+        "head_id": profile.head_id,
+        "bank_fingerprint": profile.bank_fingerprint,
+        "metrics": profile.metrics,
+        "label_names": profile.label_names,
+        "size_bytes": sizes["total"],
+        "size_report": sizes,
+        "created": profile.created,
+    }
+
+
+# --- rows for the profile store --------------------------------------------------------------------------
 
 
 def to_row(profile: Profile) -> dict[str, Any]:

@@ -82,12 +82,13 @@ def profile_bytes(
     head: str = "pooler",
     shared_head: bool = False,
     layer_norm: bool = True,
+    masks: str = "AB",
 ) -> dict[str, int]:
     """Everything a stored profile holds, in bytes (float32 tensors)."""
     parts = {"mask_bits": 0, "masks_float": 0, "ln": 0, "adapter": 0, "head": 0}
     if mode == "x_peft":
         key = "mask_bits" if mask_type == "hard" else "masks_float"
-        parts[key] = mask_bytes_per_profile(mode, mask_type, N, dims)
+        parts[key] = mask_bytes_per_profile(mode, mask_type, N, dims, masks)
         parts["ln"] = (2 * b * dims.L if layer_norm else 0) * FLOAT_BYTES
     elif mode == "single_adapter":
         parts["adapter"] = trainable_params(mode, N, b, dims) * FLOAT_BYTES

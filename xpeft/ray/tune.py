@@ -26,19 +26,16 @@ import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass
 from itertools import product
 from typing import Any
 
-from xpeft.distributed import (
-    FitConfig,
-    Session,
-    TaskData,
-    fit_distributed,
-    fit_loop,
-    per_worker_batch,
-    profile_from_checkpoint,
-)
+from xpeft.config import option
+from xpeft.fit.checkpoints import save_checkpoint
+from xpeft.fit.loop import Session, per_worker_batch
+from xpeft.fit.task import FitConfig, TaskData, fit_task
+from xpeft.ray.train import fit_distributed, from_checkpoint, profile_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +71,17 @@ BEST_FILE = "best.json"
 class SearchConfig:
     """A search: the trials' common fit (task, mode, mask type, learning rates, epochs...) and the space."""
 
-    fit: FitConfig = field(default_factory=FitConfig)
-    space: dict[str, tuple[int, ...]] = field(default_factory=lambda: dict(SEARCH_SPACE))
-    num_samples: int = 20  # random search: trials drawn from the space (ignored with grid)
-    grid: bool = False  # every combination instead (800 trials on the full space)
-    distributed: bool = False  # each trial a Ray Train run over fit.num_workers workers
-    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
-    reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor at each rung
-    max_concurrent_trials: int | None = None
-    cpus_per_trial: float = 1.0  # single-process trials; a distributed trial's workers ask for their own
-    storage_path: str = "runs/tune"
-    name: str = "search"
+    fit: FitConfig = option(FitConfig(), "the trials' common fit", no_flag=True)
+    space: dict[str, tuple[int, ...]] = option(dict(SEARCH_SPACE), "the values searched per dimension", no_flag=True)
+    num_samples: int = option(20, "random search: trials drawn from the space (ignored with --grid)")
+    grid: bool = option(False, "every combination of the space instead (800 trials on the full space)")
+    distributed: bool = option(False, "each trial a Ray Train run over --num-workers workers")
+    grace_period: int = option(1, "ASHA: epochs every trial gets before it can be stopped")
+    reduction_factor: int = option(2, "ASHA: keep the best 1/reduction_factor of the trials at each rung")
+    max_concurrent_trials: int | None = option(None, "trials running at once (default: as the cluster allows)")
+    cpus_per_trial: float = option(1.0, "CPUs of a single-process trial (a distributed one's workers ask their own)")
+    storage_path: str = option("runs/tune", "where the search is kept: <storage-path>/<name> (path or URI)")
+    name: str = option("search", "the search's name; --restore continues the one of that name")
 
     def experiment_path(self) -> str:
         return os.path.join(_absolute(self.storage_path), self.name)
@@ -194,10 +191,15 @@ def _trial(params: dict, scfg: SearchConfig, data: TaskData) -> None:
         fit_distributed(cfg, data, callbacks=[TuneReportCallback()])
         return
 
-    def report(metrics: dict, checkpoint) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint.path) if checkpoint else None)
+    def report(metrics: dict, model, optimizer, scheduler, state) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(d, model, optimizer, scheduler, state)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    fit_loop(cfg, data, Session.local(report, tune.get_checkpoint, cfg.use_gpu))
+    import torch
+
+    session = Session(device=torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"))
+    from_checkpoint(tune.get_checkpoint(), lambda d: fit_task(cfg, data, session, d, report))
 
 
 DRIVER_CPU = 0.01  # a distributed trial only waits on its Ray Train run (Tune refuses an empty request)

@@ -1,9 +1,9 @@
 """One forward over a batch whose rows belong to different profiles (serving).
 
-A profile is combined from the bank once (`combine_profile`: mask × bank → Â, B̂ per block) and can be
-cached; a mixed batch then stacks each row's Â/B̂ and runs the encoder once with per-row batched matmuls
-(`layer.AdaptedLinear`), never one forward per profile. Heads are tiny next to the encoder and run per
-group of rows that share one.
+A profile is combined from the bank once (`xpeft.core.combine`: mask × bank → Â, B̂ per block) into a
+`CombinedProfile` that a server caches; a mixed batch then stacks each row's Â/B̂ and runs the encoder once
+with per-row batched matmuls (`layer.AdaptedLinear`), never one forward per profile. Heads are tiny next to
+the encoder and run per group of rows that share one.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xpeft.bank import AdapterBank
-from xpeft.layer import AdaptedLinear, Adapter, wrap_linear
-from xpeft.model import encoder_blocks, mean_pool
-from xpeft.profiles import Profile, check_profile_bank, mask_weights
+from xpeft.core.encoder import encoder_blocks, mean_pool
+from xpeft.core.layer import AdaptedLinear, Adapter, adapters, wrap_linear
 
 
 @dataclass
@@ -70,45 +68,6 @@ class CombinedProfile:
     def nbytes(self) -> int:
         ts = [t for t in (self.A_hat, self.B_hat, self.ln_weight, self.ln_bias) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
-
-
-@torch.no_grad()
-def combine_profile(
-    profile: Profile, bank: AdapterBank | None, d: int, shared_head: dict[str, torch.Tensor] | None = None
-) -> CombinedProfile:
-    """Weights first: Â = Σ_i M_A[l,i]·A_i and B̂ = Σ_i M_B[l,i]·B_i for every block, from the stored masks."""
-    cfg = profile.config
-    check_profile_bank(profile, bank)
-    t = profile.tensors
-    A_hat = B_hat = ln_w = ln_b = None
-    scale = 1.0
-    if cfg.mode == "x_peft":
-        wA, wB = mask_weights(profile, bank.N, bank.L)
-        A_hat = torch.einsum("ln,lnbd->lbd", wA, bank.A)
-        B_hat = torch.einsum("ln,lndb->ldb", wB, bank.B)
-        if cfg.layer_norm:
-            ln_w, ln_b = t["ln_weight"], t["ln_bias"]
-    elif cfg.mode == "single_adapter":
-        A_hat, B_hat = t["lora_A"], t["lora_B"]
-        scale = (cfg.lora_alpha or cfg.b) / cfg.b
-    head_state = {k[len("head.") :]: v for k, v in t.items() if k.startswith("head.")}
-    if profile.head_id is not None:
-        if shared_head is None:
-            raise ValueError(f"profile {profile.profile_id} uses shared head {profile.head_id}; pass it in")
-        head_state = shared_head
-    head = HeadWeights.checked(cfg.head, head_state, d, cfg.num_labels)
-    return CombinedProfile(
-        profile_id=profile.profile_id,
-        A_hat=A_hat,
-        B_hat=B_hat,
-        ln_weight=ln_w,
-        ln_bias=ln_b,
-        scale=scale,
-        head=head,
-        head_key=f"shared:{profile.head_id}" if profile.head_id else f"own:{profile.profile_id}",
-        problem_type=cfg.problem_type,
-        label_names=profile.label_names,
-    )
 
 
 class MultiProfileModel(nn.Module):
@@ -164,14 +123,8 @@ class MultiProfileModel(nn.Module):
         hidden = torch.empty(n, batch["input_ids"].shape[1], self.d, device=batch["input_ids"].device)
         for idx in kinds.values():
             sub = {k: v[idx] for k, v in batch.items()}
-            adapters = self._row_adapters([rows[i] for i in idx])
-            for layer, module in enumerate(self.adapted):
-                module.adapter = None if adapters is None else adapters[layer]
-            try:
+            with adapters(self.adapted, self._row_adapters([rows[i] for i in idx])):
                 hidden[idx] = self.encoder(**sub).last_hidden_state
-            finally:
-                for module in self.adapted:
-                    module.adapter = None
         logits: list[torch.Tensor | None] = [None] * n
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(rows):

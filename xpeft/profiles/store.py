@@ -1,9 +1,12 @@
 """The profile store: a Parquet data set on a local directory or any `pyarrow.fs` URI (s3://…, gs://…).
 
 Layout under the root:
-    profiles/part-<time>-<uuid>.parquet   one file per write, one row per profile (see profiles.to_row)
+    profiles/part-<time>-<uuid>.parquet   one file per write, one row per profile (see record.to_row)
     heads/<head_id>.safetensors           shared heads (the mtl setting)
-    banks/<fingerprint>.safetensors       the banks the profiles were fitted on
+    banks/<fingerprint>.safetensors       the banks the profiles were fitted on (verified on every load)
+    state/<name>.json                     run state of the jobs writing here (`state/farm.json`: the farm's
+                                          setting, learned bank and shared head, so a resumed run skips its
+                                          warm start)
 
 Writes never touch an existing file: each batch goes to a new, uniquely named file (written under a temp
 name and renamed into place where the file system can rename), so concurrent writers never clobber each
@@ -14,6 +17,7 @@ the newest row wins.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -29,8 +33,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from xpeft.bank import AdapterBank, load_bank, save_bank
-from xpeft.profiles import Profile, from_row, to_row
+from xpeft.core.bank import AdapterBank, load_bank, save_bank
+from xpeft.profiles.record import Profile, from_row, summary, to_row
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +144,20 @@ class ProfileStore:
             pafs.copy_files(path, str(tmp), source_filesystem=self.fs)
         return load_bank(tmp)
 
+    def read_state(self, name: str) -> dict:
+        """A job's run state (`state/<name>.json`), {} when there is none."""
+        try:
+            with self.fs.open_input_stream(f"{self.root}/state/{name}.json") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, OSError):
+            return {}
+
+    def write_state(self, name: str, state: dict) -> None:
+        """Replace a job's run state atomically."""
+        self.fs.create_dir(f"{self.root}/state", recursive=True)
+        blob = json.dumps(state).encode()
+        self._atomic_write(f"{self.root}/state/{name}.json", lambda out: out.write(blob))
+
     def bank_fingerprints(self) -> list[str]:
         sel = pafs.FileSelector(f"{self.root}/banks", allow_not_found=True)
         return sorted(Path(i.path).stem for i in self.fs.get_file_info(sel) if i.path.endswith(".safetensors"))
@@ -223,19 +241,7 @@ class ProfileStore:
         return [self.summary(pid) for pid in page]
 
     def summary(self, profile_id: str) -> dict:
-        p = self.get(profile_id)
-        return {
-            "profile_id": p.profile_id,
-            "mode": p.config.mode,
-            "mask_type": p.config.mask_type if p.config.mode == "x_peft" else None,
-            "config": p.config.to_dict(),
-            "head_id": p.head_id,
-            "bank_fingerprint": p.bank_fingerprint,
-            "metrics": p.metrics,
-            "label_names": p.label_names,
-            "size_bytes": p.size_report(),
-            "created": p.created,
-        }
+        return summary(self.get(profile_id))
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
         """Every stored row (all versions), e.g. for reports and plots."""

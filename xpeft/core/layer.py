@@ -10,6 +10,8 @@ that mixes profiles), computed with batched matmuls, as PEFT's Poly tuner does f
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -69,14 +71,37 @@ class AdaptedLinear(nn.Module):
         return out + a.scale * delta
 
 
+@contextmanager
+def adapters(
+    modules: Sequence[AdaptedLinear], per_block: Sequence[Adapter] | None, keep: bool = False
+) -> Iterator[None]:
+    """Set one adapter per block for the forwards inside the block, and clear them after (as PEFT's
+    `_enable_peft_forward_hooks`), so no adapter outlives its call or leaks into another profile's forward.
+
+    `keep=True` leaves them set: a training forward's autograd graph holds the combined tensors anyway, and
+    gradient checkpointing re-runs the blocks' forwards during `backward()`, after this forward returned, so
+    they must still find their adapter then (the next forward replaces it)."""
+    if per_block is not None and len(per_block) != len(modules):
+        raise ValueError(f"{len(per_block)} adapters for {len(modules)} adapted blocks")
+    for i, module in enumerate(modules):
+        module.adapter = None if per_block is None else per_block[i]
+    try:
+        yield
+    finally:
+        if not keep:
+            for module in modules:
+                module.adapter = None
+
+
 def get_submodule_parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     return parent, name
 
 
-def wrap_linear(block: nn.Module, target: str) -> AdaptedLinear:
-    """Replace `block.<target>` (an nn.Linear) by an AdaptedLinear around it, in place."""
+def find_linear(block: nn.Module, target: str) -> nn.Linear | AdaptedLinear:
+    """`block.<target>`: an nn.Linear, or the AdaptedLinear already wrapping one; a ValueError naming the
+    block's linears when there is no such linear."""
     try:
         module = block.get_submodule(target)
     except AttributeError:
@@ -84,10 +109,16 @@ def wrap_linear(block: nn.Module, target: str) -> AdaptedLinear:
         raise ValueError(
             f"target {target!r} is not a module of this encoder's blocks; linears there are {linears}"
         ) from None
+    if not isinstance(module, nn.Linear | AdaptedLinear):
+        raise ValueError(f"target {target!r} is a {type(module).__name__}, not an nn.Linear")
+    return module
+
+
+def wrap_linear(block: nn.Module, target: str) -> AdaptedLinear:
+    """Replace `block.<target>` (an nn.Linear) by an AdaptedLinear around it, in place."""
+    module = find_linear(block, target)
     if isinstance(module, AdaptedLinear):
         return module
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"target {target!r} is a {type(module).__name__}, not an nn.Linear")
     parent, name = get_submodule_parent(block, target)
     wrapped = AdaptedLinear(module)
     setattr(parent, name, wrapped)

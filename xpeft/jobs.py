@@ -1,0 +1,297 @@
+"""The four jobs, each one function over the library with flags generated from its configs (xpeft.flags):
+`xpeft fit-profiles | fit-task | tune | serve` and `python ray_jobs/<job>.py` are the same code.
+
+Without RAY_ADDRESS a job starts an embedded local Ray; under `ray job submit` it joins the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from xpeft.config import TrainConfig, XPeftConfig
+from xpeft.flags import add_flags, from_flags
+
+log = logging.getLogger(__name__)
+
+PROFILE_SOURCES = "'news-sample' (the bundled 36 authors), 'news' (HuffPost in --data-dir) or a Parquet path / URI"
+DATA_FROM_DATA = ("num_labels", "problem_type")  # the data decides these
+
+
+def _configure() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- fit-profiles: the profile farm -------------------------------------------------------------------------
+
+
+def fit_profiles_arguments(ap: argparse.ArgumentParser) -> None:
+    from xpeft.fit.recipes import FARM_TRAIN
+    from xpeft.ray.farm import FarmConfig
+
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--demo", action="store_true", help="the bundled news sample (36 authors), mtl, hard masks")
+    src.add_argument("--data", help=f"the profile data set (text, label, profile_id[, split]): {PROFILE_SOURCES}")
+    ap.add_argument("--data-dir", default=None, help="where ../shared/data-style files are (for --data news)")
+    ap.add_argument("--min-articles", type=int, default=10, help="--data news: authors with at least this many")
+    ap.add_argument("--max-profiles", type=int, default=None, help="fit only the first n profiles (by id)")
+    ap.add_argument(
+        "--drop-invalid",
+        action="store_true",
+        help="leave out rows with null labels, empty texts, invalid profile ids or unknown splits (default: refuse)",
+    )
+    ap.add_argument(
+        "--store", default=None, help="the profile store: a directory or URI (default runs/<data>-<setting>)"
+    )
+    ap.add_argument("--report-dir", default=None, help="where the report and plots go (default <store>/reports/<time>)")
+    ap.add_argument("--no-plots", action="store_true", help="skip the t-SNE and heatmap plots")
+    ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded local)")
+    add_flags(ap.add_argument_group("farm"), FarmConfig, skip=("store",))
+    add_flags(
+        ap.add_argument_group("profiles (X-PEFT)"),
+        XPeftConfig,
+        defaults=XPeftConfig(head="linear"),
+        skip=DATA_FROM_DATA,
+    )
+    add_flags(ap.add_argument_group("fit (xpeft.fit.recipes.FARM_TRAIN)"), TrainConfig, defaults=FARM_TRAIN)
+
+
+def fit_profiles(args: argparse.Namespace) -> None:
+    """Fit one profile per profile_id of the data set into the store, write the report and plots."""
+    from xpeft.data.dataset import SAMPLE_SOURCE, profile_datas, read_profile_source
+    from xpeft.fit.recipes import FARM_TRAIN
+    from xpeft.profiles.store import ProfileStore
+    from xpeft.ray.cluster import init_ray
+    from xpeft.ray.farm import FarmConfig, run_farm
+    from xpeft.ray.report import finish_run
+
+    if args.demo:
+        args.data, args.setting, args.store = SAMPLE_SOURCE, "mtl", args.store or "runs/demo"
+    if not args.data:
+        raise ValueError("give the profiles: --demo or --data (news-sample, news or a Parquet path)")
+    dataset = profile_datas(
+        read_profile_source(args.data, args.data_dir, args.min_articles), drop_invalid=args.drop_invalid
+    )
+    datas = dataset.profiles[: args.max_profiles] if args.max_profiles else dataset.profiles
+    labels = dataset.labels
+    xcfg = from_flags(args, XPeftConfig, num_labels=labels.num_labels, problem_type=labels.problem_type)
+    log.info("%d profiles; %s", len(datas), labels.describe())
+    if dataset.dropped:
+        log.warning("rows left out (--drop-invalid): %s", dataset.dropped)
+    name = os.path.splitext(os.path.basename(args.data))[0]
+    store_uri = args.store or f"runs/{name}-{args.setting}-{args.mode}"
+    train = from_flags(args, TrainConfig, base=FARM_TRAIN)
+    cfg = from_flags(args, FarmConfig, store=store_uri, xpeft=xcfg, train=train, label_names=labels.label_names)
+    init_ray(args.address, log_to_driver=False)
+    report = run_farm(cfg, datas)
+    store = ProfileStore(store_uri)
+    report_dir = args.report_dir or os.path.join(store_uri, "reports", time.strftime("%Y%m%d-%H%M%S"))
+    paths, _, drawn = finish_run(report, cfg.to_dict(), store, datas, labels.label_names, report_dir, not args.no_plots)
+    print(open(paths["md"]).read().split("## Per profile")[0])
+    plots = [] if drawn.get("skipped") else list(drawn.values())
+    print("report and plots:", ", ".join([*paths.values(), *plots]))
+    print(f"profiles stored in {store_uri}: {len(store)}")
+
+
+# --- fit-task: one fit with Ray Train ----------------------------------------------------------------------
+
+
+def fit_task_arguments(ap: argparse.ArgumentParser, for_search: bool = False) -> None:
+    from xpeft.fit.task import FitConfig
+
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="GLUE/SuperGLUE task: cola sst2 mrpc qqp stsb mnli qnli rte wnli cb boolq axb axg")
+    src.add_argument("--data", help=f"a profile data set ({PROFILE_SOURCES}); with --profile-id, the profile to fit")
+    ap.add_argument("--data-dir", default=None, help="GLUE/SuperGLUE files (default ../shared/data or XPEFT_DATA_DIR)")
+    ap.add_argument("--train-subset", type=int, default=None, help="fit on n training rows (seeded sample)")
+    ap.add_argument("--eval-subset", type=int, default=None, help="evaluate on n rows of the reported split")
+    ap.add_argument(
+        "--recipe",
+        choices=["paper", "task"],
+        default="paper",
+        help="paper: TrainConfig() (§3); task: recipes.TASK_TRAIN",
+    )
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    skip = ("task", "storage_path", "name") if for_search else ("task",)
+    add_flags(ap.add_argument_group("fit"), FitConfig, skip=skip)
+    add_flags(ap.add_argument_group("model (X-PEFT)"), XPeftConfig, skip=DATA_FROM_DATA)
+    group = ap.add_argument_group("training (each flag overrides the --recipe's value)")
+    add_flags(group, TrainConfig, unset=True)
+
+
+def fit_config(args: argparse.Namespace):
+    """(FitConfig, TaskData) from the flags: the data is loaded and tokenized here, once, on the driver."""
+    from xpeft.core.encoder import load_tokenizer
+    from xpeft.fit.recipes import TASK_TRAIN
+    from xpeft.fit.task import FitConfig, for_task, load_profile_data, load_task_data
+
+    train = from_flags(args, TrainConfig, base=TASK_TRAIN if args.recipe == "task" else TrainConfig())
+    xcfg = from_flags(args, XPeftConfig)
+    tokenizer = load_tokenizer(args.backbone)
+    if args.task:
+        xcfg = for_task(xcfg, args.task)
+        data = load_task_data(
+            args.task, tokenizer, train.max_length, args.data_dir, args.train_subset, args.eval_subset, train.seed
+        )
+    else:
+        if not args.profile_id:
+            raise ValueError("--data needs --profile-id: the profile to fit")
+        data, xcfg, _ = load_profile_data(args.data, args.profile_id, tokenizer, xcfg, train.max_length)
+    return from_flags(args, FitConfig, xpeft=xcfg, train=train, task=args.task), data
+
+
+def fit_task(args: argparse.Namespace) -> None:
+    """Fit x_peft (soft/hard), single_adapter or head_only with Ray Train DDP workers."""
+    from xpeft.ray.cluster import init_ray
+    from xpeft.ray.train import fit_distributed
+
+    cfg, data = fit_config(args)
+    init_ray(num_cpus=args.num_cpus)
+    start = time.perf_counter()
+    report = fit_distributed(cfg, data)
+    wall = time.perf_counter() - start
+    resumed = f", resumed at epoch {report.resumed_from_epoch}" if report.resumed_from_epoch is not None else ""
+    what = cfg.xpeft.mode + (f"/{cfg.xpeft.mask_type}" if cfg.xpeft.mode == "x_peft" else "")
+    print(
+        f"fitted {cfg.task or args.profile_id} with {what}: {len(data.train)} train rows, {report.world_size} "
+        f"worker(s) x batch {report.per_worker_batch} x {report.torch_threads} threads, {report.epochs} epochs, "
+        f"{report.steps} steps{resumed}"
+    )
+    shown = json.dumps({k: round(v, 4) for k, v in report.metrics.items()})
+    loss = f"loss {report.losses[0]:.4f} -> {report.losses[-1]:.4f}"
+    print(f"{loss}; eval on {len(data.eval)} rows: {shown}; score {report.score}")
+    print(f"wall time {wall:.1f} s (training loop {report.seconds:.1f} s); checkpoint {report.checkpoint_path}")
+    if report.profile is not None:
+        print(f"profile {report.profile.profile_id} ({report.profile.record_bytes} bytes) stored in {cfg.store}")
+    if args.json:
+        body = {k: v for k, v in dataclasses.asdict(report).items() if k not in ("profile", "replica_states")}
+        with open(args.json, "w") as f:
+            json.dump({**body, "wall_seconds": wall, "train_rows": len(data.train)}, f, indent=1)
+
+
+def fit_task_job_arguments(ap: argparse.ArgumentParser) -> None:
+    fit_task_arguments(ap)
+    ap.add_argument("--json", default=None, help="also write the report (loss curve, history) to this file")
+
+
+# --- tune: Appendix C's search ------------------------------------------------------------------------------
+
+
+def tune_arguments(ap: argparse.ArgumentParser) -> None:
+    from xpeft.ray.tune import SEARCH_SPACE, SearchConfig
+
+    fit_task_arguments(ap, for_search=True)
+    ap.add_argument("--search", nargs="+", choices=list(SEARCH_SPACE), default=list(SEARCH_SPACE), help="dimensions")
+    for dim, values in SEARCH_SPACE.items():
+        ap.add_argument(
+            f"--space-{dim.replace('_', '-')}", dest=f"space_{dim}", type=int, nargs="+", default=list(values),
+            help=f"values of {dim} (default {list(values)}, Appendix C)",
+        )  # fmt: skip
+    add_flags(ap.add_argument_group("search"), SearchConfig, defaults=SearchConfig(storage_path="runs/tune"))
+    ap.add_argument("--restore", action="store_true", help="continue the search --name at --storage-path")
+
+
+def tune(args: argparse.Namespace) -> None:
+    """The paper's hyper-parameter search (Appendix C) with Ray Tune and ASHA on the task's official score."""
+    from xpeft.ray.cluster import init_ray
+    from xpeft.ray.tune import SearchConfig, restore_search, search
+
+    if args.restore and args.name == "search":
+        log.info("--restore without --name continues the search named 'search'")
+    fit, data = fit_config(args)
+    space = {dim: tuple(getattr(args, f"space_{dim}")) for dim in args.search}
+    scfg = from_flags(args, SearchConfig, fit=dataclasses.replace(fit, name=None, store=None), space=space)
+    init_ray(num_cpus=args.num_cpus, dashboard=args.distributed)  # Ray Train's cleanup of stopped trials needs it
+    result = (restore_search if args.restore else search)(scfg, data, store=args.store)
+    print(f"{len(result.trials)} trials in {result.experiment_path}")
+    for t in sorted(result.trials, key=lambda t: -(t["score"] if t["score"] is not None else -1e9)):
+        error = f", error {t['error']}" if t["error"] else ""
+        print(f"  {json.dumps(t['config'])}: score {t['score']}, {t['epochs']} epochs{error}")
+    stored = f"; profile {result.profile_id} stored in {args.store}" if result.profile_id else ""
+    print(f"best {json.dumps(result.best_config)} score {result.best_score:.4f}{stored}")
+
+
+# --- serve: the profile server ------------------------------------------------------------------------------
+
+
+def serve_arguments(ap: argparse.ArgumentParser) -> None:
+    from xpeft.serve.config import ServeConfig
+
+    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    ap.add_argument("--port", type=int, default=8000, help="the HTTP port")
+    add_flags(ap.add_argument_group("server"), ServeConfig)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Serve every profile of a store over HTTP (the Ray Serve app of xpeft.serve) until Ctrl-C or SIGTERM."""
+    import signal
+
+    import ray
+    from ray import serve as ray_serve
+
+    from xpeft.ray.cluster import init_ray
+    from xpeft.serve.config import ServeConfig
+    from xpeft.serve.deployment import build_app
+
+    cfg = from_flags(args, ServeConfig)
+    init_ray()
+    # Before Serve starts (a client may see /healthz answer before serve.run returns): `kill` then shuts
+    # Serve down cleanly instead of meeting Ray's fatal-signal handler, which init_ray installed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        ray_serve.start(http_options={"host": args.host, "port": args.port})
+        ray_serve.run(build_app(cfg), name="xpeft", route_prefix="/")
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        url = f"http://{host}:{args.port}"
+        print(f"serving the profiles of {cfg.store} at {url} (auth {'on' if cfg.api_token else 'off'})")
+        print(f"  curl {url}/healthz")
+        body = """-d '{"profile_id": "...", "texts": ["..."]}'"""
+        print(f"  curl -X POST {url}/v1/classify -H 'Content-Type: application/json' {body}")
+        print(f"  API docs: {url}/docs   (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
+
+
+# --- the table of jobs ----------------------------------------------------------------------------------------
+
+Job = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None], str]
+JOBS: dict[str, Job] = {
+    "fit-profiles": (
+        fit_profiles_arguments,
+        fit_profiles,
+        "fit one X-PEFT profile per profile_id into a store (the farm)",
+    ),
+    "fit-task": (fit_task_job_arguments, fit_task, "fit a GLUE/SuperGLUE task or one profile with Ray Train DDP"),
+    "tune": (tune_arguments, tune, "search N / k / b / batch size (Appendix C) with Ray Tune and ASHA"),
+    "serve": (serve_arguments, serve, "serve every profile of a store over HTTP with Ray Serve"),
+}
+
+
+def run(job: str, args: argparse.Namespace) -> None:
+    """Run a parsed job; a refusal (bad input, a missing file) is one line on stderr and exit code 2."""
+    _configure()
+    try:
+        JOBS[job][1](args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"{job}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(job: str, argv: list[str] | None = None, doc: str | None = None) -> None:
+    """`python ray_jobs/<job>.py ...`: the job's flags and run, as `xpeft <job> ...`."""
+    add, _, help_text = JOBS[job]
+    ap = argparse.ArgumentParser(description=doc or help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add(ap)
+    run(job, ap.parse_args(argv))

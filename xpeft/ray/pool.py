@@ -1,0 +1,139 @@
+"""The farm's actor pool: fit every profile on a pool of Ray actors, largest first, losing none.
+
+Work goes only to actors that are up (an actor the cluster cannot place holds no profile hostage). An actor
+that dies has its profile put back and is replaced; a profile is retried up to `max_retries` times, then
+recorded as failed with the reason. A profile whose data is bad (`BadProfileData`) is rejected at once.
+Ray's own `ray.util.ActorPool` hands work out the same way but neither replaces a dead actor nor retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+from xpeft.data.dataset import ProfileData
+from xpeft.fit.profile import BadProfileData
+
+log = logging.getLogger(__name__)
+
+
+class FarmPool:
+    """One pass of a pool of actors over a queue of profiles. `make_actor()` starts an actor with `ready()`,
+    `fit(data)` and `info()` methods; `on_result(result)` gets every fitted profile's result."""
+
+    def __init__(
+        self,
+        make_actor: Callable[[], Any],
+        max_retries: int,
+        on_result: Callable[[dict], None],
+        report,
+        progress: bool = True,
+    ):
+        self.make_actor, self.max_retries, self.on_result, self.report = make_actor, max_retries, on_result, report
+        self.queue: list[ProfileData] = []
+        self.attempts: dict[str, int] = {}
+        self.starting: dict[Any, Any] = {}  # readiness ref -> actor still starting
+        self.ready: list[Any] = []
+        self.in_flight: dict[Any, tuple[Any, ProfileData]] = {}
+        self.progress = progress
+        self.first_result = True
+
+    def run(self, datas: list[ProfileData], num_actors: int) -> None:
+        """Fit every profile of `datas`; returns when each is stored, rejected or failed."""
+        self.queue = sorted(datas, key=lambda d: (-d.size, d.profile_id))[::-1]  # pop() takes the largest
+        self.bar = tqdm(total=len(datas), desc="profiles", unit="profile", disable=not self.progress)
+        self.start = time.perf_counter()
+        for _ in range(min(num_actors, len(self.queue))):
+            self.spawn()
+        self.report.actors = max(self.report.actors, len(self.starting))
+        while self.in_flight or (self.queue and self.starting):
+            [ref], _ = ray.wait(list(self.in_flight) + list(self.starting), num_returns=1)
+            if ref in self.starting:
+                self.on_started(ref)
+            else:
+                self.on_done(ref)
+        self.bar.close()
+        for data in self.queue:  # only when no actor could ever start
+            self.report.failed[data.profile_id] = "no actor could be started (not enough resources in the cluster?)"
+        self.finish()
+
+    def spawn(self) -> None:
+        actor = self.make_actor()
+        self.starting[actor.ready.remote()] = actor
+
+    def submit(self, actor) -> None:
+        if self.queue:
+            data = self.queue.pop()  # the end of the queue holds the largest
+            self.in_flight[actor.fit.remote(data)] = (actor, data)
+
+    def retry(self, data: ProfileData, reason: str) -> None:
+        pid = data.profile_id
+        self.attempts[pid] = self.attempts.get(pid, 0) + 1
+        if self.attempts[pid] <= self.max_retries:
+            self.report.retries += 1
+            self.queue.append(data)
+        else:
+            self.report.failed[pid] = reason
+            self.bar.update(1)
+
+    def on_started(self, ref) -> None:
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError:  # died while starting: try another
+            self.spawn()
+            return
+        self.ready.append(actor)
+        self.submit(actor)
+
+    def on_done(self, ref) -> None:
+        actor, data = self.in_flight.pop(ref)
+        pid = data.profile_id
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as e:  # the worker died mid-profile: replace it, retry
+            log.warning("actor died while fitting %s: %s", pid, type(e).__name__)
+            self.ready.remove(actor)
+            self.retry(data, f"worker died {self.attempts.get(pid, 0) + 1} times: {type(e).__name__}")
+            self.spawn()
+            busy = {a for a, _ in self.in_flight.values()}
+            for idle in [a for a in self.ready if a not in busy]:
+                self.submit(idle)
+            return
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, Exception) else e
+            if isinstance(cause, BadProfileData):
+                self.report.rejected[pid] = str(cause)
+                self.bar.update(1)
+            else:
+                self.retry(data, f"{type(cause).__name__}: {cause}")
+            self.submit(actor)
+            return
+        self.on_result(result)
+        if self.first_result:  # once, while every actor holds the bank
+            from xpeft.ray.cluster import object_store_usage
+
+            self.report.memory["object_store"] = object_store_usage()
+            self.first_result = False
+        self.bar.update(1)
+        elapsed = time.perf_counter() - self.start
+        failed = len(self.report.failed) + len(self.report.rejected)
+        self.bar.set_postfix(failed=failed, per_min=f"{60 * self.bar.n / elapsed:.1f}")
+        self.submit(actor)
+
+    def finish(self) -> None:
+        """Record each actor's memory and where it ran; stop them."""
+        infos = ray.get([a.info.remote() for a in self.ready])
+        self.report.memory = {
+            **self.report.memory,
+            "rss_bytes_per_actor": [i["rss_bytes"] for i in infos],
+            "bank_zero_copy": all(i["bank_zero_copy"] for i in infos),
+            "nodes": sorted({i["node_id"] for i in infos}),
+        }
+        for actor in self.ready + list(self.starting.values()):
+            ray.kill(actor)

@@ -1,0 +1,239 @@
+"""The HTTP API of a replica, FastAPI only (no Ray): request and response schemas, the body-size limit, bearer
+auth, the routes and JSON errors. `make_api(server)` builds it over anything with `.cfg`, `.engine` (a
+ProfileEngine) and an async `.classify(request)`: the Serve deployment, or a test's in-process server.
+
+    POST /v1/classify           {"profile_id", "texts", optional "text_pairs"} → one prediction per text
+    GET  /v1/profiles/{id}      config, metrics, size in bytes, whether this server can serve it
+    GET  /v1/profiles?offset&limit
+    GET  /healthz               (no auth)
+
+Errors are JSON {"detail": ...}: 400 invalid profile id, 401 missing/wrong token, 404 unknown profile,
+409 profile made for another bank or encoder (both fingerprints in the message), 413 body or text limits,
+422 malformed JSON, missing or wrong-typed fields, empty text list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Any, Protocol
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from xpeft import __version__
+from xpeft.profiles.record import MAX_PROFILE_ID, validate_profile_id
+from xpeft.serve.config import ServeConfig
+from xpeft.serve.engine import ProfileEngine, ServeError
+
+log = logging.getLogger(__name__)
+
+
+class Server(Protocol):
+    """What the API serves from: the config, the engine, and the (batched) classification."""
+
+    cfg: ServeConfig
+    engine: ProfileEngine
+
+    async def classify(self, request: ClassifyRequest) -> dict[str, Any]: ...
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    profile_id: str = Field(min_length=1, max_length=MAX_PROFILE_ID, description="a stored profile's id")
+    texts: list[str] = Field(min_length=1, description="texts to classify (at most ServeConfig.max_texts)")
+    text_pairs: list[str] | None = Field(None, description="second segments for pair tasks, one per text")
+
+
+class Prediction(BaseModel):
+    label: int | None = Field(None, description="the most probable class (classification profiles)")
+    label_name: str | None = Field(None, description="its name, when the profile stores label names")
+    probabilities: list[float] | None = Field(None, description="softmax over the profile's classes")
+    score: float | None = Field(None, description="the predicted value (regression profiles)")
+
+
+class ClassifyResponse(BaseModel):
+    profile_id: str
+    predictions: list[Prediction]
+
+
+class ProfileInfo(BaseModel):
+    profile_id: str
+    mode: str
+    mask_type: str | None
+    config: dict[str, Any]
+    head_id: str | None
+    bank_fingerprint: str | None
+    metrics: dict[str, Any]
+    label_names: list[str] | None
+    size_bytes: int = Field(description="bytes stored for this profile: mask bits + every tensor")
+    size_report: dict[str, int]
+    created: float
+    servable: bool = Field(description="whether this server's backbone and bank can serve it")
+    problem: str | None = Field(None, description="why not, when it cannot")
+
+
+class ProfilePage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    profiles: list[ProfileInfo]
+
+
+class Health(BaseModel):
+    status: str
+    backbone: str
+    bank_fingerprint: str | None
+    cached_profiles: int
+    cache_size: int
+    batches: int = Field(description="encoder forwards since the replica started")
+    rows: int = Field(description="texts classified since the replica started")
+    max_profiles_in_batch: int = Field(description="most distinct profiles seen in one forward")
+    forward_seconds: float = Field(description="time spent in encoder forwards")
+    profiles_loaded: int = Field(description="profiles read from the store and combined (cache misses)")
+    load_seconds: float = Field(description="time spent reading and combining them")
+    store_reads: int = Field(description="profile records read from the store (misses of the record cache)")
+    records_in_memory: int = Field(description="profile records in the record cache")
+    preloading: bool = Field(description="whether the record cache is still being filled from the store")
+    record_bytes_in_memory: int = Field(description="their record_bytes, bounded by record_cache_mb")
+
+
+class Detail(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Detail, "description": text}
+    for code, text in [
+        (400, "invalid profile id"),
+        (401, "missing or wrong bearer token"),
+        (404, "unknown profile"),
+        (409, "profile made for another bank or backbone"),
+        (413, "body, text count or text length over the server's limits"),
+    ]
+}
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse request bodies over `max_bytes` with 413, by Content-Length or as they stream."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        detail = f"request body over {self.max_bytes} bytes (ServeConfig.max_body_bytes)"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+def bearer_auth(token: str | None):
+    """A FastAPI dependency refusing requests without `Authorization: Bearer <token>` (None: auth is off)."""
+    if not token:
+        return None
+    expected = token.encode()
+    scheme = HTTPBearer(auto_error=False, description="the server's XPEFT_API_TOKEN")
+
+    def check(credentials: HTTPAuthorizationCredentials | None = Depends(scheme)) -> None:
+        given = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(given, expected):
+            raise HTTPException(
+                401,
+                "missing or wrong bearer token: send 'Authorization: Bearer <XPEFT_API_TOKEN>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
+def make_api(server: Server) -> FastAPI:
+    """The FastAPI app of one replica: routes over `server`, auth, body limit, errors as JSON 4xx."""
+    cfg = server.cfg
+    api = FastAPI(
+        title="xpeft profile server",
+        version=__version__,
+        description="X-PEFT: every stored profile over one shared backbone and adapter bank.",
+    )
+    api.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes)
+    auth = bearer_auth(cfg.api_token)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)] if auth else [], responses=ERRORS)
+
+    @v1.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
+    async def classify(request: ClassifyRequest) -> dict[str, Any]:
+        return await server.classify(request)
+
+    @v1.get("/profiles/{profile_id}", response_model=ProfileInfo)
+    async def profile(profile_id: str) -> dict[str, Any]:
+        checked_id(profile_id)
+        return await asyncio.to_thread(server.engine.profile_info, profile_id)
+
+    @v1.get("/profiles", response_model=ProfilePage)
+    async def profiles(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1)) -> dict[str, Any]:
+        if limit > cfg.max_page:
+            raise ServeError(413, f"limit={limit} is over {cfg.max_page} profiles a page (ServeConfig.max_page)")
+        return await asyncio.to_thread(server.engine.profile_page, offset, limit)
+
+    api.include_router(v1)
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz() -> dict[str, Any]:
+        bank = server.engine.bank
+        return {
+            "status": "ok",
+            "backbone": cfg.backbone,
+            "bank_fingerprint": bank.fingerprint if bank else None,
+            "cached_profiles": len(server.engine.cache),
+            "cache_size": cfg.cache_size,
+            "records_in_memory": len(server.engine.records),
+            "preloading": server.engine.preloading,
+            "record_bytes_in_memory": server.engine.records.nbytes,
+            **server.engine.stats,
+        }
+
+    @api.exception_handler(ServeError)
+    async def refused(_: Request, e: ServeError) -> JSONResponse:
+        return JSONResponse({"detail": e.detail}, status_code=e.status)
+
+    @api.exception_handler(Exception)
+    async def failed(_: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse({"detail": f"internal error ({type(e).__name__}); see the replica's log"}, status_code=500)
+
+    return api
+
+
+def checked_id(profile_id: str) -> str:
+    try:
+        return validate_profile_id(profile_id)
+    except ValueError as e:
+        raise ServeError(400, str(e)) from None

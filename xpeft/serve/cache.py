@@ -1,0 +1,79 @@
+"""The replica's two caches: combined profiles (an LRU by count) and stored records (an LRU by bytes, keyed by
+the location they were read from, so a rewritten profile is never served from memory)."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from xpeft.core.multiprofile import CombinedProfile
+from xpeft.profiles.record import Profile
+from xpeft.profiles.store import Location
+
+
+class ProfileCache:
+    """A thread-safe LRU of combined profiles, bounded by count."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[str, CombinedProfile] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, profile_id: str) -> CombinedProfile | None:
+        with self._lock:
+            item = self._items.get(profile_id)
+            if item is not None:
+                self._items.move_to_end(profile_id)
+            return item
+
+    def put(self, item: CombinedProfile) -> None:
+        with self._lock:
+            self._items[item.profile_id] = item
+            self._items.move_to_end(item.profile_id)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class RecordCache:
+    """A thread-safe LRU of stored profile records (what `ProfileStore.read` returns), bounded by their
+    `record_bytes`, each kept with the location it was read from: a profile rewritten in the store has a new
+    location, so its old record is never served for it."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items: OrderedDict[str, tuple[Location, Profile]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, loc: Location, profile_id: str) -> Profile | None:
+        with self._lock:
+            item = self._items.get(profile_id)
+            if item is None or item[0] != loc:
+                return None
+            self._items.move_to_end(profile_id)
+            return item[1]
+
+    def put(self, loc: Location, profile: Profile, evict: bool = True) -> bool:
+        """Keep `profile`, evicting the least recently used records if needed (with evict=False: only if it
+        fits as is). Returns whether it was kept."""
+        size = profile.record_bytes
+        with self._lock:
+            old = self._items.get(profile.profile_id)
+            freed = old[1].record_bytes if old is not None else 0
+            if size > self.max_bytes or (not evict and self.nbytes - freed + size > self.max_bytes):
+                return False  # and whatever was kept for this profile stays
+            if old is not None:
+                del self._items[profile.profile_id]
+                self.nbytes -= freed
+            while self.nbytes + size > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.nbytes -= dropped.record_bytes
+            self._items[profile.profile_id] = (loc, profile)
+            self.nbytes += size
+            return True
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,116 @@
+"""How the profile server is deployed: `ServeConfig`, every field with its help, settable from `serve run ...
+key=value`, env vars XPEFT_<KEY> or `ray_jobs/serve.py --key`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ServeConfig:
+    """How the profile server is deployed. Every field can be set from `serve run ... key=value` or an env
+    var XPEFT_<KEY> (see `app_builder`)."""
+
+    store: str = field(metadata={"help": "the profile store: a directory or a URI (s3://…)"})
+    backbone: str = field(default="minilm", metadata={"help": "'minilm' (bundled all-MiniLM-L6-v2) or a model dir"})
+    bank_path: str | None = field(
+        default=None, metadata={"help": "a bank file (safetensors) instead of the store's", "flag": "--bank"}
+    )
+    bank_fingerprint: str | None = field(
+        default=None, metadata={"help": "which of the store's banks (a prefix will do); default: the only one"}
+    )
+    # --- scale ---
+    num_replicas: int = field(
+        default=1, metadata={"help": "replicas, each with its own backbone, bank and cache", "flag": "--replicas"}
+    )
+    num_cpus: float = field(
+        default=1.0,
+        metadata={
+            "help": "CPUs reserved per replica (Serve's default is 1 too): on 2 cores, 1 leaves one for the proxy; a "
+            "replica that cannot be placed never starts"
+        },
+    )
+    num_gpus: float = field(
+        default=0.0,
+        metadata={"help": "GPUs per replica; > 0 runs the forward on cuda (untested: no GPU on the dev machine)"},
+    )
+    torch_threads: int | None = field(default=None, metadata={"help": "torch threads per replica (default: num_cpus)"})
+    max_ongoing_requests: int = field(
+        default=64,
+        metadata={"help": "concurrent HTTP requests per replica; Serve's default of 5 would starve batching"},
+    )
+    max_batch_size: int = field(
+        default=32, metadata={"help": "rows (texts) per encoder forward, gathered across requests and profiles"}
+    )
+    batch_wait_timeout_s: float = field(
+        default=0.01, metadata={"help": "how long an idle replica waits for more rows after the first"}
+    )
+    cache_size: int = field(
+        default=256,
+        metadata={"help": "combined profiles kept per replica (LRU); ~0.9 MB each for MiniLM at N=100, b=48"},
+    )
+    record_cache_mb: float = field(
+        default=512.0,
+        metadata={
+            "help": "stored profile records (mask bits, LN, head: ~25 KB each for MiniLM with a 15-class linear "
+            "head) kept in memory per replica, newest first, filled from the store in the background when the "
+            "replica starts and on every read; a profile among them is combined without touching the store. "
+            "0: read the store on every miss of the combined cache"
+        },
+    )
+    # --- limits: each refusal names its limit ---
+    max_texts: int = field(default=64, metadata={"help": "texts per request (413 above)"})
+    max_text_chars: int = field(default=10_000, metadata={"help": "characters per text or text pair (413 above)"})
+    max_body_bytes: int = field(default=2 * 2**20, metadata={"help": "request body bytes (413 above)"})
+    max_length: int = field(default=128, metadata={"help": "tokens per text after truncation (the fit loop's)"})
+    max_page: int = field(default=500, metadata={"help": "profiles per GET /v1/profiles page (413 above)"})
+    api_token: str | None = field(
+        default_factory=lambda: os.environ.get("XPEFT_API_TOKEN") or None,
+        repr=False,
+        metadata={
+            "help": "bearer token for /v1/* (401 without it); default env XPEFT_API_TOKEN; None: no auth",
+            "no_flag": True,  # never on a command line, where `ps` shows it
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not self.store:
+            raise ValueError("ServeConfig needs a profile store: pass store=... (or set XPEFT_STORE)")
+        positive = (
+            "num_replicas",
+            "max_ongoing_requests",
+            "max_batch_size",
+            "cache_size",
+            "max_texts",
+            "max_text_chars",
+            "max_body_bytes",
+            "max_length",
+            "max_page",
+        )
+        bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
+        if min(self.num_cpus, self.num_gpus, self.batch_wait_timeout_s, self.record_cache_mb) < 0:
+            bad.append("num_cpus, num_gpus, batch_wait_timeout_s and record_cache_mb must be >= 0")
+        if bad:
+            raise ValueError(f"invalid ServeConfig: {', '.join(bad)} (counts and limits must be >= 1)")
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> ServeConfig:
+        """A config from string values (`serve run` arguments, env vars), converted by each field's type."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "api_token"}
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise ValueError(f"unknown serve settings {sorted(unknown)}; known: {sorted(fields)}")
+        kwargs: dict[str, Any] = {}
+        for name, raw in values.items():
+            default = fields[name].default
+            kind = type(default) if default not in (None, dataclasses.MISSING) else str
+            if name == "torch_threads":
+                kind = int
+            try:
+                kwargs[name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"serve setting {name}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**kwargs)

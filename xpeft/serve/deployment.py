@@ -1,0 +1,164 @@
+"""The Ray Serve deployment: every stored profile behind one HTTP endpoint, over one shared backbone and bank.
+
+    serve run xpeft.serve.deployment:app_builder store=runs/news backbone=minilm
+    XPEFT_STORE=runs/news serve run xpeft.serve.deployment:app
+    python ray_jobs/serve.py --store runs/news --port 8000
+
+Each replica holds one `ProfileEngine` (xpeft.serve.engine) behind two `@serve.batch` queues that gather
+concurrent requests of any profiles: one combines the profiles missing from the cache in one contraction over
+the bank, the other runs each text of each request as a row of one mixed-profile forward. The HTTP app is
+xpeft.serve.api's. Scale and limits are the fields of `ServeConfig`; on a 2-core machine keep `num_cpus` at 1
+(the default): each replica reserves its CPUs, and one that cannot be placed never starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from ray import serve
+
+from xpeft.core.multiprofile import CombinedProfile
+from xpeft.serve.api import ClassifyRequest, checked_id, make_api
+from xpeft.serve.config import ServeConfig
+from xpeft.serve.engine import ProfileEngine, ServeError, predictions
+
+log = logging.getLogger(__name__)
+
+
+QUEUED_BATCHES = 64  # @serve.batch batches let in at once; the Coalescer below runs them one at a time
+
+
+class Coalescer:
+    """Runs `work(items)` in a worker thread, one call at a time, over everything waiting when the previous
+    call ends (at most `max_items`).
+
+    `@serve.batch` closes a batch after `batch_wait_timeout_s` even while the previous one is still running,
+    so under load it queues many small batches; merging them here makes the batch as large as the backlog,
+    which is what amortises a forward (and a bank contraction) over many rows. Work started for a caller that
+    goes away still finishes for the others waiting on it."""
+
+    def __init__(self, work, max_items: int):
+        self.work = work
+        self.max_items = max_items
+        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, items: list) -> list:
+        loop = asyncio.get_running_loop()
+        mine = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, mine, strict=True))
+        async with self._lock:
+            while self._pending and not all(f.done() for f in mine):
+                take = self._pending[: self.max_items]
+                del self._pending[: len(take)]
+                await asyncio.shield(asyncio.ensure_future(self._run(take)))
+        return list(await asyncio.gather(*mine))
+
+    async def _run(self, take: list[tuple[Any, asyncio.Future]]) -> None:
+        try:
+            results = await asyncio.to_thread(self.work, [item for item, _ in take])
+        except Exception as e:
+            for _, f in take:
+                if not f.done():
+                    f.set_exception(e)
+            return
+        for (_, f), result in zip(take, results, strict=True):
+            if not f.done():
+                f.set_result(result)
+
+
+@serve.deployment
+@serve.ingress()
+class ProfileServer:
+    """One replica: a `ProfileEngine` behind two batch queues and the FastAPI app of `make_api`."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.engine = ProfileEngine(cfg)
+        if cfg.record_cache_mb > 0:
+            self.engine.start_preload()
+        self._combine_work = Coalescer(self.engine.load_profiles, cfg.max_batch_size)
+        self._forward_work = Coalescer(self.engine.forward, cfg.max_batch_size)
+        # Serve warns that max_batch_size × QUEUED_BATCHES exceeds max_ongoing_requests; it does not apply
+        # here: the queued batches are merged by the Coalescer, never run side by side.
+        logging.getLogger("ray.serve").addFilter(lambda record: "max_concurrent_batches" not in record.getMessage())
+        self._combine.set_max_batch_size(cfg.max_batch_size)
+        self._combine.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._forward.set_max_batch_size(cfg.max_batch_size)
+        self._forward.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        # The app needs this replica's state (its engine, config and batch queues), so it is built per replica,
+        # after __init__: `@serve.ingress()` without an app and this method, as serve.ingress documents it in
+        # Ray 2.60 ("defer the app to replica init time"). A module-level FastAPI app (the class-based-view
+        # form) could not carry each deployment's own limits, auth token and middleware.
+        return make_api(self)
+
+    async def classify(self, request: ClassifyRequest) -> dict[str, Any]:
+        cfg = self.cfg
+        texts, pairs = request.texts, request.text_pairs
+        if len(texts) > cfg.max_texts:
+            raise ServeError(
+                413,
+                f"{len(texts)} texts in one request; the limit is {cfg.max_texts} "
+                "(ServeConfig.max_texts): split the request",
+            )
+        if pairs is not None and len(pairs) != len(texts):
+            raise ServeError(422, f"text_pairs has {len(pairs)} entries for {len(texts)} texts; give one per text")
+        longest = max(len(t) for t in texts + (pairs or []))
+        if longest > cfg.max_text_chars:
+            raise ServeError(
+                413, f"a text of {longest} characters; the limit is {cfg.max_text_chars} (ServeConfig.max_text_chars)"
+            )
+        profile_id = checked_id(request.profile_id)
+        combined = self.engine.cache.get(profile_id)
+        if combined is None:  # read and combine it while the texts are tokenized
+            combined, rows = await asyncio.gather(
+                self._combine(profile_id), asyncio.to_thread(self.engine.tokenize, texts, pairs)
+            )
+        else:
+            rows = await asyncio.to_thread(self.engine.tokenize, texts, pairs)
+        if isinstance(combined, ServeError):
+            raise combined
+        logits = await asyncio.gather(*(self._forward((combined, row)) for row in rows))
+        return {"profile_id": profile_id, "predictions": predictions(combined, logits)}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=QUEUED_BATCHES)
+    async def _combine(self, profile_ids: list[str]) -> list[CombinedProfile | ServeError]:
+        """Profiles missing from the cache, gathered across concurrent requests: one bank contraction."""
+        return await self._combine_work(profile_ids)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=QUEUED_BATCHES)
+    async def _forward(self, items: list[tuple[CombinedProfile, dict]]) -> list[torch.Tensor]:
+        """Rows of every request of every profile waiting now: one encoder forward."""
+        return await self._forward_work(items)
+
+
+def build_app(cfg: ServeConfig) -> serve.Application:
+    """The Serve application for `cfg`: `serve.run(build_app(cfg))`."""
+    return ProfileServer.options(
+        num_replicas=cfg.num_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    ).bind(cfg)
+
+
+def app_builder(args: dict[str, str]) -> serve.Application:
+    """`serve run xpeft.serve.deployment:app_builder store=runs/x num_cpus=1 ...`: settings from the arguments, then
+    from env vars XPEFT_<SETTING> (XPEFT_STORE, XPEFT_BACKBONE, ...); the token only from XPEFT_API_TOKEN."""
+    names = [f.name for f in dataclasses.fields(ServeConfig) if f.name != "api_token"]
+    values = {n: os.environ[f"XPEFT_{n.upper()}"] for n in names if os.environ.get(f"XPEFT_{n.upper()}")}
+    values.update(args)
+    if "store" not in values:
+        raise ValueError("no profile store: pass store=... to `serve run` or set XPEFT_STORE")
+    return build_app(ServeConfig.from_strings(values))
+
+
+# `serve run xpeft.serve.deployment:app` (settings from XPEFT_* env vars); a builder, so importing builds nothing.
+app = app_builder
