@@ -1,32 +1,41 @@
-"""Load test of the profile server on 127.0.0.1: (a) every request to one profile, (b) every request to a
-different profile, among 10,000 stored ones. Bounded: a fixed number of requests per scenario and a time
-limit; it stops by itself and shuts its Ray down.
+"""Load test of the profile server on 127.0.0.1, with its forward in ONNX Runtime ('ort') and in torch
+('eager'), and of the peer a user would deploy instead (PEFT LoRA adapters behind `@serve.multiplexed`,
+benchmarks/serve_peer.py), one after another on the same cores, client and payloads. Scenarios: (a) every
+request to one profile, (b) every request to a different profile (xpeft: never requested before, among
+10,000 stored ones; the peer: a cycle over its 1,000 adapters, more than its LRU holds). Bounded: a fixed
+number of requests per scenario and a time limit; it stops by itself and shuts its Ray down.
 
-    python benchmarks/serve_load.py                                   # MiniLM, N=100, b=48, hard, C=16
-    python benchmarks/serve_load.py --payload 1x20 1x100 4x20         # several request sizes, one server
-    python benchmarks/serve_load.py --requests 300 --time-limit 30    # quicker
-    python benchmarks/serve_load.py --store /tmp/xpeft-load           # keep (and reuse) the 10,000 profiles
+    python benchmarks/serve_load.py --payload 1x20 1x100 4x20            # the recorded run (BENCHMARKS.md)
+    python benchmarks/serve_load.py --forwards ort --no-peer --requests 300 --time-limit 30   # quicker
+    python benchmarks/serve_load.py --store /tmp/xpeft-load              # keep (and reuse) the 10,000 profiles
+
+For each server it prints the load table; then, per payload and scenario, the forward's ms a row inside the
+replica next to the same engine's forward alone (in this process, after the server is gone) at the batch
+sizes the replica formed (`replica/alone`), requests/s ort against eager, the CPU seconds the client, the
+Serve proxy, the replica and the rest of Ray used (/proc), unloaded latency (sequential single-text
+requests next to the one-row forward alone), and xpeft against the peer (requests/s, p50/p99, replica RSS).
 
 The profiles are random (k-hot masks, LN affine, a 'linear' head): serving cost does not depend on how well
 a profile was fitted. They are written in files of 8, as the farm flushes them (FarmConfig.flush_every).
-In (b) no profile is requested twice and the cache holds far fewer than the profiles, so every request reads
-its profile from the store and combines it with the bank: the cost that mixed-profile serving adds.
+In (b) the cache holds far fewer than the profiles, so every request combines its profile with the bank.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
-import platform
 import random
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
 
 import torch
+from serve_procs import cpu_by_role, memory_mb, replica_pids
+from serve_report import SCENARIOS, report
 
 from xpeft.config import XPeftConfig
 from xpeft.core.bank import random_bank_for
@@ -36,14 +45,14 @@ from xpeft.profiles.record import Profile
 from xpeft.profiles.store import ProfileStore
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.deployment import build_app
+from xpeft.serve.engine import ProfileEngine
 
 WORDS = (
     "the a new old big small good bad great awful movie film story news politics sports music art travel food "
     "health business school science tech style culture love fun game team vote election money market trip "
     "recipe city world people week year report study season police court family home life"
 ).split()
-SERVER_STATS = ("batches", "rows", "forward_seconds", "profiles_loaded", "load_seconds", "store_reads")
-SCENARIOS = ("(a) one profile", "(b) a new profile each")
+DEFAULTS = {f.name: f for f in dataclasses.fields(ServeConfig)}
 FLUSH_EVERY = 8  # FarmConfig.flush_every: profiles per Parquet file as the farm writes them
 
 
@@ -59,7 +68,7 @@ def make_store(root: str, n: int, backbone: str, N: int, k: int, b: int, num_lab
     g = torch.Generator().manual_seed(0)
     batch = []
     for i in range(n):
-        masks = [khot(torch.randn(L, N, generator=g), k) for _ in range(2)]
+        masks = [khot(torch.randn(L, N, generator=g), cfg.top_k) for _ in range(2)]
         tensors = {
             "ln_weight": 1 + 0.1 * torch.randn(L, b, generator=g),
             "ln_bias": 0.1 * torch.randn(L, b, generator=g),
@@ -89,8 +98,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_load(url: str, profile_ids: list[str], texts: list[list[str]], concurrency: int, time_limit: float) -> dict:
-    """Send request i (profile_ids[i], texts[i]) from `concurrency` threads until all are sent or time is up."""
+def run_load(
+    url: str, profile_ids: list[str], texts: list[list[str]], concurrency: int, time_limit: float, header: str = ""
+) -> dict:
+    """Send request i (profile_ids[i], texts[i]) from `concurrency` threads until all are sent or time is up;
+    with `header`, each request also names its profile in that header (the peer's multiplexed model id)."""
     import requests
 
     latencies: list[float] = []
@@ -106,8 +118,10 @@ def run_load(url: str, profile_ids: list[str], texts: list[list[str]], concurren
                 i = next(next_i, None)
             if i is None:
                 return
+            body = {"profile_id": profile_ids[i], "texts": texts[i]}
             start = time.perf_counter()
-            r = session.post(f"{url}/v1/classify", json={"profile_id": profile_ids[i], "texts": texts[i]}, timeout=60)
+            headers = {header: profile_ids[i]} if header else None
+            r = session.post(f"{url}/v1/classify", json=body, headers=headers, timeout=60)
             elapsed = time.perf_counter() - start
             with lock:
                 if r.status_code == 200:
@@ -133,6 +147,170 @@ def run_load(url: str, profile_ids: list[str], texts: list[list[str]], concurren
         "latencies": latencies,
         "first_failure": failures[0] if failures else None,
     }
+
+
+def healthz(url: str) -> dict:
+    import requests
+
+    return requests.get(f"{url}/healthz", timeout=10).json()
+
+
+def stat_delta(before: dict, after: dict) -> dict:
+    """What a run added to the server's counters, and to its histogram of forwards by rows."""
+    out = {k: v - before[k] for k, v in after.items() if type(v) in (int, float) and k in before}
+    old = before.get("forward_by_rows", {})
+    hist = {}
+    for size, (n, seconds) in after.get("forward_by_rows", {}).items():
+        n0, s0 = old.get(size, (0, 0.0))
+        if n > n0:
+            hist[int(size)] = (n - n0, seconds - s0)
+    out["forward_by_rows"] = hist
+    return out
+
+
+def measure(url: str, targets: list[str], texts: list[list[str]], args, header: str = "") -> dict:
+    """One run, with the server's counters and every process's CPU seconds before and after."""
+    before, cpu_before = healthz(url), cpu_by_role()
+    r = run_load(url, targets, texts, args.concurrency, args.time_limit, header)
+    after, cpu_after = healthz(url), cpu_by_role()
+    r["server"] = stat_delta(before, after)
+    r["cpu"] = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
+    return r
+
+
+def scenarios(url: str, args, payloads: dict, hot: str, cold: list[str], header: str = "") -> list[dict]:
+    """Per payload: a warm-up, then (a) and (b) alternately, `args.rounds` times."""
+    results = []
+    cold_ids = iter(cold)
+    for payload, (_, _, texts) in payloads.items():
+        warm = run_load(url, [hot] * 32, texts[:32], args.concurrency, args.time_limit, header)
+        if warm["failed"]:
+            raise RuntimeError(f"the warm-up failed: {warm['first_failure']}")
+        for round_ in range(args.rounds):
+            for scenario in SCENARIOS:
+                one = scenario.startswith("(a)")
+                targets = [hot] * len(texts) if one else [next(cold_ids) for _ in texts]
+                r = measure(url, targets, texts, args, header)
+                r["payload"], r["scenario"], r["round"] = payload, scenario, round_
+                results.append(r)
+    return results
+
+
+def unloaded(url: str, args, hot: str, text: str, header: str = "") -> dict:
+    """Sequential single-text requests: nothing for a forward to batch with."""
+    return run_load(url, [hot] * args.unloaded, [[text]] * args.unloaded, 1, args.time_limit, header)
+
+
+def deploy(app, name: str, port: int) -> str:
+    from ray import serve
+
+    start = time.perf_counter()
+    serve.run(app, name=name, route_prefix="/")
+    print(f"[{name}] server up in {time.perf_counter() - start:.1f} s")
+    return f"http://127.0.0.1:{port}"
+
+
+def undeploy(name: str) -> dict:
+    """Memory of the app's replica, then the app deleted and its replica gone (so what follows runs alone)."""
+    from ray import serve
+
+    (pid,) = replica_pids()
+    memory = memory_mb(pid)
+    serve.delete(name)
+    deadline = time.perf_counter() + 60
+    while replica_pids() and time.perf_counter() < deadline:
+        time.sleep(0.5)
+    return memory
+
+
+def forward_seconds(engine: ProfileEngine, items: list, reps: int) -> float:
+    engine.forward(items)  # the first forward of these profiles and this size
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        engine.forward(items)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def alone_timings(engine: ProfileEngine, args, runs: list[dict], payloads: dict, hot: str, cold: list[str]) -> dict:
+    """The engine's forward alone (this process, the server gone) at each batch size the replica formed, per
+    payload and scenario: in (a) rows of the one profile, in (b) each request's rows under its own profile."""
+    (hot_c,) = engine.load_profiles([hot])
+    distinct = engine.load_profiles(cold[: args.max_batch_size])
+    out = {}
+    for payload, (per_request, _, texts) in payloads.items():
+        rows = engine.tokenize([t for ts in texts[: args.max_batch_size] for t in ts], None)
+        for scenario in SCENARIOS:
+            profiles = [hot_c] if scenario.startswith("(a)") else distinct
+            sizes = sorted({s for r in runs if r["payload"] == payload and r["scenario"] == scenario
+                            for s in r["server"]["forward_by_rows"]})  # fmt: skip
+            out[(payload, scenario)] = {
+                s: forward_seconds(
+                    engine, [(profiles[(i // per_request) % len(profiles)], rows[i % len(rows)]) for i in range(s)],
+                    args.alone_reps,
+                )
+                for s in sizes
+            }  # fmt: skip
+    return out
+
+
+def xpeft_phase(args, root: str, port: int, forward: str, payloads: dict, hot: str, cold: list[str]) -> dict:
+    cfg = ServeConfig(
+        store=root,
+        backbone=args.backbone,
+        num_cpus=args.num_cpus,
+        cache_size=args.cache_size,
+        record_cache_mb=args.record_cache_mb,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        forward=forward,
+        onnx_cache=args.onnx_cache,
+        api_token=None,
+    )
+    start = time.perf_counter()
+    # Built first, so the replica finds the encoder graph in the cache: it starts without exporting.
+    local = ProfileEngine(dataclasses.replace(cfg, record_cache_mb=0))
+    exported = getattr(local.forward_rows, "exported", [])
+    print(f"[{forward}] engine in this process in {time.perf_counter() - start:.1f} s; graph exported now: {exported}")
+    name = f"xpeft-{forward}"
+    url = deploy(build_app(cfg), name, port)
+    while healthz(url)["preloading"]:
+        time.sleep(0.5)  # measure after the background preload, not beside it
+    runs = scenarios(url, args, payloads, hot, cold)
+    text = " ".join(random.Random(1).choices(WORDS, k=20))
+    lone = unloaded(url, args, hot, text)
+    memory = undeploy(name)
+    alone = alone_timings(local, args, runs, payloads, hot, cold)
+    (hot_c,) = local.load_profiles([hot])
+    one_row = forward_seconds(local, [(hot_c, local.tokenize([text], None)[0])], 5 * args.alone_reps)
+    return {"system": f"xpeft {forward}", "forward": forward, "runs": runs, "unloaded": lone,
+            "one_row_s": one_row, "memory": memory, "alone": alone}  # fmt: skip
+
+
+def peer_phase(args, store: ProfileStore, port: int, payloads: dict) -> dict:
+    import ray.cloudpickle
+    import serve_peer
+
+    ray.cloudpickle.register_pickle_by_value(serve_peer)  # benchmarks/ is not importable in the workers
+    tmp = tempfile.TemporaryDirectory(prefix="xpeft-peer-") if args.peer_adapters is None else None
+    root = args.peer_adapters or tmp.name
+    start = time.perf_counter()
+    ids = serve_peer.write_adapters(store, root, args.peer_profiles, args.backbone)
+    print(f"[peer] {len(ids)} PEFT adapters at {root} ({time.perf_counter() - start:.1f} s)")
+    try:
+        app = serve_peer.peer_app(root, args.backbone, args.peer_models, args.num_cpus, args.max_batch_size)
+        url = deploy(app, "peft-peer", port)
+        hot, rest = ids[0], random.Random(0).sample(ids[1:], len(ids) - 1)
+        cold = list(itertools.islice(itertools.cycle(rest), args.requests * len(payloads) * args.rounds))
+        runs = scenarios(url, args, payloads, hot, cold, serve_peer.MODEL_ID_HEADER)
+        text = " ".join(random.Random(1).choices(WORDS, k=20))
+        lone = unloaded(url, args, hot, text, serve_peer.MODEL_ID_HEADER)
+        memory = undeploy("peft-peer")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {"system": "PEFT + multiplexing", "forward": "eager", "runs": runs, "unloaded": lone, "memory": memory}
 
 
 def parse_payload(text: str) -> tuple[int, int]:
@@ -166,24 +344,50 @@ def main() -> None:
         type=parse_payload,
         help="TEXTSxWORDS per request, one or more (e.g. 1x20 1x100 4x20)",
     )
-    ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved by the replica (its torch threads)")
+    ap.add_argument(
+        "--forwards",
+        nargs="+",
+        choices=["ort", "eager"],
+        default=["ort", "eager"],
+        help="the xpeft servers to run, one after another (ServeConfig.forward)",
+    )
+    ap.add_argument(
+        "--peer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="then the PEFT LoRA + @serve.multiplexed peer on the same payloads (benchmarks/serve_peer.py)",
+    )
+    ap.add_argument("--peer-profiles", type=int, default=1000, help="the store's first profiles, as PEFT adapters")
+    ap.add_argument(
+        "--peer-models",
+        type=int,
+        default=None,
+        help="the peer's max_num_models_per_replica (default: --cache-size, the combined profiles xpeft keeps)",
+    )
+    ap.add_argument("--peer-adapters", default=None, help="the peer's adapter directory (kept and reused)")
+    ap.add_argument("--unloaded", type=int, default=200, help="sequential single-text requests (unloaded latency)")
+    ap.add_argument("--alone-reps", type=int, default=3, help="timed forwards alone per batch size")
+    ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved by the replica (its compute threads)")
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    ap.add_argument("--batch-wait-timeout-s", type=float, default=DEFAULTS["batch_wait_timeout_s"].default)
     ap.add_argument("--cache-size", type=int, default=256)
     ap.add_argument(
         "--record-cache-mb",
         type=float,
-        default=ServeConfig.__dataclass_fields__["record_cache_mb"].default,
+        default=DEFAULTS["record_cache_mb"].default,
         help="stored records kept in memory (0: every miss of the combined cache reads the store)",
     )
+    ap.add_argument("--onnx-cache", default=None, help=DEFAULTS["onnx_cache"].metadata["help"])
     args = ap.parse_args()
+    args.peer_models = args.peer_models or args.cache_size
     n = args.requests
     if n * len(args.payload) * args.rounds > args.profiles - 1:
         ap.error("(b) never sends two requests to one profile: need requests × payloads × rounds < profiles")
+    if args.peer and args.peer_profiles > args.profiles:
+        ap.error("--peer-profiles must not exceed --profiles: the peer serves the store's first profiles")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
-    import requests
     from ray import serve
 
     tmp = tempfile.TemporaryDirectory(prefix="xpeft-load-") if args.store is None else None
@@ -193,97 +397,30 @@ def main() -> None:
     print(f"store: {len(store)} profiles in {len(store.files())} files at {root} ({time.perf_counter() - t0:.1f} s)")
     rng = random.Random(0)
     ids = store.ids()
-    hot, cold = ids[0], iter(rng.sample(ids[1:], n * len(args.payload) * args.rounds))  # (b): never twice
-
+    hot, cold = ids[0], rng.sample(ids[1:], n * len(args.payload) * args.rounds)  # (b): never twice a server
+    payloads = {
+        f"{per_request} × {words} words": (
+            per_request,
+            words,
+            [[" ".join(rng.choices(WORDS, k=words)) for _ in range(per_request)] for _ in range(n)],
+        )
+        for per_request, words in args.payload
+    }
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    results = []
+    phases = []
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        cfg = ServeConfig(
-            store=root,
-            backbone=args.backbone,
-            num_cpus=args.num_cpus,
-            cache_size=args.cache_size,
-            record_cache_mb=args.record_cache_mb,
-            max_batch_size=args.max_batch_size,
-            batch_wait_timeout_s=args.batch_wait_timeout_s,
-            api_token=None,
-        )
-        t0 = time.perf_counter()
-        serve.run(build_app(cfg), name="xpeft-load", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        print(f"server up in {time.perf_counter() - t0:.1f} s: {cfg}")
-        while (health := requests.get(f"{url}/healthz", timeout=10).json())["preloading"]:
-            time.sleep(0.5)  # measure after the background preload, not beside it
-        print(f"records in memory: {health['records_in_memory']} ({time.perf_counter() - t0:.1f} s after start)")
-        for per_request, words in args.payload:
-            texts = [[" ".join(rng.choices(WORDS, k=words)) for _ in range(per_request)] for _ in range(n)]
-            warm = run_load(url, [hot] * 32, texts[:32], args.concurrency, args.time_limit)
-            assert warm["failed"] == 0, warm["first_failure"]
-            for round_ in range(args.rounds):
-                for scenario in SCENARIOS:
-                    targets = [hot] * n if scenario.startswith("(a)") else [next(cold) for _ in range(n)]
-                    before = requests.get(f"{url}/healthz", timeout=10).json()
-                    r = run_load(url, targets, texts, args.concurrency, args.time_limit)
-                    after = requests.get(f"{url}/healthz", timeout=10).json()
-                    r["server"] = {k: after[k] - before[k] for k in SERVER_STATS}
-                    r["payload"], r["scenario"], r["round"] = f"{per_request} × {words} words", scenario, round_
-                    results.append(r)
+        for forward in args.forwards:
+            phases.append(xpeft_phase(args, root, port, forward, payloads, hot, cold))
+        if args.peer:
+            phases.append(peer_phase(args, store, port, payloads))
     finally:
         serve.shutdown()
         ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
-    report(args, results)
-
-
-def pooled(runs: list[dict]) -> dict:
-    """One scenario over all its rounds: throughput = requests / seconds summed, latency quantiles of all."""
-    latencies = [x for r in runs for x in r["latencies"]]
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    server = {k: sum(r["server"][k] for r in runs) for k in SERVER_STATS}
-    return {
-        "requests": len(latencies),
-        "failed": sum(r["failed"] for r in runs),
-        "rps": len(latencies) / sum(r["seconds"] for r in runs),
-        "p50_ms": 1000 * q[49],
-        "p99_ms": 1000 * q[98],
-        "server": server,
-    }
-
-
-def report(args: argparse.Namespace, results: list[dict]) -> None:
-    print(f"\n`{' '.join([os.path.basename(sys.executable), *sys.argv])}`  ")
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
-        f"{platform.python_version()}; replica ({args.num_cpus} CPU), Serve proxy and client share these CPUs; "
-        f"C={args.concurrency}, max_batch_size={args.max_batch_size}, cache_size={args.cache_size}, "
-        f"record_cache_mb={args.record_cache_mb:g}, "
-        f"{args.rounds} rounds of (a) then (b) per payload\n"
-    )
-    print(
-        "| texts a request | scenario | requests | failed | requests/s | p50 ms | p99 ms | rows a forward "
-        "| forward ms a row | load ms a profile | store reads | (b)/(a) | (b)/(a) each round |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for payload in dict.fromkeys(r["payload"] for r in results):
-        runs = {sc: [r for r in results if r["payload"] == payload and r["scenario"] == sc] for sc in SCENARIOS}
-        a, b = (pooled(runs[sc]) for sc in SCENARIOS)
-        rounds = ", ".join(f"{rb['rps'] / ra['rps']:.2f}" for ra, rb in zip(*runs.values(), strict=True))
-        for sc, r in zip(SCENARIOS, (a, b), strict=True):
-            s = r["server"]
-            load = f"{1000 * s['load_seconds'] / s['profiles_loaded']:.1f}" if s["profiles_loaded"] else "-"
-            last = (f"**{b['rps'] / a['rps']:.2f}**", rounds) if r is b else ("", "")
-            print(
-                f"| {payload} | {sc} | {r['requests']} | {r['failed']} | {r['rps']:.1f} | "
-                f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {s['rows'] / max(1, s['batches']):.1f} | "
-                f"{1000 * s['forward_seconds'] / max(1, s['rows']):.1f} | {load} | {s['store_reads']} | "
-                f"{last[0]} | {last[1]} |"
-            )
-    for r in results:
-        if r["failed"]:
-            print(f"first failure ({r['payload']}, {r['scenario']}, round {r['round']}): {r['first_failure']}")
+    report(args, phases)
 
 
 if __name__ == "__main__":

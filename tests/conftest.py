@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Encoder graphs the tests export go to one temporary cache (Ray replicas inherit it), not ~/.cache.
+_ONNX_CACHE = tempfile.TemporaryDirectory(prefix="xpeft-onnx-tests-")
+os.environ.setdefault("XPEFT_ONNX_CACHE", _ONNX_CACHE.name)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

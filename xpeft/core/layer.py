@@ -29,6 +29,9 @@ class Adapter:
     ln_bias: torch.Tensor | None = None
     scale: float = 1.0
     ln_eps: float = 1e-5
+    # Per row only: R × 1 × 1 bools, LayerNorm for the rows where True and the raw Âx elsewhere, so rows with
+    # and without LN share one forward (the exported serving graph, xpeft.serve.onnx_graph). None: every row.
+    ln_rows: torch.Tensor | None = None
 
     @property
     def per_row(self) -> bool:
@@ -60,8 +63,10 @@ class AdaptedLinear(nn.Module):
             # x: R × T × d_in; each row r uses its own Â_r, B̂_r.
             h = torch.bmm(x, a.A_hat.transpose(1, 2))
             if a.ln_weight is not None:
-                h = F.layer_norm(h, h.shape[-1:], eps=a.ln_eps)
-                h = h * a.ln_weight.unsqueeze(1) + a.ln_bias.unsqueeze(1)
+                # int(): b as a constant, which the ONNX exporter's LayerNormalization needs (b is static there)
+                normed = F.layer_norm(h, (int(h.shape[-1]),), eps=a.ln_eps)
+                normed = normed * a.ln_weight.unsqueeze(1) + a.ln_bias.unsqueeze(1)
+                h = normed if a.ln_rows is None else torch.where(a.ln_rows, normed, h)
             delta = torch.bmm(h, a.B_hat.transpose(1, 2))
         else:
             h = F.linear(x, a.A_hat)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -37,7 +37,33 @@ class ServeConfig:
         default=0.0,
         metadata={"help": "GPUs per replica; > 0 runs the forward on cuda (untested: no GPU on the dev machine)"},
     )
-    torch_threads: int | None = field(default=None, metadata={"help": "torch threads per replica (default: num_cpus)"})
+    torch_threads: int | None = field(
+        default=None,
+        metadata={"help": "compute threads per replica, torch's and ONNX Runtime's (default: num_cpus)"},
+    )
+    forward: Literal["auto", "ort", "eager"] = field(
+        default="auto",
+        metadata={
+            "help": "the encoder forward: 'ort' runs it in ONNX Runtime, one call a batch that does not hand the GIL "
+            "back and forth with Serve's event loops (exported once per backbone into onnx_cache); 'eager' runs "
+            "torch op by op; 'auto': ort on CPU, eager on CUDA (num_gpus > 0; untested: no GPU on the dev machine)"
+        },
+    )
+    onnx_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "directory of exported encoder graphs, one per backbone and adapter width b, each verified by a "
+            "key over its config and weights (a replica that finds one starts without exporting); default env "
+            "XPEFT_ONNX_CACHE, else ~/.cache/xpeft/onnx"
+        },
+    )
+    switch_interval_s: float = field(
+        default=0.001,
+        metadata={
+            "help": "the replica's sys.setswitchinterval: how long Python code may hold the GIL while the forward "
+            "waits for it (Python's default is 0.005; 0.001 makes the ORT forward's one handoff a batch ~1 ms)"
+        },
+    )
     max_ongoing_requests: int = field(
         default=64,
         metadata={"help": "concurrent HTTP requests per replica; Serve's default of 5 would starve batching"},
@@ -46,7 +72,11 @@ class ServeConfig:
         default=32, metadata={"help": "rows (texts) per encoder forward, gathered across requests and profiles"}
     )
     batch_wait_timeout_s: float = field(
-        default=0.01, metadata={"help": "how long an idle replica waits for more rows after the first"}
+        default=0.0,
+        metadata={
+            "help": "how long an idle replica waits for more rows after the first before it starts a forward; 0: a "
+            "lone request starts at once (rows that arrive during a forward form the next one anyway)"
+        },
     )
     cache_size: int = field(
         default=256,
@@ -93,6 +123,10 @@ class ServeConfig:
         bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
         if min(self.num_cpus, self.num_gpus, self.batch_wait_timeout_s, self.record_cache_mb) < 0:
             bad.append("num_cpus, num_gpus, batch_wait_timeout_s and record_cache_mb must be >= 0")
+        if self.forward not in ("auto", "ort", "eager"):
+            bad.append(f"forward={self.forward!r} must be 'auto', 'ort' or 'eager'")
+        if not 0 < self.switch_interval_s <= 1:
+            bad.append(f"switch_interval_s={self.switch_interval_s} must be in (0, 1] seconds")
         if bad:
             raise ValueError(f"invalid ServeConfig: {', '.join(bad)} (counts and limits must be >= 1)")
 

@@ -4,7 +4,7 @@
     XPEFT_STORE=runs/news serve run xpeft.serve.deployment:app
     python ray_jobs/serve.py --store runs/news --port 8000
 
-Each replica holds one `ProfileEngine` (xpeft.serve.engine) behind two `@serve.batch` queues that gather
+Each replica holds one `ProfileEngine` (xpeft.serve.engine) behind two queues (`Coalescer`) that gather
 concurrent requests of any profiles: one combines the profiles missing from the cache in one contraction over
 the bank, the other runs each text of each request as a row of one mixed-profile forward. The HTTP app is
 xpeft.serve.api's. Scale and limits are the fields of `ServeConfig`; on a 2-core machine keep `num_cpus` at 1
@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -31,21 +32,20 @@ from xpeft.serve.engine import ProfileEngine, ServeError, predictions
 log = logging.getLogger(__name__)
 
 
-QUEUED_BATCHES = 64  # @serve.batch batches let in at once; the Coalescer below runs them one at a time
-
-
 class Coalescer:
     """Runs `work(items)` in a worker thread, one call at a time, over everything waiting when the previous
-    call ends (at most `max_items`).
+    call ends (at most `max_items`): under load the batch is as large as the backlog, which is what amortises
+    a forward (and a bank contraction) over many rows, and a lone call starts at once.
 
-    `@serve.batch` closes a batch after `batch_wait_timeout_s` even while the previous one is still running,
-    so under load it queues many small batches; merging them here makes the batch as large as the backlog,
-    which is what amortises a forward (and a bank contraction) over many rows. Work started for a caller that
-    goes away still finishes for the others waiting on it."""
+    This replaced `@serve.batch`, which holds even a lone request for `batch_wait_timeout_s` and closes a
+    batch after it while the previous one still runs (so under load it queued many small batches that had to
+    be merged here anyway). With `wait_s` > 0 a call that finds the queue idle waits that long for company.
+    Work started for a caller that goes away still finishes for the others waiting on it."""
 
-    def __init__(self, work, max_items: int):
+    def __init__(self, work, max_items: int, wait_s: float = 0.0):
         self.work = work
         self.max_items = max_items
+        self.wait_s = wait_s
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._lock = asyncio.Lock()
 
@@ -53,7 +53,10 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         mine = [loop.create_future() for _ in items]
         self._pending.extend(zip(items, mine, strict=True))
+        idle = not self._lock.locked()
         async with self._lock:
+            if idle and self.wait_s > 0 and len(self._pending) < self.max_items:
+                await asyncio.sleep(self.wait_s)
             while self._pending and not all(f.done() for f in mine):
                 take = self._pending[: self.max_items]
                 del self._pending[: len(take)]
@@ -80,18 +83,13 @@ class ProfileServer:
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
+        # The event loops' Python then yields the GIL to a forward waiting for it within ~1 ms, not 5.
+        sys.setswitchinterval(cfg.switch_interval_s)
         self.engine = ProfileEngine(cfg)
         if cfg.record_cache_mb > 0:
             self.engine.start_preload()
-        self._combine_work = Coalescer(self.engine.load_profiles, cfg.max_batch_size)
-        self._forward_work = Coalescer(self.engine.forward, cfg.max_batch_size)
-        # Serve warns that max_batch_size × QUEUED_BATCHES exceeds max_ongoing_requests; it does not apply
-        # here: the queued batches are merged by the Coalescer, never run side by side.
-        logging.getLogger("ray.serve").addFilter(lambda record: "max_concurrent_batches" not in record.getMessage())
-        self._combine.set_max_batch_size(cfg.max_batch_size)
-        self._combine.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self._forward.set_max_batch_size(cfg.max_batch_size)
-        self._forward.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._combine_work = Coalescer(self.engine.load_profiles, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        self._forward_work = Coalescer(self.engine.forward, cfg.max_batch_size, cfg.batch_wait_timeout_s)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # The app needs this replica's state (its engine, config and batch queues), so it is built per replica,
@@ -129,15 +127,15 @@ class ProfileServer:
         logits = await asyncio.gather(*(self._forward((combined, row)) for row in rows))
         return {"profile_id": profile_id, "predictions": predictions(combined, logits)}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=QUEUED_BATCHES)
-    async def _combine(self, profile_ids: list[str]) -> list[CombinedProfile | ServeError]:
-        """Profiles missing from the cache, gathered across concurrent requests: one bank contraction."""
-        return await self._combine_work(profile_ids)
+    async def _combine(self, profile_id: str) -> CombinedProfile | ServeError:
+        """A profile missing from the cache, with the others waiting now: one bank contraction."""
+        (combined,) = await self._combine_work([profile_id])
+        return combined
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=QUEUED_BATCHES)
-    async def _forward(self, items: list[tuple[CombinedProfile, dict]]) -> list[torch.Tensor]:
-        """Rows of every request of every profile waiting now: one encoder forward."""
-        return await self._forward_work(items)
+    async def _forward(self, item: tuple[CombinedProfile, dict]) -> torch.Tensor:
+        """A row, with the rows of every request of every profile waiting now: one encoder forward."""
+        (logits,) = await self._forward_work([item])
+        return logits
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:

@@ -33,6 +33,7 @@ from xpeft.profiles.store import Location, ProfileStore
 from xpeft.serve.cache import ProfileCache, RecordCache
 from xpeft.serve.combine import combine_profiles
 from xpeft.serve.config import ServeConfig
+from xpeft.serve.forward import make_forward, token_inputs
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class ProfileEngine:
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
+        threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
+        torch.set_num_threads(threads)
         self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.store = ProfileStore(cfg.store)
         self._store_lock = threading.Lock()  # lookups here: the shared-head dict, a record's read-then-keep
@@ -73,10 +75,15 @@ class ProfileEngine:
             self.model.to(self.device)
             if self.bank is not None:
                 self.bank = self.bank.to(self.device)
+        # ONNX Runtime on CPU (the graph exported once per backbone, or found in cfg.onnx_cache), or torch eager.
+        self.forward_rows = make_forward(
+            cfg.forward, self.model, self.device, token_inputs(self.tokenizer), threads, cfg.onnx_cache,
+            self.bank.b if self.bank is not None else None,
+        )  # fmt: skip
         self.cache = ProfileCache(cfg.cache_size)
         self.records = RecordCache(int(cfg.record_cache_mb * 2**20))
         self.preloading = False  # True while preload_records fills the record cache
-        self._forward_lock = threading.Lock()  # forward_mixed sets adapters on shared modules: one at a time
+        self._forward_lock = threading.Lock()  # one forward at a time (eager: it sets adapters on shared modules)
         self._heads: dict[str, dict[str, torch.Tensor]] = {}  # shared heads (mtl): few, kept for good
         # Since start, for /healthz: forwards, rows, profiles read and combined, and seconds spent on each.
         self.stats = {
@@ -84,6 +91,8 @@ class ProfileEngine:
             "rows": 0,
             "max_profiles_in_batch": 0,
             "forward_seconds": 0.0,
+            "forward": self.forward_rows.name,
+            "forward_by_rows": {},  # rows of a forward -> [forwards, seconds]: what the replica's batches cost
             "profiles_loaded": 0,
             "load_seconds": 0.0,
             "store_reads": 0,
@@ -253,8 +262,8 @@ class ProfileEngine:
 
     @torch.no_grad()
     def forward(self, items: list[tuple[CombinedProfile, dict]]) -> list[torch.Tensor]:
-        """Logits for rows of any profiles: one `forward_mixed` per adapter width b present (in practice one;
-        rows of different b cannot share a batched matmul; head_only rows join any)."""
+        """Logits for rows of any profiles: one forward (`xpeft.serve.forward`) per adapter width b present (in
+        practice one; rows of different b cannot share a batched matmul; head_only rows join any)."""
         by_b: dict[int, list[int]] = {}
         for i, (c, _) in enumerate(items):
             by_b.setdefault(c.A_hat.shape[1] if c.A_hat is not None else -1, []).append(i)
@@ -266,13 +275,18 @@ class ProfileEngine:
             start = time.perf_counter()
             for idx in by_b.values():
                 batch = {k: v.to(self.device) for k, v in self.collate([items[i][1] for i in idx]).items()}
-                for i, out in zip(idx, self.model.forward_mixed(batch, [items[i][0] for i in idx]), strict=True):
-                    logits[i] = out.float().cpu()
+                for i, out in zip(idx, self.forward_rows(batch, [items[i][0] for i in idx]), strict=True):
+                    # (a check, not an op per row: beside busy event loops each torch op can wait for the GIL)
+                    logits[i] = out if out.device.type == "cpu" and out.dtype == torch.float32 else out.float().cpu()
+            seconds = time.perf_counter() - start
             stats = self.stats
             stats["batches"] += 1
             stats["rows"] += len(items)
             stats["max_profiles_in_batch"] = max(stats["max_profiles_in_batch"], len({c.profile_id for c, _ in items}))
-            stats["forward_seconds"] += time.perf_counter() - start
+            stats["forward_seconds"] += seconds
+            n, total = stats["forward_by_rows"].get(str(len(items)), (0, 0.0))
+            # a new dict, not an update in place: /healthz may be serializing the old one in another thread
+            stats["forward_by_rows"] = {**stats["forward_by_rows"], str(len(items)): (n + 1, total + seconds)}
         return logits  # type: ignore[return-value]
 
 
