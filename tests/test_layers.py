@@ -22,6 +22,8 @@ LAYERS = [
     ("xpeft.fit.task", ("ray", "fastapi")),
     ("xpeft.serve.engine", ("ray", "fastapi")),
     ("xpeft.serve.api", ("ray",)),
+    ("xpeft.serve.local", ("ray",)),
+    ("xpeft.serve.proxy", ("ray", "fastapi", "torch")),  # loaded by the Serve proxy: Starlette only
 ]
 
 

@@ -77,6 +77,12 @@ class XPeftConfig(Config):
     problem_type: ProblemType = option("classification", "classification (cross-entropy) or regression (MSE)")
     lora_alpha: float | None = option(None, "single_adapter's LoRA alpha (scale alpha/b); default alpha = b")
     dropout: float = option(0.1, "dropout before the classifier, as in BertForSequenceClassification")
+    text_pair: bool | None = option(
+        None,
+        "whether the profile was fitted on text pairs (set by the fit from its data, as num_labels is; the "
+        "server refuses the other kind of input). None: not recorded (profiles stored before it was): both served",
+        no_flag=True,
+    )
 
     def __post_init__(self) -> None:
         validate(self)

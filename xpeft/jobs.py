@@ -239,8 +239,10 @@ def serve(args: argparse.Namespace) -> None:
     from xpeft.ray.cluster import init_ray
     from xpeft.serve.config import ServeConfig
     from xpeft.serve.deployment import build_app
+    from xpeft.serve.proxy import install
 
     cfg = from_flags(args, ServeConfig)
+    install()  # an embedded Ray's proxy answers a request no replica answered with a JSON 503 (Retry-After)
     init_ray()
     # Before Serve starts (a client may see /healthz answer before serve.run returns): `kill` then shuts
     # Serve down cleanly instead of meeting Ray's fatal-signal handler, which init_ray installed.

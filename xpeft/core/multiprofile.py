@@ -63,6 +63,7 @@ class CombinedProfile:
     head_key: str  # rows with the same head_key share one head forward
     problem_type: str
     label_names: list[str] | None
+    text_pair: bool | None = None  # fitted on text pairs (None: not recorded); the server checks requests by it
 
     @property
     def nbytes(self) -> int:

@@ -285,7 +285,14 @@ class Farm:
         self.store.write(
             [
                 bank_member_profile(
-                    bank, m, xcfg, d.profile_id, metrics.get(d.profile_id), self.head_id, cfg.label_names
+                    bank,
+                    m,
+                    xcfg,
+                    d.profile_id,
+                    metrics.get(d.profile_id),
+                    self.head_id,
+                    cfg.label_names,
+                    text_pair=d.text_pair,
                 )
                 for m, d in enumerate(warm)
             ]
