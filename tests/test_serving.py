@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from cases import BANK, BY_NAME, CASES, SHARED_HEAD_ID, B, D, L, N, fitted_profile
+from cases import BANK, BY_NAME, CASES, B, D, L, N, fitted_profile, store_cases
 
 from xpeft.core.bank import random_bank
 from xpeft.core.encoder import load_encoder, load_tokenizer
@@ -191,16 +191,7 @@ def backbone(tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, backbone):
     store = ProfileStore(tmp_path_factory.mktemp("store"))
-    store.save_bank(BANK)
-    encoder = load_encoder(backbone)
-    profiles = []
-    for i, case in enumerate(CASES):
-        model, profile = fitted_profile(case, seed=i, encoder=encoder)
-        if case.shared_head:
-            store.save_head(SHARED_HEAD_ID, {k: v.clone() for k, v in model.head.state_dict().items()})
-        profiles.append(profile)
-    profiles.append(fitted_profile("hard", "other-bank", seed=50, encoder=encoder, bank=OTHER_BANK)[1])
-    store.write(profiles)
+    store_cases(store, load_encoder(backbone), CASES, OTHER_BANK)
     return store
 
 

@@ -63,6 +63,7 @@ class CombinedProfile:
     head_key: str  # rows with the same head_key share one head forward
     problem_type: str
     label_names: list[str] | None
+    created: float | None = None  # the stored record's timestamp: which version of the profile this is
 
     @property
     def nbytes(self) -> int:

@@ -46,6 +46,7 @@ def combine_profiles(
                 head_key=f"shared:{p.head_id}" if p.head_id else f"own:{p.profile_id}",
                 problem_type=cfg.problem_type,
                 label_names=p.label_names,
+                created=p.created,
             )
             if cfg.mode == "x_peft":
                 if bank is None or p.bank_fingerprint != bank.fingerprint:
