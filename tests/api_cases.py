@@ -11,7 +11,7 @@ import os
 from collections import Counter
 
 import schemathesis
-from cases import BANK, CASES, SHARED_HEAD_ID, fitted_profile
+from cases import BANK, CASES, fitted_profile, store_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode, checks
@@ -31,15 +31,9 @@ def served_store(path, backbone: str) -> ProfileStore:
     """A store with the bank, every mode of the table, 'other-bank', 'paired' and 'unpaired'. The table's
     profiles record no text_pair (as profiles stored before it was recorded): they take both kinds of input."""
     store = ProfileStore(path)
-    store.save_bank(BANK)
     encoder = load_encoder(backbone)
+    store_cases(store, encoder, CASES, OTHER_BANK)
     profiles = []
-    for i, case in enumerate(CASES):
-        model, profile = fitted_profile(case, seed=i, encoder=encoder)
-        if case.shared_head:
-            store.save_head(SHARED_HEAD_ID, {k: v.clone() for k, v in model.head.state_dict().items()})
-        profiles.append(profile)
-    profiles.append(fitted_profile("hard", "other-bank", seed=50, encoder=encoder, bank=OTHER_BANK)[1])
     for seed, (pid, pairs) in enumerate([("paired", True), ("unpaired", False)], start=60):
         _, p = fitted_profile("hard", pid, seed=seed, encoder=encoder)
         profiles.append(dataclasses.replace(p, config=dataclasses.replace(p.config, text_pair=pairs)))

@@ -47,6 +47,7 @@ def combine_profiles(
                 problem_type=cfg.problem_type,
                 label_names=p.label_names,
                 text_pair=cfg.text_pair,
+                created=p.created,
             )
             if cfg.mode == "x_peft":
                 if bank is None or p.bank_fingerprint != bank.fingerprint:
