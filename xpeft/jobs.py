@@ -259,11 +259,15 @@ def serve(args: argparse.Namespace) -> None:
     import ray
     from ray import serve as ray_serve
 
+    from xpeft.profiles.store import ProfileStore
     from xpeft.ray.cluster import init_ray
     from xpeft.serve.config import ServeConfig
     from xpeft.serve.deployment import build_app
+    from xpeft.serve.engine import serving_bank
 
     cfg = from_flags(args, ServeConfig)
+    # Refuse an old-layout store or a damaged bank here, in one line, rather than in every replica's traceback.
+    serving_bank(cfg, ProfileStore(cfg.store))
     init_ray()
     # Before Serve starts (a client may see /healthz answer before serve.run returns): `kill` then shuts
     # Serve down cleanly instead of meeting Ray's fatal-signal handler, which init_ray installed.

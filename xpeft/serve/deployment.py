@@ -81,8 +81,7 @@ class ProfileServer:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.engine = ProfileEngine(cfg)
-        if cfg.record_cache_mb > 0:
-            self.engine.start_preload()
+        self.engine.start()  # keeps up with the store (cfg.staleness_s) and, with cfg.preload, fills the record cache
         self._combine_work = Coalescer(self.engine.load_profiles, cfg.max_batch_size)
         self._forward_work = Coalescer(self.engine.forward, cfg.max_batch_size)
         # Serve warns that max_batch_size × QUEUED_BATCHES exceeds max_ongoing_requests; it does not apply
@@ -117,7 +116,7 @@ class ProfileServer:
                 413, f"a text of {longest} characters; the limit is {cfg.max_text_chars} (ServeConfig.max_text_chars)"
             )
         profile_id = checked_id(request.profile_id)
-        combined = self.engine.cache.get(profile_id)
+        combined = self.engine.cached(profile_id)  # only for the version the store serves now
         if combined is None:  # read and combine it while the texts are tokenized
             combined, rows = await asyncio.gather(
                 self._combine(profile_id), asyncio.to_thread(self.engine.tokenize, texts, pairs)
