@@ -8,7 +8,7 @@ limit; it stops by itself and shuts its Ray down.
     python benchmarks/serve_load.py --store /tmp/xpeft-load           # keep (and reuse) the 10,000 profiles
 
 The profiles are random (k-hot masks, LN affine, a 'linear' head): serving cost does not depend on how well
-a profile was fitted. They are written in files of 8, as the farm flushes them (FarmConfig.flush_every).
+a profile was fitted. They are written 8 a commit, as the farm flushes them (FarmConfig.flush_every).
 In (b) no profile is requested twice and the cache holds far fewer than the profiles, so every request reads
 its profile from the store and combines it with the bank: the cost that mixed-profile serving adds.
 """
@@ -44,7 +44,7 @@ WORDS = (
 ).split()
 SERVER_STATS = ("batches", "rows", "forward_seconds", "profiles_loaded", "load_seconds", "store_reads")
 SCENARIOS = ("(a) one profile", "(b) a new profile each")
-FLUSH_EVERY = 8  # FarmConfig.flush_every: profiles per Parquet file as the farm writes them
+FLUSH_EVERY = 8  # FarmConfig.flush_every: profiles per store write (one commit) as the farm writes them
 
 
 def make_store(root: str, n: int, backbone: str, N: int, k: int, b: int, num_labels: int) -> ProfileStore:
@@ -190,7 +190,9 @@ def main() -> None:
     root = args.store or tmp.name
     t0 = time.perf_counter()
     store = make_store(root, args.profiles, args.backbone, args.N, args.k, args.b, args.num_labels)
-    print(f"store: {len(store)} profiles in {len(store.files())} files at {root} ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"store: {len(store)} profiles in {store.stats()['parts']} parts at {root} ({time.perf_counter() - t0:.1f} s)"
+    )
     rng = random.Random(0)
     ids = store.ids()
     hot, cold = ids[0], iter(rng.sample(ids[1:], n * len(args.payload) * args.rounds))  # (b): never twice

@@ -84,11 +84,13 @@ def test_profile_cache_is_bounded_and_evicts_the_least_recently_used():
     items = {
         pid: combine_profiles([fitted_profile("hard", pid, seed=i)[1]], BANK, D, {})[0] for i, pid in enumerate("abc")
     }
-    cache.put(items["a"])
-    cache.put(items["b"])
-    assert cache.get("a") is items["a"]  # a is now the most recent
-    cache.put(items["c"])
-    assert len(cache) == 2 and cache.get("b") is None and cache.get("a") is items["a"]
+    loc = {pid: Location(i, 0) for i, pid in enumerate("abc")}
+    cache.put(loc["a"], items["a"])
+    cache.put(loc["b"], items["b"])
+    assert cache.get(loc["a"], "a") is items["a"]  # a is now the most recent
+    cache.put(loc["c"], items["c"])
+    assert len(cache) == 2 and cache.get(loc["b"], "b") is None and cache.get(loc["a"], "a") is items["a"]
+    assert cache.get(Location(7, 0), "a") is None  # a refit profile (a new location) is never served from memory
 
 
 def test_a_head_that_does_not_fit_its_config_is_refused_without_failing_the_others():
@@ -103,7 +105,7 @@ def test_a_head_that_does_not_fit_its_config_is_refused_without_failing_the_othe
 def test_record_cache_is_bounded_by_bytes_and_keyed_by_where_the_record_was_read():
     records = [fitted_profile("hard", pid, seed=i)[1] for i, pid in enumerate("abc")]
     size = records[0].record_bytes
-    locs = [Location(f"f{i}", 0, 0.0) for i in range(3)]
+    locs = [Location(i, 0) for i in range(3)]
     cache = RecordCache(int(2.5 * size))
     assert cache.put(locs[0], records[0]) and cache.put(locs[1], records[1])
     assert not cache.put(locs[2], records[2], evict=False)  # a preload stops when full: it never churns
@@ -111,9 +113,9 @@ def test_record_cache_is_bounded_by_bytes_and_keyed_by_where_the_record_was_read
     assert cache.put(locs[2], records[2])  # a request's read evicts the least recently used: b
     assert cache.get(locs[1], "b") is None and len(cache) == 2 and cache.nbytes <= 2.5 * size
     bigger_a = dataclasses.replace(records[0], tensors={**records[0].tensors, "extra": torch.zeros(10_000)})
-    assert not cache.put(Location("f8", 0, 2.0), bigger_a, evict=False)  # refused: the kept a stays
+    assert not cache.put(Location(8, 0), bigger_a, evict=False)  # refused: the kept a stays
     assert cache.get(locs[0], "a") is records[0] and cache.nbytes == 2 * size
-    assert cache.get(Location("f9", 0, 1.0), "a") is None  # a rewritten profile is never served from memory
+    assert cache.get(Location(9, 0), "a") is None  # a rewritten profile is never served from memory
 
 
 def engine_for(store: ProfileStore, backbone: str, **kwargs) -> ProfileEngine:
@@ -126,17 +128,17 @@ def test_a_preloaded_replica_combines_stored_profiles_without_reading_the_store(
     preloaded = engine_for(store, backbone)
     assert preloaded.preload_records() == len(store) and not preloaded.preloading
     got = preloaded.load_profiles(ids)
-    assert preloaded.stats["store_reads"] == 0
+    assert preloaded.view.store_reads == 0
     reading = engine_for(store, backbone, record_cache_mb=0)
     want = reading.load_profiles(ids)
-    assert reading.stats["store_reads"] == len(ids) and len(reading.records) == 0
+    assert reading.view.store_reads == len(ids) and len(reading.records) == 0
     for g, w in zip(got, want, strict=True):
         for name in ("A_hat", "B_hat", "ln_weight", "ln_bias"):
             a, b = getattr(g, name), getattr(w, name)
             assert (a is None and b is None) or torch.equal(a, b), (g.profile_id, name)
 
 
-def test_a_preload_stops_at_its_budget_and_a_rewritten_profile_is_read_again(tmp_path, backbone):
+def test_a_preload_stops_at_its_budget_and_a_refit_profile_is_read_and_combined_again(tmp_path, backbone):
     store = ProfileStore(tmp_path)
     store.save_bank(BANK)
     encoder = load_encoder(backbone)
@@ -145,15 +147,16 @@ def test_a_preload_stops_at_its_budget_and_a_rewritten_profile_is_read_again(tmp
     store.write(profiles[2:])
     budget = 2.5 * profiles[0].record_bytes / 2**20
     engine = engine_for(store, backbone, record_cache_mb=budget)
-    assert engine.preload_records() == 2  # newest file first: p2, p3
-    engine.load_profiles(["p2", "p3"])
-    assert engine.stats["store_reads"] == 0
+    assert engine.preload_records() == 2  # newest part first: p2, p3
+    (old,) = engine.load_profiles(["p2"])
+    engine.load_profiles(["p3"])
+    assert engine.view.store_reads == 0
     _, v2 = fitted_profile("hard", "p2", seed=40, encoder=encoder)
     store.write([v2])
-    engine.load_profiles(["p-unknown"])  # an unknown id re-lists the store: p2's new version is indexed
-    engine.cache = ProfileCache(4)  # p2 leaves the combined cache
-    (served,) = engine.load_profiles(["p2"])
-    assert engine.stats["store_reads"] == 1 and torch.equal(served.ln_weight, v2.tensors["ln_weight"])
+    assert engine.load_profiles(["p2"])[0] is old  # until the replica's view moves
+    assert engine.view.refresh()  # what its refresher does every staleness_s
+    (served,) = engine.load_profiles(["p2"])  # still in the combined cache, but for the old version: not used
+    assert engine.view.store_reads == 1 and torch.equal(served.ln_weight, v2.tensors["ln_weight"])
 
 
 def test_calls_waiting_while_work_runs_are_merged_into_one_call():
@@ -332,12 +335,53 @@ def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(serve
     assert classify(server, "soft", ["still here"])["predictions"]
 
 
+def poll(url: str, profile_id: str, until, limit_s: float) -> tuple[requests.Response, float]:
+    """POST /v1/classify until `until(response)`; the response and the seconds it took."""
+    start = time.perf_counter()
+    while True:
+        r = requests.post(f"{url}/v1/classify", json={"profile_id": profile_id, "texts": TEXTS}, timeout=60)
+        if until(r):
+            return r, time.perf_counter() - start
+        assert time.perf_counter() - start < limit_s, f"not within {limit_s} s: {r.status_code} {r.text[:200]}"
+        time.sleep(0.05)
+
+
+BOUND_S = ServeConfig(store="-").staleness_s + 3.0  # the refresh interval, plus slack for a shared machine
+
+
 @pytest.mark.ray
 def test_a_profile_written_after_the_server_started_is_served(server, store, backbone):
     _, late = fitted_profile("hard", "late-comer", seed=77, encoder=load_encoder(backbone))
     store.write([late])
-    body = classify(server, "late-comer", TEXTS)
-    assert_matches(body["predictions"], expected(store, backbone, "late-comer", TEXTS))
+    r, _ = poll(server, "late-comer", lambda r: r.status_code == 200, BOUND_S)
+    assert_matches(r.json()["predictions"], expected(store, backbone, "late-comer", TEXTS))
+
+
+@pytest.mark.ray
+def test_a_refit_is_served_with_its_new_scores_and_a_delete_is_a_404_within_the_staleness_bound(
+    server, store, backbone
+):
+    encoder = load_encoder(backbone)
+    store.write([fitted_profile("hard", "refit-me", seed=5, encoder=encoder)[1]])
+    r, _ = poll(server, "refit-me", lambda r: r.status_code == 200, BOUND_S)
+    old = r.json()["predictions"][0]["probabilities"]
+    store.write([fitted_profile("hard", "refit-me", seed=6, encoder=encoder)[1]])
+    new = torch.softmax(expected(store, backbone, "refit-me", TEXTS)[0], -1)
+    assert not torch.allclose(torch.tensor(old), new, atol=1e-3)
+    r, _ = poll(
+        server,
+        "refit-me",
+        lambda r: torch.allclose(torch.tensor(r.json()["predictions"][0]["probabilities"]), new, atol=1e-5),
+        BOUND_S,
+    )
+    info = requests.get(f"{server}/v1/profiles/refit-me", timeout=10).json()
+    assert info["metrics"] == store.get("refit-me").metrics  # the profile's page shows the version served
+    store.delete(["refit-me"])
+    r, _ = poll(server, "refit-me", lambda r: r.status_code == 404, BOUND_S)
+    assert "not in the store" in r.json()["detail"]
+    health = requests.get(f"{server}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and not health["problems"] and health["store_age_s"] < BOUND_S
+    assert health["store_profiles"] == len(store) and health["rss_bytes"] > 0 and health["index_bytes"] > 0
 
 
 @pytest.mark.ray

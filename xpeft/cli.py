@@ -8,7 +8,7 @@ xpeft classify-batch  score a Parquet table of texts with Ray Data (= ray_jobs/c
 xpeft params        trainable parameters and bytes per profile for every mode (Table 1 / Table 4)
 xpeft bank ...      draw a random bank, inspect one, make one from PEFT adapters
 xpeft data ...      task data and profile data sets
-xpeft profiles ...  list / show the profiles of a store, export one as a PEFT adapter
+xpeft profiles ...  list / show / delete the profiles of a store, compact it, migrate an old one, export one to PEFT
 """
 
 from __future__ import annotations
@@ -78,14 +78,49 @@ def cmd_profiles_list(args: argparse.Namespace) -> None:
 
     store = ProfileStore(args.store)
     for s in store.summaries(args.offset, args.limit):
-        print(json.dumps({k: s[k] for k in ("profile_id", "mode", "mask_type", "metrics", "size_bytes")}))
+        keys = ("profile_id", "error") if "error" in s else ("profile_id", "mode", "mask_type", "metrics", "size_bytes")
+        print(json.dumps({k: s[k] for k in keys}))
     print(f"{len(store)} profiles in {args.store}", file=sys.stderr)
+    for part, d in sorted(store.damaged().items()):  # the listing goes on; the damage is reported
+        print(
+            f"damaged: part {part} ({', '.join(d['files'])}), {d['profiles']} profiles: {d['error']}", file=sys.stderr
+        )
 
 
 def cmd_profiles_show(args: argparse.Namespace) -> None:
+    from xpeft.profiles.store import DamagedPartError, ProfileStore
+
+    try:
+        print(json.dumps(ProfileStore(args.store).summary(args.profile_id), indent=2))
+    except DamagedPartError as e:
+        print(f"xpeft: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_profiles_delete(args: argparse.Namespace) -> None:
     from xpeft.profiles.store import ProfileStore
 
-    print(json.dumps(ProfileStore(args.store).summary(args.profile_id), indent=2))
+    n = ProfileStore(args.store).delete(args.profile_ids)
+    print(
+        f"deleted {n} of {len(set(args.profile_ids))} profiles from {args.store} (the others were not stored): gone "
+        "from lookups now, from a server within its staleness_s; their bytes after `xpeft profiles compact`"
+    )
+
+
+def cmd_profiles_compact(args: argparse.Namespace) -> None:
+    from xpeft.profiles.store import ProfileStore
+
+    store = ProfileStore(args.store)
+    result = store.compact(retain_seconds=args.retain_hours * 3600)
+    print(json.dumps(result, indent=2))
+    for part, d in sorted(store.damaged().items()):
+        print(f"damaged: part {part} ({', '.join(d['files'])}) was left as it is", file=sys.stderr)
+
+
+def cmd_profiles_migrate(args: argparse.Namespace) -> None:
+    from xpeft.profiles.migrate import migrate
+
+    print(json.dumps(migrate(args.old, args.new, skip_unreadable=args.skip_unreadable).to_dict(), indent=2))
 
 
 def add_params(sub) -> None:
@@ -149,7 +184,9 @@ def add_bank(sub) -> None:
 
 
 def add_profiles(sub) -> None:
-    prof = sub.add_parser("profiles", help="inspect a profile store").add_subparsers(dest="profiles_cmd", required=True)
+    prof = sub.add_parser("profiles", help="inspect, delete, compact or migrate a profile store").add_subparsers(
+        dest="profiles_cmd", required=True
+    )
     p = prof.add_parser("list", help="one JSON line per profile")
     p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
     p.add_argument("--offset", type=int, default=0, help="skip this many (ids sorted; default 0)")
@@ -170,6 +207,23 @@ def add_profiles(sub) -> None:
         "--backbone", default="minilm", help="the backbone the profile was fitted on (default: minilm, the bundled one)"
     )
     p.set_defaults(func=cmd_profiles_export_peft)
+    p = prof.add_parser("delete", help="delete profiles: gone from lookups at once, their bytes after compact")
+    p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
+    p.add_argument("profile_ids", nargs="+", metavar="ID", help="the profiles' ids")
+    p.set_defaults(func=cmd_profiles_delete)
+    p = prof.add_parser("compact", help="rewrite the store's parts and remove old versions' files")
+    p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
+    p.add_argument("--retain-hours", type=float, default=0.0, help="keep versions newer than this readable (default 0)")
+    p.set_defaults(func=cmd_profiles_compact)
+    p = prof.add_parser("migrate", help="convert a store of the old layout (profiles/part-*.parquet) into NEW")
+    p.add_argument("old", help="the old store: a directory or a URI")
+    p.add_argument("new", help="the new store: a directory or URI that does not exist yet or is empty")
+    p.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="migrate what can be read, report the unreadable part files (default: off, stop at the first one)",
+    )
+    p.set_defaults(func=cmd_profiles_migrate)
 
 
 def add_jobs(sub) -> None:

@@ -259,12 +259,16 @@ def serve(args: argparse.Namespace) -> None:
     import ray
     from ray import serve as ray_serve
 
+    from xpeft.profiles.store import ProfileStore
     from xpeft.ray.cluster import init_ray
     from xpeft.serve.config import ServeConfig
     from xpeft.serve.deployment import build_app
+    from xpeft.serve.engine import serving_bank
     from xpeft.serve.proxy import install
 
     cfg = from_flags(args, ServeConfig)
+    # Refuse an old-layout store or a damaged bank here, in one line, rather than in every replica's traceback.
+    serving_bank(cfg, ProfileStore(cfg.store))
     install()  # an embedded Ray's proxy answers a request no replica answered with a JSON 503 (Retry-After)
     init_ray()
     # Before Serve starts (a client may see /healthz answer before serve.run returns): `kill` then shuts

@@ -12,7 +12,9 @@ auth, the routes, the checks of a request and offline docs. `make_api(server)` b
 Errors are JSON {"detail": ...} naming the problem and the fix (xpeft.serve.errors): 400 invalid profile id,
 401 missing/wrong token, 404 unknown profile, 409 profile made for another bank or encoder (both fingerprints
 in the message), 413 body or text limits, 415 a body not sent as JSON, 422 malformed JSON, missing or
-wrong-typed fields, empty texts, text_pairs the profile does not take; each route documents its own.
+wrong-typed fields, empty texts, text_pairs the profile does not take; 503 the profile is stored in a damaged
+part of the store (the detail names the profile, the part and its file; other profiles are served), or no replica
+answered; each route documents its own.
 """
 
 from __future__ import annotations
@@ -106,15 +108,22 @@ class ProfileInfo(BaseModel):
     problem: str | None = Field(None, description="why not, when it cannot")
 
 
+class Unreadable(BaseModel):
+    profile_id: str
+    detail: str = Field(description="why it cannot be read: the damaged part of the store, its file")
+
+
 class ProfilePage(BaseModel):
     total: int
     offset: int
     limit: int
     profiles: list[ProfileInfo]
+    unreadable: list[Unreadable] = Field([], description="profiles of the page in damaged parts of the store")
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description='"ok", or "degraded" with the reasons in problems')
+    problems: list[str] = Field(description="damaged parts of the store, a store that cannot be refreshed")
     backbone: str
     bank_fingerprint: str | None
     cached_profiles: int
@@ -129,6 +138,12 @@ class Health(BaseModel):
     records_in_memory: int = Field(description="profile records in the record cache")
     preloading: bool = Field(description="whether the record cache is still being filled from the store")
     record_bytes_in_memory: int = Field(description="their record_bytes, bounded by record_cache_mb")
+    store_profiles: int = Field(description="profiles in the store, as of the replica's view")
+    store_version: int = Field(description="the store's table version the replica serves")
+    store_parts: int = Field(description="parts (Lance fragments) of the store's profile table")
+    store_age_s: float = Field(description="seconds since the replica last refreshed its view (bound: staleness_s)")
+    index_bytes: int = Field(description="memory of the replica's profile-id index")
+    rss_bytes: int = Field(description="the replica process's resident memory")
 
 
 CLASSIFY_ERRORS = errors.documented(400, 401, 404, 409, 413, 415, 422, 503)
@@ -225,18 +240,7 @@ def make_api(server: Server) -> FastAPI:
 
     @api.get("/healthz", response_model=Health, responses=errors.documented(503))
     async def healthz() -> dict[str, Any]:
-        bank = server.engine.bank
-        return {
-            "status": "ok",
-            "backbone": cfg.backbone,
-            "bank_fingerprint": bank.fingerprint if bank else None,
-            "cached_profiles": len(server.engine.cache),
-            "cache_size": cfg.cache_size,
-            "records_in_memory": len(server.engine.records),
-            "preloading": server.engine.preloading,
-            "record_bytes_in_memory": server.engine.records.nbytes,
-            **server.engine.stats,
-        }
+        return await asyncio.to_thread(server.engine.health)
 
     errors.install(api)
     return api

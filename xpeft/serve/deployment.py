@@ -82,8 +82,7 @@ class ProfileServer(LocalServer):
 
     def __init__(self, cfg: ServeConfig):
         super().__init__(cfg)
-        if cfg.record_cache_mb > 0:
-            self.engine.start_preload()
+        self.engine.start()  # keeps up with the store (cfg.staleness_s) and, with cfg.preload, fills the record cache
         self._combine_work = Coalescer(self.engine.load_profiles, cfg.max_batch_size)
         self._forward_work = Coalescer(self.engine.forward, cfg.max_batch_size)
         # Serve warns that max_batch_size × QUEUED_BATCHES exceeds max_ongoing_requests; it does not apply
@@ -103,7 +102,7 @@ class ProfileServer(LocalServer):
 
     async def combined(self, profile_id: str) -> CombinedProfile:
         """From the cache, else through the batch queue that combines every profile requests are waiting for."""
-        c = self.engine.cache.get(profile_id) or await self._combine(profile_id)
+        c = self.engine.cached(profile_id) or await self._combine(profile_id)  # the served version only
         if isinstance(c, ServeError):
             raise c
         return c

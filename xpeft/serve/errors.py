@@ -59,7 +59,8 @@ MEANING = {
     413: "body, text count, text length or page size over the server's limits",
     415: "a body not sent as JSON (its Content-Type header names another type)",
     422: "malformed JSON, missing, unknown or wrong-typed fields, empty texts, text_pairs the profile does not take",
-    503: "no replica answered (it died or is restarting): retry after the Retry-After seconds (from the Serve proxy)",
+    503: "the profile is stored in a damaged part of the store (the detail names the part), or no replica answered "
+    "(it died or is restarting: retry after the Retry-After seconds, from the Serve proxy)",
 }
 
 

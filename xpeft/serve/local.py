@@ -28,7 +28,10 @@ class LocalServer:
 
     def __init__(self, cfg: ServeConfig, engine: ProfileEngine | None = None):
         self.cfg = cfg
-        self.engine = engine or ProfileEngine(cfg)
+        if engine is None:  # its own engine keeps up with the store (cfg.staleness_s) as a replica's does
+            engine = ProfileEngine(cfg)
+            engine.start()
+        self.engine = engine
 
     async def classify(self, request: ClassifyRequest) -> dict[str, Any]:
         """The predictions for `request`, or a ServeError naming what is wrong with it (the HTTP status)."""
@@ -44,7 +47,7 @@ class LocalServer:
 
     async def combined(self, profile_id: str) -> CombinedProfile:
         """The profile ready to serve: from the cache, else read from the store and combined with the bank."""
-        c = self.engine.cache.get(profile_id)
+        c = self.engine.cached(profile_id)  # only for the version the store serves now
         if c is None:
             (c,) = await asyncio.to_thread(self.engine.load_profiles, [profile_id])
         if isinstance(c, ServeError):
