@@ -63,7 +63,7 @@ def main() -> None:
             lo, med = per_profile_ms(engine, [next(fresh) for _ in range(args.calls * P)], P, args.calls)
             print(
                 f"  P={P:2d}: {lo:.2f} ms a profile (min), {med:.2f} (median), store reads so far "
-                f"{engine.stats['store_reads']}"
+                f"{engine.view.store_reads}"
             )
         profiler = cProfile.Profile()
         batches = [[next(fresh) for _ in range(6)] for _ in range(30)]

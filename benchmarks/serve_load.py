@@ -16,8 +16,9 @@ Serve proxy, the replica and the rest of Ray used (/proc), unloaded latency (seq
 requests next to the one-row forward alone), and xpeft against the peer (requests/s, p50/p99, replica RSS).
 
 The profiles are random (k-hot masks, LN affine, a 'linear' head): serving cost does not depend on how well
-a profile was fitted. They are written in files of 8, as the farm flushes them (FarmConfig.flush_every).
-In (b) the cache holds far fewer than the profiles, so every request combines its profile with the bank.
+a profile was fitted. They are written 8 a commit, as the farm flushes them (FarmConfig.flush_every).
+In (b) the cache holds far fewer than the profiles, so every request reads its profile from the store (or
+the record cache) and combines it with the bank: the cost that mixed-profile serving adds.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ WORDS = (
     "recipe city world people week year report study season police court family home life"
 ).split()
 DEFAULTS = {f.name: f for f in dataclasses.fields(ServeConfig)}
-FLUSH_EVERY = 8  # FarmConfig.flush_every: profiles per Parquet file as the farm writes them
+FLUSH_EVERY = 8  # FarmConfig.flush_every: profiles per store write (one commit) as the farm writes them
 
 
 def make_store(root: str, n: int, backbone: str, N: int, k: int, b: int, num_labels: int) -> ProfileStore:
@@ -394,7 +395,9 @@ def main() -> None:
     root = args.store or tmp.name
     t0 = time.perf_counter()
     store = make_store(root, args.profiles, args.backbone, args.N, args.k, args.b, args.num_labels)
-    print(f"store: {len(store)} profiles in {len(store.files())} files at {root} ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"store: {len(store)} profiles in {store.stats()['parts']} parts at {root} ({time.perf_counter() - t0:.1f} s)"
+    )
     rng = random.Random(0)
     ids = store.ids()
     hot, cold = ids[0], rng.sample(ids[1:], n * len(args.payload) * args.rounds)  # (b): never twice a server

@@ -81,3 +81,18 @@ def fitted_profile(
         label_names=list(case.label_names) if case.label_names else None,
     )
     return model.eval(), profile
+
+
+def store_cases(store, encoder, cases: list[Case] = CASES, other_bank: AdapterBank | None = None) -> None:
+    """Write the fitted profiles of `cases` (seed: their index) to `store`, with the table's bank and shared
+    head; with `other_bank`, also 'other-bank': a hard profile fitted on another bank, which it cannot serve."""
+    store.save_bank(BANK)
+    profiles = []
+    for i, case in enumerate(cases):
+        model, profile = fitted_profile(case, seed=i, encoder=encoder)
+        if case.shared_head:
+            store.save_head(SHARED_HEAD_ID, {k: v.clone() for k, v in model.head.state_dict().items()})
+        profiles.append(profile)
+    if other_bank is not None:
+        profiles.append(fitted_profile("hard", "other-bank", seed=50, encoder=encoder, bank=other_bank)[1])
+    store.write(profiles)

@@ -40,6 +40,14 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    """A tiny random BERT saved as a model directory (tests/tiny_backbone.py), one per test module."""
+    from tiny_backbone import make_tiny_backbone
+
+    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
+
+
 @pytest.fixture
 def encoder():
     return tiny_encoder()
@@ -92,3 +100,18 @@ def datasets_cache(tmp_path_factory) -> str:
 
 
 # --- end data fixtures ---
+
+
+# --- the count of generated API cases (tests/test_api.py, tests/test_serving.py), shown after the run ---
+from collections import Counter  # noqa: E402
+
+API_CASES = pytest.StashKey[Counter]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    counts = config.stash.get(API_CASES, None)
+    if counts:
+        terminalreporter.section("API cases generated from the OpenAPI schema (schemathesis)")
+        for label, n in sorted(counts.items()):
+            terminalreporter.write_line(f"{n:6d}  {label}")
+        terminalreporter.write_line(f"{sum(counts.values()):6d}  in all")

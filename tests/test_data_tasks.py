@@ -228,3 +228,11 @@ def test_tokenize_a_profile_table_keeps_profile_id():
     assert {"input_ids", "label", "profile_id"} <= set(tok.column_names) and "text" not in tok.column_names
     with pytest.raises(ValueError, match="needs a 'text' column"):
         tokenize_dataset(ds.remove_columns(["text"]), None, 8)
+
+
+@pytest.mark.parametrize("task,pairs", [("mrpc", True), ("sst2", False), ("stsb", True)])
+def test_a_task_config_says_whether_the_task_takes_text_pairs(task, pairs):
+    from xpeft.config import XPeftConfig
+    from xpeft.fit.task import for_task
+
+    assert for_task(XPeftConfig(), task).text_pair is pairs

@@ -9,6 +9,7 @@ import time
 
 import pyarrow as pa
 import pytest
+from moto_s3 import s3  # noqa: F401 - the fixture: an S3 API on loopback
 
 from xpeft.config import TrainConfig, XPeftConfig
 from xpeft.data.dataset import profile_datas
@@ -250,3 +251,19 @@ def assert_mtl_warm_profiles_are_served_by_their_bank_member(cfg, datas, report,
         rows = tokenize(d.test, tokenizer, 64)
         scored = evaluate(model, rows, profile_metric_fn(model), 8, tokenizer.pad_token_id)
         assert scored == pytest.approx(report.warm_start["metrics"][d.profile_id])
+
+
+def test_a_farm_run_into_s3_stores_every_profile_and_a_rerun_skips_them(local_ray, backbone, s3):  # noqa: F811
+    """The store on an S3 API (moto's server on loopback, the endpoint in the store's URI)."""
+    from xpeft.profiles.store import ProfileStore
+    from xpeft.ray.farm import run_farm
+
+    datas = profile_datas(profile_table(n_profiles=4)).profiles
+    cfg = farm_config(s3("farm"), backbone, train=TrainConfig(lr=1e-2, epochs=1, batch_size=8))
+    report = run_farm(cfg, datas)
+    assert len(report.fitted) == 4 and not report.failed
+    store = ProfileStore(cfg.store)
+    assert store.ids() == sorted(d.profile_id for d in datas)
+    assert store.get("author-01").bank_fingerprint == report.bank["fingerprint"] == store.bank_fingerprints()[0]
+    again = run_farm(cfg, datas)
+    assert not again.fitted and sorted(again.skipped) == store.ids()

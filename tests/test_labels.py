@@ -119,11 +119,11 @@ def test_the_main_job_refuses_bad_data_before_anything_is_stored(tmp_path):
     assert not store.exists()
 
 
-def fitted(labels: dict, tiny_backbone_dir: str, head: str = "linear"):
+def fitted(labels: dict, tiny_backbone_dir: str, head: str = "linear", **columns):
     """Fit one profile of `labels` on the tiny backbone, as a farm actor does (no Ray)."""
     from xpeft.core.encoder import load_encoder, load_tokenizer
 
-    ds = profile_datas(table(labels, per_profile=10, profiles=1))
+    ds = profile_datas(table(labels, per_profile=10, profiles=1, **columns))
     encoder = load_encoder(tiny_backbone_dir)
     bank = random_bank(2, 8, 4, 32, seed=0)
     xcfg = XPeftConfig(N=8, b=4, head=head, num_labels=ds.labels.num_labels, problem_type=ds.labels.problem_type)
@@ -168,3 +168,15 @@ def test_a_binary_profile_stores_the_bytes_the_accounting_says_for_two_classes(b
     want = profile_bytes("x_peft", "hard", 8, 4, Dims(d=32, L=2), c=2, head="linear")["total"]
     assert profile.config.num_labels == 2 and profile.record_bytes == want
     assert tuple(profile.tensors["head.classifier.weight"].shape) == (2, 32)  # two classes, not the news task's 15
+
+
+@pytest.mark.parametrize("pairs", [True, False], ids=["a text_pair column", "single texts"])
+def test_a_profile_records_whether_its_data_had_text_pairs_and_the_store_keeps_it(pairs, backbone, tmp_path):
+    from xpeft.profiles.store import ProfileStore
+
+    columns = {"text_pair": [f"second {i}" for i in range(10)]} if pairs else {}
+    _, _, profile = fitted({"good": "positive", "bad": "negative"}, backbone, **columns)
+    assert profile.config.text_pair is pairs
+    store = ProfileStore(tmp_path / "store")
+    store.write([profile])
+    assert store.get(profile.profile_id).config.text_pair is pairs

@@ -21,7 +21,12 @@ LAYERS = [
     ("xpeft.fit.warm_start", ("ray", "fastapi")),
     ("xpeft.fit.task", ("ray", "fastapi")),
     ("xpeft.serve.engine", ("ray", "fastapi")),
+    ("xpeft.serve.batch", ("ray", "fastapi")),
+    ("xpeft.core.peft_bank", ("ray", "fastapi", "peft")),
+    ("xpeft.profiles.peft_export", ("ray", "fastapi", "peft")),
     ("xpeft.serve.api", ("ray",)),
+    ("xpeft.serve.local", ("ray",)),
+    ("xpeft.serve.proxy", ("ray", "fastapi", "torch")),  # loaded by the Serve proxy: Starlette only
 ]
 
 

@@ -1,19 +1,36 @@
 """The profile server over real HTTP on a local Ray: the same predictions as the in-process model, one forward
-for a batch mixing profiles, a clear 4xx for every bad input (and the next request still served), auth."""
+for a batch mixing profiles, a clear JSON 4xx for every bad input (and the next request still served), auth,
+offline docs, and a short run of schemathesis cases generated from the served OpenAPI schema."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import re
+import signal
 import socket
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from cases import BANK, BY_NAME, CASES, SHARED_HEAD_ID, B, D, L, N, fitted_profile
+from api_cases import (
+    BAD,
+    CHECKS,
+    CONTENT_TYPES,
+    GOOD_BODY,
+    LIMITS,
+    OTHER_BANK,
+    TOKEN,
+    fuzz,
+    replica_pids,
+    served_store,
+)
+from cases import BANK, BY_NAME, CASES, D, fitted_profile
+from conftest import API_CASES
 
-from xpeft.core.bank import random_bank
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.core.model import XPeftModel
 from xpeft.fit.loop import Collator, tokenize
@@ -27,9 +44,6 @@ from xpeft.serve.engine import ProfileEngine
 
 requests = pytest.importorskip("requests")
 
-OTHER_BANK = random_bank(L, N, B, D, seed=8)
-TOKEN = "s3cret-token"
-LIMITS = {"max_texts": 8, "max_text_chars": 300, "max_body_bytes": 8192}
 TEXTS = ["the movie was great fun", "bad boring plot", "news about the election and the vote"]
 SERVED = [c.name for c in CASES]  # every mode of the table, over real HTTP
 
@@ -70,11 +84,13 @@ def test_profile_cache_is_bounded_and_evicts_the_least_recently_used():
     items = {
         pid: combine_profiles([fitted_profile("hard", pid, seed=i)[1]], BANK, D, {})[0] for i, pid in enumerate("abc")
     }
-    cache.put(items["a"])
-    cache.put(items["b"])
-    assert cache.get("a") is items["a"]  # a is now the most recent
-    cache.put(items["c"])
-    assert len(cache) == 2 and cache.get("b") is None and cache.get("a") is items["a"]
+    loc = {pid: Location(i, 0) for i, pid in enumerate("abc")}
+    cache.put(loc["a"], items["a"])
+    cache.put(loc["b"], items["b"])
+    assert cache.get(loc["a"], "a") is items["a"]  # a is now the most recent
+    cache.put(loc["c"], items["c"])
+    assert len(cache) == 2 and cache.get(loc["b"], "b") is None and cache.get(loc["a"], "a") is items["a"]
+    assert cache.get(Location(7, 0), "a") is None  # a refit profile (a new location) is never served from memory
 
 
 def test_a_head_that_does_not_fit_its_config_is_refused_without_failing_the_others():
@@ -89,7 +105,7 @@ def test_a_head_that_does_not_fit_its_config_is_refused_without_failing_the_othe
 def test_record_cache_is_bounded_by_bytes_and_keyed_by_where_the_record_was_read():
     records = [fitted_profile("hard", pid, seed=i)[1] for i, pid in enumerate("abc")]
     size = records[0].record_bytes
-    locs = [Location(f"f{i}", 0, 0.0) for i in range(3)]
+    locs = [Location(i, 0) for i in range(3)]
     cache = RecordCache(int(2.5 * size))
     assert cache.put(locs[0], records[0]) and cache.put(locs[1], records[1])
     assert not cache.put(locs[2], records[2], evict=False)  # a preload stops when full: it never churns
@@ -97,9 +113,9 @@ def test_record_cache_is_bounded_by_bytes_and_keyed_by_where_the_record_was_read
     assert cache.put(locs[2], records[2])  # a request's read evicts the least recently used: b
     assert cache.get(locs[1], "b") is None and len(cache) == 2 and cache.nbytes <= 2.5 * size
     bigger_a = dataclasses.replace(records[0], tensors={**records[0].tensors, "extra": torch.zeros(10_000)})
-    assert not cache.put(Location("f8", 0, 2.0), bigger_a, evict=False)  # refused: the kept a stays
+    assert not cache.put(Location(8, 0), bigger_a, evict=False)  # refused: the kept a stays
     assert cache.get(locs[0], "a") is records[0] and cache.nbytes == 2 * size
-    assert cache.get(Location("f9", 0, 1.0), "a") is None  # a rewritten profile is never served from memory
+    assert cache.get(Location(9, 0), "a") is None  # a rewritten profile is never served from memory
 
 
 def engine_for(store: ProfileStore, backbone: str, **kwargs) -> ProfileEngine:
@@ -112,17 +128,17 @@ def test_a_preloaded_replica_combines_stored_profiles_without_reading_the_store(
     preloaded = engine_for(store, backbone)
     assert preloaded.preload_records() == len(store) and not preloaded.preloading
     got = preloaded.load_profiles(ids)
-    assert preloaded.stats["store_reads"] == 0
+    assert preloaded.view.store_reads == 0
     reading = engine_for(store, backbone, record_cache_mb=0)
     want = reading.load_profiles(ids)
-    assert reading.stats["store_reads"] == len(ids) and len(reading.records) == 0
+    assert reading.view.store_reads == len(ids) and len(reading.records) == 0
     for g, w in zip(got, want, strict=True):
         for name in ("A_hat", "B_hat", "ln_weight", "ln_bias"):
             a, b = getattr(g, name), getattr(w, name)
             assert (a is None and b is None) or torch.equal(a, b), (g.profile_id, name)
 
 
-def test_a_preload_stops_at_its_budget_and_a_rewritten_profile_is_read_again(tmp_path, backbone):
+def test_a_preload_stops_at_its_budget_and_a_refit_profile_is_read_and_combined_again(tmp_path, backbone):
     store = ProfileStore(tmp_path)
     store.save_bank(BANK)
     encoder = load_encoder(backbone)
@@ -131,15 +147,16 @@ def test_a_preload_stops_at_its_budget_and_a_rewritten_profile_is_read_again(tmp
     store.write(profiles[2:])
     budget = 2.5 * profiles[0].record_bytes / 2**20
     engine = engine_for(store, backbone, record_cache_mb=budget)
-    assert engine.preload_records() == 2  # newest file first: p2, p3
-    engine.load_profiles(["p2", "p3"])
-    assert engine.stats["store_reads"] == 0
+    assert engine.preload_records() == 2  # newest part first: p2, p3
+    (old,) = engine.load_profiles(["p2"])
+    engine.load_profiles(["p3"])
+    assert engine.view.store_reads == 0
     _, v2 = fitted_profile("hard", "p2", seed=40, encoder=encoder)
     store.write([v2])
-    engine.load_profiles(["p-unknown"])  # an unknown id re-lists the store: p2's new version is indexed
-    engine.cache = ProfileCache(4)  # p2 leaves the combined cache
-    (served,) = engine.load_profiles(["p2"])
-    assert engine.stats["store_reads"] == 1 and torch.equal(served.ln_weight, v2.tensors["ln_weight"])
+    assert engine.load_profiles(["p2"])[0] is old  # until the replica's view moves
+    assert engine.view.refresh()  # what its refresher does every staleness_s
+    (served,) = engine.load_profiles(["p2"])  # still in the combined cache, but for the old version: not used
+    assert engine.view.store_reads == 1 and torch.equal(served.ln_weight, v2.tensors["ln_weight"])
 
 
 def test_calls_waiting_while_work_runs_are_merged_into_one_call():
@@ -182,37 +199,23 @@ def test_settings_from_strings_are_typed_and_unknown_ones_refused(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    from tiny_backbone import make_tiny_backbone
-
-    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory, backbone):
-    store = ProfileStore(tmp_path_factory.mktemp("store"))
-    store.save_bank(BANK)
-    encoder = load_encoder(backbone)
-    profiles = []
-    for i, case in enumerate(CASES):
-        model, profile = fitted_profile(case, seed=i, encoder=encoder)
-        if case.shared_head:
-            store.save_head(SHARED_HEAD_ID, {k: v.clone() for k, v in model.head.state_dict().items()})
-        profiles.append(profile)
-    profiles.append(fitted_profile("hard", "other-bank", seed=50, encoder=encoder, bank=OTHER_BANK)[1])
-    store.write(profiles)
-    return store
+    return served_store(tmp_path_factory.mktemp("store"), backbone)
 
 
 @pytest.fixture(scope="module")
 def server(store, backbone):
-    """One local Ray, two apps: '/' without auth and '/secure' with a bearer token."""
+    """One local Ray, two apps: '/' without auth and '/secure' with a bearer token; its proxy answers a
+    request no replica answered with a JSON 503 (xpeft.serve.proxy, as `xpeft serve` sets it up)."""
     ray = pytest.importorskip("ray")
     from ray import serve
 
     from xpeft.serve.deployment import build_app
+    from xpeft.serve.proxy import CALLBACK, CALLBACK_ENV
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared cluster
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(CALLBACK_ENV, CALLBACK)  # before ray.init: the proxy inherits it
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared one
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = dict(store=store.uri, backbone=backbone, num_cpus=0.5, cache_size=4, batch_wait_timeout_s=0.1, **LIMITS)
@@ -294,43 +297,6 @@ def test_a_mixed_batch_of_8_profiles_equals_8_single_profile_calls(server):
     assert after["max_profiles_in_batch"] >= 2
 
 
-BAD = [
-    # name, method, path, json body or raw bytes, status, words in the detail
-    ("unknown profile", "post", "/v1/classify", {"profile_id": "nobody", "texts": ["x"]}, 404, "not in the store"),
-    ("malformed JSON", "post", "/v1/classify", b'{"profile_id": "hard", "texts": [', 422, "JSON"),
-    ("missing texts", "post", "/v1/classify", {"profile_id": "hard"}, 422, "texts"),
-    ("texts not a list", "post", "/v1/classify", {"profile_id": "hard", "texts": "hello"}, 422, "list"),
-    ("profile id not a string", "post", "/v1/classify", {"profile_id": 7, "texts": ["x"]}, 422, "string"),
-    ("a text not a string", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x", None]}, 422, "string"),
-    ("unknown field", "post", "/v1/classify", {"profile_id": "hard", "text": ["x"], "texts": ["x"]}, 422, "text"),
-    ("empty text list", "post", "/v1/classify", {"profile_id": "hard", "texts": []}, 422, "at least 1"),
-    ("too many texts", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x"] * 9}, 413, "max_texts"),
-    ("too long a text", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x" * 301]}, 413, "max_text_chars"),
-    (
-        "pairs do not match texts",
-        "post",
-        "/v1/classify",
-        {"profile_id": "hard", "texts": ["a", "b"], "text_pairs": ["c"]},
-        422,
-        "one per text",
-    ),
-    ("body too large", "post", "/v1/classify", {"profile_id": "hard", "texts": ["x" * 9000]}, 413, "max_body_bytes"),
-    ("path traversal", "post", "/v1/classify", {"profile_id": "../x", "texts": ["x"]}, 400, "invalid profile id"),
-    (
-        "another bank",
-        "post",
-        "/v1/classify",
-        {"profile_id": "other-bank", "texts": ["x"]},
-        409,
-        f"fitted on bank {OTHER_BANK.fingerprint} but the bank here is {BANK.fingerprint}",
-    ),
-    ("invalid id in the path", "get", "/v1/profiles/a..b", None, 400, "invalid profile id"),
-    ("unknown profile in the path", "get", "/v1/profiles/nobody", None, 404, "not in the store"),
-    ("page size 0", "get", "/v1/profiles?limit=0", None, 422, "greater than or equal to 1"),
-    ("page too large", "get", "/v1/profiles?limit=100000", None, 413, "max_page"),
-]
-
-
 @pytest.mark.ray
 @pytest.mark.parametrize("name,method,path,body,status,words", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_a_clear_4xx_and_the_server_serves_the_next_request(
@@ -341,8 +307,18 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_serves_the_next_request(
     )
     r = requests.request(method, server + path, timeout=60, **kwargs)
     assert r.status_code == status, r.text
-    assert words in str(r.json()["detail"]), r.json()
+    assert r.headers["content-type"] == "application/json"
+    assert words in r.json()["detail"], r.json()
     assert classify(server, "soft", ["still here"])["predictions"]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("content_type,words", CONTENT_TYPES, ids=["text/plain", "no Content-Type"])
+def test_valid_json_not_sent_as_json_gets_415_naming_the_header_and_the_fix(server, content_type, words):
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = requests.post(f"{server}/v1/classify", data=GOOD_BODY, headers=headers, timeout=30)
+    assert r.request.headers.get("Content-Type") == content_type
+    assert r.status_code == 415 and words in r.json()["detail"] and "application/json" in r.json()["detail"]
 
 
 @pytest.mark.ray
@@ -359,12 +335,53 @@ def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(serve
     assert classify(server, "soft", ["still here"])["predictions"]
 
 
+def poll(url: str, profile_id: str, until, limit_s: float) -> tuple[requests.Response, float]:
+    """POST /v1/classify until `until(response)`; the response and the seconds it took."""
+    start = time.perf_counter()
+    while True:
+        r = requests.post(f"{url}/v1/classify", json={"profile_id": profile_id, "texts": TEXTS}, timeout=60)
+        if until(r):
+            return r, time.perf_counter() - start
+        assert time.perf_counter() - start < limit_s, f"not within {limit_s} s: {r.status_code} {r.text[:200]}"
+        time.sleep(0.05)
+
+
+BOUND_S = ServeConfig(store="-").staleness_s + 3.0  # the refresh interval, plus slack for a shared machine
+
+
 @pytest.mark.ray
 def test_a_profile_written_after_the_server_started_is_served(server, store, backbone):
     _, late = fitted_profile("hard", "late-comer", seed=77, encoder=load_encoder(backbone))
     store.write([late])
-    body = classify(server, "late-comer", TEXTS)
-    assert_matches(body["predictions"], expected(store, backbone, "late-comer", TEXTS))
+    r, _ = poll(server, "late-comer", lambda r: r.status_code == 200, BOUND_S)
+    assert_matches(r.json()["predictions"], expected(store, backbone, "late-comer", TEXTS))
+
+
+@pytest.mark.ray
+def test_a_refit_is_served_with_its_new_scores_and_a_delete_is_a_404_within_the_staleness_bound(
+    server, store, backbone
+):
+    encoder = load_encoder(backbone)
+    store.write([fitted_profile("hard", "refit-me", seed=5, encoder=encoder)[1]])
+    r, _ = poll(server, "refit-me", lambda r: r.status_code == 200, BOUND_S)
+    old = r.json()["predictions"][0]["probabilities"]
+    store.write([fitted_profile("hard", "refit-me", seed=6, encoder=encoder)[1]])
+    new = torch.softmax(expected(store, backbone, "refit-me", TEXTS)[0], -1)
+    assert not torch.allclose(torch.tensor(old), new, atol=1e-3)
+    r, _ = poll(
+        server,
+        "refit-me",
+        lambda r: torch.allclose(torch.tensor(r.json()["predictions"][0]["probabilities"]), new, atol=1e-5),
+        BOUND_S,
+    )
+    info = requests.get(f"{server}/v1/profiles/refit-me", timeout=10).json()
+    assert info["metrics"] == store.get("refit-me").metrics  # the profile's page shows the version served
+    store.delete(["refit-me"])
+    r, _ = poll(server, "refit-me", lambda r: r.status_code == 404, BOUND_S)
+    assert "not in the store" in r.json()["detail"]
+    health = requests.get(f"{server}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and not health["problems"] and health["store_age_s"] < BOUND_S
+    assert health["store_profiles"] == len(store) and health["rss_bytes"] > 0 and health["index_bytes"] > 0
 
 
 @pytest.mark.ray
@@ -404,3 +421,87 @@ def test_with_auth_on_a_request_without_the_token_is_refused(server):
     assert right.status_code == 200 and right.json()["predictions"]
     assert requests.get(f"{server}/secure/v1/profiles/hard", timeout=10).status_code == 401
     assert requests.get(f"{server}/secure/healthz", timeout=10).status_code == 200  # probes need no token
+
+
+@pytest.mark.ray
+def test_over_http_generated_requests_get_documented_answers_and_never_a_5xx(server, store, counted_http):
+    """A short schemathesis run against the Serve app (the long one is in process: tests/test_api.py)."""
+    token = {"Authorization": f"Bearer {TOKEN}"}
+
+    def call(case, i: int) -> None:
+        case.validate_response(case.call(), checks=CHECKS)
+        if i % 10 == 0:
+            assert classify(server, "soft", ["still here"])["predictions"]
+
+    def call_secure(case, i: int) -> None:
+        case.headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
+        case.validate_response(case.call(headers=token), checks=CHECKS)
+        without = case.call()
+        case.validate_response(without, checks=CHECKS)
+        assert without.status_code != 200 or not case.operation.path.startswith("/v1/"), without.text
+
+    few = {"POST /v1/classify": 60, "GET /v1/profiles": 15, "GET /v1/profiles/{profile_id}": 15, "GET /healthz": 2}
+    counts = fuzz(f"{server}/openapi.json", store.ids(), call, few)
+    counted_http.update({f"{k} (over HTTP)": v for k, v in counts.items()})
+    fewer = {k: max(1, v // 3) for k, v in few.items()}
+    secure = fuzz(f"{server}/secure/openapi.json", store.ids(), call_secure, fewer)
+    counted_http.update({f"{k} (over HTTP, auth on)": v for k, v in secure.items()})
+    assert counts.total() >= 50 and set(secure) == set(counts)
+    assert classify(server, "soft", ["still here"])["predictions"]
+
+
+@pytest.fixture(scope="module")
+def counted_http(request):
+    counts: Counter = Counter()
+    yield counts
+    request.config.stash.setdefault(API_CASES, Counter()).update(counts)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("prefix", ["", "/secure"])
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_over_http_the_docs_need_no_cdn_and_their_assets_are_served(server, prefix, page):
+    r = requests.get(f"{server}{prefix}{page}", timeout=30)
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert not re.search(r"https?://|//cdn", r.text), "the docs page loads something from another host"
+    urls = re.findall(r"""(?:src|href|spec-url)=["']([^"']+)["']|url: '([^']+)'""", r.text)
+    assert len(urls) >= 3, r.text
+    for url in (a or b for a, b in urls):
+        assert url.startswith(f"{prefix}/"), url  # under the app's route prefix
+        assert requests.get(server + url, timeout=30).status_code == 200, url
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_replica_killed_mid_request_gets_a_json_503_with_retry_after_and_the_next_request_is_served(
+    server, store, backbone
+):
+    """kill -9 of the replica while a request waits in it (a 3 s batch wait holds it there)."""
+    from ray import serve
+
+    from xpeft.serve.deployment import build_app
+
+    cfg = ServeConfig(store=store.uri, backbone=backbone, num_cpus=0.25, batch_wait_timeout_s=3.0, max_batch_size=64)
+    serve.run(build_app(cfg), name="xpeft-kill", route_prefix="/kill")
+    url = f"{server}/kill/v1/classify"
+    try:
+        assert requests.post(url, json={"profile_id": "soft", "texts": ["warm"]}, timeout=60).status_code == 200
+        (pid,) = replica_pids("xpeft-kill")
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(requests.post, url, json={"profile_id": "soft", "texts": ["x"]}, timeout=60)
+            time.sleep(1.0)
+            os.kill(pid, signal.SIGKILL)
+            r = pending.result()
+        assert r.status_code == 503, (r.status_code, r.text)
+        assert r.headers["content-type"] == "application/json" and int(r.headers["retry-after"]) >= 1
+        assert "retry it after" in r.json()["detail"]
+        killed, deadline = time.monotonic(), time.monotonic() + 120
+        while True:  # a client that does as Retry-After says
+            again = requests.post(url, json={"profile_id": "soft", "texts": ["x"]}, timeout=120)
+            if again.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(int(again.headers["retry-after"]))
+        assert again.status_code == 200, again.text
+        print(f"served again {time.monotonic() - killed:.1f} s after the kill")
+    finally:
+        serve.delete("xpeft-kill")

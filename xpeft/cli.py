@@ -4,10 +4,11 @@ xpeft fit-profiles  fit one profile per profile_id into a store (the farm; = ray
 xpeft fit-task      fit a task or one profile with Ray Train DDP (= ray_jobs/fit_task.py)
 xpeft tune          Appendix C's search with Ray Tune (= ray_jobs/tune_search.py)
 xpeft serve         serve a store over HTTP with Ray Serve (= ray_jobs/serve.py)
+xpeft classify-batch  score a Parquet table of texts with Ray Data (= ray_jobs/classify_batch.py)
 xpeft params        trainable parameters and bytes per profile for every mode (Table 1 / Table 4)
-xpeft bank ...      draw a random bank, inspect one
+xpeft bank ...      draw a random bank, inspect one, make one from PEFT adapters
 xpeft data ...      task data and profile data sets
-xpeft profiles ...  list / show the profiles of a store
+xpeft profiles ...  list / show / delete the profiles of a store, compact it, migrate an old one, export one to PEFT
 """
 
 from __future__ import annotations
@@ -42,29 +43,102 @@ def cmd_bank_info(args: argparse.Namespace) -> None:
     print(json.dumps({**bank.metadata(), "verified": not args.no_verify}, indent=2))
 
 
+def cmd_bank_from_peft(args: argparse.Namespace) -> None:
+    from xpeft.core.bank import save_bank
+    from xpeft.core.encoder import load_encoder
+    from xpeft.core.peft_bank import bank_from_peft
+
+    encoder = load_encoder(args.backbone) if args.backbone else None
+    bank = bank_from_peft(args.adapters, args.target, encoder, args.drop_other_targets)
+    save_bank(bank, args.out)
+    print(f"wrote {bank.describe()} to {args.out}")
+    for i, path in enumerate(args.adapters):
+        print(f"  member {i}: {path}")
+
+
+def cmd_profiles_export_peft(args: argparse.Namespace) -> None:
+    from xpeft.core.encoder import TINY, load_encoder, resolve_backbone
+    from xpeft.profiles.peft_export import export_peft, why_not_lora
+    from xpeft.profiles.store import ProfileStore
+
+    store = ProfileStore(args.store)
+    profile = store.get(args.profile_id)
+    problem = why_not_lora(profile)  # before loading a backbone or a bank
+    if problem:
+        raise ValueError(problem)
+    bank = store.load_bank(profile.bank_fingerprint) if profile.config.mode == "x_peft" else None
+    head = store.load_head(profile.head_id) if profile.head_id else None
+    base = args.backbone if args.backbone == TINY else str(resolve_backbone(args.backbone))
+    out = export_peft(profile, args.out, load_encoder(args.backbone), bank, head, base_model=base)
+    print(f"wrote profile {profile.profile_id} as a PEFT LoRA folder {out} (and its head, head.safetensors)")
+
+
 def cmd_profiles_list(args: argparse.Namespace) -> None:
     from xpeft.profiles.store import ProfileStore
 
     store = ProfileStore(args.store)
     for s in store.summaries(args.offset, args.limit):
-        print(json.dumps({k: s[k] for k in ("profile_id", "mode", "mask_type", "metrics", "size_bytes")}))
+        keys = ("profile_id", "error") if "error" in s else ("profile_id", "mode", "mask_type", "metrics", "size_bytes")
+        print(json.dumps({k: s[k] for k in keys}))
     print(f"{len(store)} profiles in {args.store}", file=sys.stderr)
+    for part, d in sorted(store.damaged().items()):  # the listing goes on; the damage is reported
+        print(
+            f"damaged: part {part} ({', '.join(d['files'])}), {d['profiles']} profiles: {d['error']}", file=sys.stderr
+        )
 
 
 def cmd_profiles_show(args: argparse.Namespace) -> None:
+    from xpeft.profiles.store import DamagedPartError, ProfileStore
+
+    try:
+        print(json.dumps(ProfileStore(args.store).summary(args.profile_id), indent=2))
+    except DamagedPartError as e:
+        print(f"xpeft: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_profiles_delete(args: argparse.Namespace) -> None:
     from xpeft.profiles.store import ProfileStore
 
-    print(json.dumps(ProfileStore(args.store).summary(args.profile_id), indent=2))
+    n = ProfileStore(args.store).delete(args.profile_ids)
+    print(
+        f"deleted {n} of {len(set(args.profile_ids))} profiles from {args.store} (the others were not stored): gone "
+        "from lookups now, from a server within its staleness_s; their bytes after `xpeft profiles compact`"
+    )
+
+
+def cmd_profiles_compact(args: argparse.Namespace) -> None:
+    from xpeft.profiles.store import ProfileStore
+
+    store = ProfileStore(args.store)
+    result = store.compact(retain_seconds=args.retain_hours * 3600)
+    print(json.dumps(result, indent=2))
+    for part, d in sorted(store.damaged().items()):
+        print(f"damaged: part {part} ({', '.join(d['files'])}) was left as it is", file=sys.stderr)
+
+
+def cmd_profiles_migrate(args: argparse.Namespace) -> None:
+    from xpeft.profiles.migrate import migrate
+
+    print(json.dumps(migrate(args.old, args.new, skip_unreadable=args.skip_unreadable).to_dict(), indent=2))
 
 
 def add_params(sub) -> None:
     p = sub.add_parser("params", help="parameters and bytes per profile for every mode (Table 1 / 4)")
-    p.add_argument("--backbone", default="bert-base-uncased", help="a known name or a directory with config.json")
+    p.add_argument(
+        "--backbone",
+        default="bert-base-uncased",
+        help="a known name or a directory with config.json (default: bert-base-uncased, the paper's)",
+    )
     p.add_argument("--N", type=int, nargs="+", default=[100, 200, 400, 800], help="bank sizes N (default: Table 1's)")
     p.add_argument("--b", type=int, default=48, help="the adapters' bottleneck b (default 48)")
     p.add_argument("--num-labels", type=int, default=2, help="classes c of the head (default 2)")
     p.add_argument("--head", choices=["pooler", "linear"], default="pooler", help="the head (default pooler)")
-    p.add_argument("--shared-head", action="store_true", help="the head is shared (mtl): not stored per profile")
+    p.add_argument(
+        "--shared-head",
+        action="store_true",
+        help="the head is shared (mtl): not stored per profile (default: each profile has its own)",
+    )
     p.set_defaults(func=cmd_params)
 
 
@@ -83,12 +157,36 @@ def add_bank(sub) -> None:
     p.set_defaults(func=cmd_bank_random)
     p = bank.add_parser("info", help="print a bank's metadata, after verifying its fingerprint")
     p.add_argument("path", help="a bank file (.safetensors)")
-    p.add_argument("--no-verify", action="store_true", help="skip recomputing the sha256 fingerprint")
+    p.add_argument("--no-verify", action="store_true", help="skip recomputing the sha256 fingerprint (default: verify)")
     p.set_defaults(func=cmd_bank_info)
+    p = bank.add_parser(
+        "from-peft", help="a bank from LoRA adapters saved by PEFT (adapter_config.json + adapter_model.safetensors)"
+    )
+    p.add_argument("adapters", nargs="+", help="PEFT adapter folders, one per bank member (member i = folder i)")
+    p.add_argument("--out", required=True, help="the bank file (.safetensors) to write")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="check the bank against this backbone ('minilm', 'tiny', a local path); default: no check",
+    )
+    p.add_argument(
+        "--target",
+        default=None,
+        help="the linear inside each block the bank adapts (e.g. attention.self.value); "
+        "default: the one linear every adapter adapts",
+    )
+    p.add_argument(
+        "--drop-other-targets",
+        action="store_true",
+        help="keep only --target's pairs of adapters that adapt more linears (default: refuse them)",
+    )
+    p.set_defaults(func=cmd_bank_from_peft)
 
 
 def add_profiles(sub) -> None:
-    prof = sub.add_parser("profiles", help="inspect a profile store").add_subparsers(dest="profiles_cmd", required=True)
+    prof = sub.add_parser("profiles", help="inspect, delete, compact or migrate a profile store").add_subparsers(
+        dest="profiles_cmd", required=True
+    )
     p = prof.add_parser("list", help="one JSON line per profile")
     p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
     p.add_argument("--offset", type=int, default=0, help="skip this many (ids sorted; default 0)")
@@ -98,6 +196,34 @@ def add_profiles(sub) -> None:
     p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
     p.add_argument("profile_id", help="the profile's id")
     p.set_defaults(func=cmd_profiles_show)
+    p = prof.add_parser(
+        "export-peft", help="write a profile's combined adapter as a PEFT LoRA folder, and its head (safetensors)"
+    )
+    p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
+    p.add_argument("profile_id", help="the profile's id")
+    p.add_argument("--out", required=True, help="the folder to write (adapter_config.json, adapter_model.safetensors, "
+                   "head.safetensors)")  # fmt: skip
+    p.add_argument(
+        "--backbone", default="minilm", help="the backbone the profile was fitted on (default: minilm, the bundled one)"
+    )
+    p.set_defaults(func=cmd_profiles_export_peft)
+    p = prof.add_parser("delete", help="delete profiles: gone from lookups at once, their bytes after compact")
+    p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
+    p.add_argument("profile_ids", nargs="+", metavar="ID", help="the profiles' ids")
+    p.set_defaults(func=cmd_profiles_delete)
+    p = prof.add_parser("compact", help="rewrite the store's parts and remove old versions' files")
+    p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
+    p.add_argument("--retain-hours", type=float, default=0.0, help="keep versions newer than this readable (default 0)")
+    p.set_defaults(func=cmd_profiles_compact)
+    p = prof.add_parser("migrate", help="convert a store of the old layout (profiles/part-*.parquet) into NEW")
+    p.add_argument("old", help="the old store: a directory or a URI")
+    p.add_argument("new", help="the new store: a directory or URI that does not exist yet or is empty")
+    p.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="migrate what can be read, report the unreadable part files (default: off, stop at the first one)",
+    )
+    p.set_defaults(func=cmd_profiles_migrate)
 
 
 def add_jobs(sub) -> None:
@@ -115,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="xpeft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
     sub = ap.add_subparsers(dest="command", required=True)
     add_jobs(sub)
     add_params(sub)

@@ -77,6 +77,13 @@ class XPeftConfig(Config):
     problem_type: ProblemType = option("classification", "classification (cross-entropy) or regression (MSE)")
     lora_alpha: float | None = option(None, "single_adapter's LoRA alpha (scale alpha/b); default alpha = b")
     dropout: float = option(0.1, "dropout before the classifier, as in BertForSequenceClassification")
+    text_pair: bool | None = option(
+        None,
+        "whether the profile was fitted on text pairs (set by the fit from its data, as num_labels is; the "
+        "server refuses the other kind of input). None: not recorded (profiles stored before it was): both served",
+        no_flag=True,
+    )
+    mask_init: float = option(0.0, "std of the mask logits' normal init (0: zeros, every adapter tied at the start)")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -162,6 +169,7 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = option(False, "recompute the encoder's activations in the backward pass")
     max_steps: int | None = option(None, "stop after this many steps (smoke runs)")
     tau_final: float | None = option(None, "anneal tau linearly to this value over the fit (hard masks)")
+    nu_final: float | None = option(None, "anneal the Gumbel noise nu linearly to this value over the fit")
     log_every: int = option(0, "log the running loss every n steps (0: never)")
 
     def __post_init__(self) -> None:

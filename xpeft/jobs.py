@@ -1,5 +1,5 @@
-"""The four jobs, each one function over the library with flags generated from its configs (xpeft.flags):
-`xpeft fit-profiles | fit-task | tune | serve` and `python ray_jobs/<job>.py` are the same code.
+"""The jobs, each one function over the library with flags generated from its configs (xpeft.flags):
+`xpeft fit-profiles | fit-task | tune | serve | classify-batch` and `python ray_jobs/<job>.py` are the same code.
 
 Without RAY_ADDRESS a job starts an embedded local Ray; under `ray job submit` it joins the cluster.
 """
@@ -37,11 +37,20 @@ def fit_profiles_arguments(ap: argparse.ArgumentParser) -> None:
     from xpeft.ray.farm import FarmConfig
 
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--demo", action="store_true", help="the bundled news sample (36 authors), mtl, hard masks")
-    src.add_argument("--data", help=f"the profile data set (text, label, profile_id[, split]): {PROFILE_SOURCES}")
-    ap.add_argument("--data-dir", default=None, help="where ../shared/data-style files are (for --data news)")
-    ap.add_argument("--min-articles", type=int, default=10, help="--data news: authors with at least this many")
-    ap.add_argument("--max-profiles", type=int, default=None, help="fit only the first n profiles (by id)")
+    src.add_argument(
+        "--demo",
+        action="store_true",
+        help="fit the bundled news sample (36 authors) with the mtl setting and hard masks (default: off; or --data)",
+    )
+    src.add_argument(
+        "--data",
+        help=f"the profile data set (text, label, profile_id[, split]): {PROFILE_SOURCES} (default: none; or --demo)",
+    )
+    ap.add_argument(
+        "--data-dir", default=None, help="HuffPost for --data news (default: XPEFT_DATA_DIR, ../shared/data)"
+    )
+    ap.add_argument("--min-articles", type=int, default=10, help="--data news: authors with >= this many (default: 10)")
+    ap.add_argument("--max-profiles", type=int, default=None, help="fit only the first n profiles by id (default: all)")
     ap.add_argument(
         "--drop-invalid",
         action="store_true",
@@ -51,7 +60,7 @@ def fit_profiles_arguments(ap: argparse.ArgumentParser) -> None:
         "--store", default=None, help="the profile store: a directory or URI (default runs/<data>-<setting>)"
     )
     ap.add_argument("--report-dir", default=None, help="where the report and plots go (default <store>/reports/<time>)")
-    ap.add_argument("--no-plots", action="store_true", help="skip the t-SNE and heatmap plots")
+    ap.add_argument("--no-plots", action="store_true", help="skip the plots (Figures 3 and 6; default: drawn)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded local)")
     add_flags(ap.add_argument_group("farm"), FarmConfig, skip=("store",))
     add_flags(
@@ -107,18 +116,26 @@ def fit_task_arguments(ap: argparse.ArgumentParser, for_search: bool = False) ->
     from xpeft.fit.task import FitConfig
 
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", help="GLUE/SuperGLUE task: cola sst2 mrpc qqp stsb mnli qnli rte wnli cb boolq axb axg")
-    src.add_argument("--data", help=f"a profile data set ({PROFILE_SOURCES}); with --profile-id, the profile to fit")
+    src.add_argument(
+        "--task",
+        help="GLUE/SuperGLUE task: cola sst2 mrpc qqp stsb mnli qnli rte wnli cb boolq axb axg "
+        "(default: none; or --data)",
+    )
+    src.add_argument(
+        "--data",
+        help=f"a profile data set ({PROFILE_SOURCES}); with --profile-id, the profile to fit "
+        "(default: none; or --task)",
+    )
     ap.add_argument("--data-dir", default=None, help="GLUE/SuperGLUE files (default ../shared/data or XPEFT_DATA_DIR)")
-    ap.add_argument("--train-subset", type=int, default=None, help="fit on n training rows (seeded sample)")
-    ap.add_argument("--eval-subset", type=int, default=None, help="evaluate on n rows of the reported split")
+    ap.add_argument("--train-subset", type=int, default=None, help="fit on n training rows, seeded (default: all)")
+    ap.add_argument("--eval-subset", type=int, default=None, help="evaluate on n rows of the split (default: all)")
     ap.add_argument(
         "--recipe",
         choices=["paper", "task"],
         default="paper",
-        help="paper: TrainConfig() (§3); task: recipes.TASK_TRAIN",
+        help="paper: TrainConfig(), the paper's §3 settings; task: xpeft.fit.recipes.TASK_TRAIN (default: paper)",
     )
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
     skip = ("task", "storage_path", "name") if for_search else ("task",)
     add_flags(ap.add_argument_group("fit"), FitConfig, skip=skip)
     add_flags(ap.add_argument_group("model (X-PEFT)"), XPeftConfig, skip=DATA_FROM_DATA)
@@ -178,7 +195,7 @@ def fit_task(args: argparse.Namespace) -> None:
 
 def fit_task_job_arguments(ap: argparse.ArgumentParser) -> None:
     fit_task_arguments(ap)
-    ap.add_argument("--json", default=None, help="also write the report (loss curve, history) to this file")
+    ap.add_argument("--json", default=None, help="also write the report (loss curve, history) here (default: none)")
 
 
 # --- tune: Appendix C's search ------------------------------------------------------------------------------
@@ -188,14 +205,20 @@ def tune_arguments(ap: argparse.ArgumentParser) -> None:
     from xpeft.ray.tune import SEARCH_SPACE, SearchConfig
 
     fit_task_arguments(ap, for_search=True)
-    ap.add_argument("--search", nargs="+", choices=list(SEARCH_SPACE), default=list(SEARCH_SPACE), help="dimensions")
+    ap.add_argument(
+        "--search",
+        nargs="+",
+        choices=list(SEARCH_SPACE),
+        default=list(SEARCH_SPACE),
+        help=f"the dimensions searched (Appendix C; default: {' '.join(SEARCH_SPACE)})",
+    )
     for dim, values in SEARCH_SPACE.items():
         ap.add_argument(
             f"--space-{dim.replace('_', '-')}", dest=f"space_{dim}", type=int, nargs="+", default=list(values),
             help=f"values of {dim} (default {list(values)}, Appendix C)",
         )  # fmt: skip
     add_flags(ap.add_argument_group("search"), SearchConfig, defaults=SearchConfig(storage_path="runs/tune"))
-    ap.add_argument("--restore", action="store_true", help="continue the search --name at --storage-path")
+    ap.add_argument("--restore", action="store_true", help="continue the search --name (default: a new search)")
 
 
 def tune(args: argparse.Namespace) -> None:
@@ -224,8 +247,8 @@ def tune(args: argparse.Namespace) -> None:
 def serve_arguments(ap: argparse.ArgumentParser) -> None:
     from xpeft.serve.config import ServeConfig
 
-    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    ap.add_argument("--port", type=int, default=8000, help="the HTTP port")
+    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface (default: 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=8000, help="the HTTP port (default: 8000)")
     add_flags(ap.add_argument_group("server"), ServeConfig)
 
 
@@ -236,11 +259,17 @@ def serve(args: argparse.Namespace) -> None:
     import ray
     from ray import serve as ray_serve
 
+    from xpeft.profiles.store import ProfileStore
     from xpeft.ray.cluster import init_ray
     from xpeft.serve.config import ServeConfig
     from xpeft.serve.deployment import build_app
+    from xpeft.serve.engine import serving_bank
+    from xpeft.serve.proxy import install
 
     cfg = from_flags(args, ServeConfig)
+    # Refuse an old-layout store or a damaged bank here, in one line, rather than in every replica's traceback.
+    serving_bank(cfg, ProfileStore(cfg.store))
+    install()  # an embedded Ray's proxy answers a request no replica answered with a JSON 503 (Retry-After)
     init_ray()
     # Before Serve starts (a client may see /healthz answer before serve.run returns): `kill` then shuts
     # Serve down cleanly instead of meeting Ray's fatal-signal handler, which init_ray installed.
@@ -264,6 +293,74 @@ def serve(args: argparse.Namespace) -> None:
         ray.shutdown()
 
 
+# --- classify-batch: score a table of texts with Ray Data ----------------------------------------------------
+
+# The engine settings a batch job uses; the others are the HTTP server's (replicas, request limits, batching waits).
+BATCH_ENGINE = (
+    "store", "backbone", "bank_path", "bank_fingerprint", "torch_threads", "max_batch_size", "cache_size",
+    "record_cache_mb", "max_length",
+)  # fmt: skip
+
+
+def classify_batch_arguments(ap: argparse.ArgumentParser) -> None:
+    from xpeft.serve.batch import BatchConfig
+    from xpeft.serve.config import ServeConfig
+
+    ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded local)")
+    add_flags(ap.add_argument_group("batch"), BatchConfig)
+    add_flags(ap.add_argument_group("engine (as a server replica's)"), ServeConfig, only=BATCH_ENGINE)
+
+
+def run_batch(cfg) -> dict:
+    """Read `cfg.data` with Ray Data, score it on an actor pool of `BatchScorer`s, write it to `cfg.out`; returns
+    rows scored, rows with an error and the commonest errors (read back from the output)."""
+    import pyarrow.parquet as pq
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, SaveMode
+
+    from xpeft.serve.batch import BatchScorer, check_columns
+
+    DataContext.get_current().enable_progress_bars = cfg.progress
+    try:
+        ds = ray.data.read_parquet(cfg.data)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no table to score at {cfg.data}: give a Parquet file, a folder of them or a URI"
+        ) from None
+    check_columns(ds.schema().names)
+    scored = ds.map_batches(
+        BatchScorer,
+        fn_constructor_kwargs={"cfg": cfg.serve},
+        compute=ActorPoolStrategy(size=cfg.num_actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor,
+    )
+    scored.write_parquet(cfg.out, mode=SaveMode.OVERWRITE if cfg.overwrite else SaveMode.ERROR)
+    errors = pq.read_table(cfg.out, columns=["error"]).column("error").to_pandas()  # a column: no Ray job needed
+    failed = errors.dropna()
+    return {"rows": len(errors), "scored": len(errors) - len(failed), "errors": failed.value_counts().head(5).to_dict()}
+
+
+def classify_batch(args: argparse.Namespace) -> None:
+    """Score a Parquet table of (text, profile_id) rows with every profile of a store, on a Ray Data actor pool."""
+    from xpeft.ray.cluster import init_ray
+    from xpeft.serve.batch import BatchConfig
+    from xpeft.serve.config import ServeConfig
+
+    base = {"num_cpus": args.cpus_per_actor, "num_gpus": args.gpus_per_actor}
+    cfg = from_flags(args, BatchConfig, serve=from_flags(args, ServeConfig, **base))
+    init_ray(args.address, log_to_driver=False)
+    start = time.perf_counter()
+    result = run_batch(cfg)
+    wall = time.perf_counter() - start
+    print(f"{result['rows']} rows in {wall:.1f} s, starting the actors included, written to {cfg.out}")
+    print(f"  scored {result['scored']}, not scored {result['rows'] - result['scored']} (see the error column)")
+    for error, count in result["errors"].items():
+        print(f"  {count} x {error}")
+
+
 # --- the table of jobs ----------------------------------------------------------------------------------------
 
 Job = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None], str]
@@ -276,6 +373,11 @@ JOBS: dict[str, Job] = {
     "fit-task": (fit_task_job_arguments, fit_task, "fit a GLUE/SuperGLUE task or one profile with Ray Train DDP"),
     "tune": (tune_arguments, tune, "search N / k / b / batch size (Appendix C) with Ray Tune and ASHA"),
     "serve": (serve_arguments, serve, "serve every profile of a store over HTTP with Ray Serve"),
+    "classify-batch": (
+        classify_batch_arguments,
+        classify_batch,
+        "score a Parquet table of texts, each with its profile_id, on a Ray Data actor pool",
+    ),
 }
 
 

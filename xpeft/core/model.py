@@ -55,7 +55,7 @@ class XPeftModel(nn.Module):
     def __init__(self, encoder: nn.Module, cfg: XPeftConfig, bank: AdapterBank | None = None, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.tau = cfg.tau  # the Gumbel temperature now (the fit loop may anneal it)
+        self.tau, self.nu = cfg.tau, cfg.nu  # the Gumbel temperature and noise now (the fit loop may anneal them)
         self.encoder = encoder
         for p in encoder.parameters():
             p.requires_grad_(False)
@@ -75,8 +75,10 @@ class XPeftModel(nn.Module):
                 raise ValueError("x_peft needs an adapter bank; create one with xpeft.core.bank.random_bank_for(...)")
             check_bank(bank, cfg, self.encoder)
             self.bank = bank
-            self.mask_logits_A = nn.Parameter(torch.zeros(self.L, bank.N))
-            self.mask_logits_B = nn.Parameter(torch.zeros(self.L, bank.N))
+            logits = [torch.zeros(self.L, bank.N) for _ in "AB"]
+            if cfg.mask_init:
+                logits = [t.normal_(0.0, cfg.mask_init) for t in logits]
+            self.mask_logits_A, self.mask_logits_B = (nn.Parameter(t) for t in logits)
             if cfg.masks == "B":  # single-mask ablation: Â is the fixed mean of the A_i
                 self.mask_logits_A.requires_grad_(False)
             if cfg.layer_norm:
@@ -106,7 +108,7 @@ class XPeftModel(nn.Module):
             if cfg.mask_type == "soft" or (name == "A" and cfg.masks == "B"):
                 w = soft_mask(logits)
             elif self.training:
-                w = gumbel_topk(logits, cfg.top_k, tau=self.tau, nu=cfg.nu)
+                w = gumbel_topk(logits, cfg.top_k, tau=self.tau, nu=self.nu)
             else:
                 w = khot(logits, cfg.top_k)
             weights.append(w)

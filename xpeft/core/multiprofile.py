@@ -63,6 +63,8 @@ class CombinedProfile:
     head_key: str  # rows with the same head_key share one head forward
     problem_type: str
     label_names: list[str] | None
+    text_pair: bool | None = None  # fitted on text pairs (None: not recorded); the server checks requests by it
+    created: float | None = None  # the stored record's timestamp: which version of the profile this is
 
     @property
     def nbytes(self) -> int:

@@ -26,8 +26,10 @@ from xpeft.data.tasks import default_data_dir
 
 
 def _add_split_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--test-fraction", type=float, default=0.3, help="held-out share per profile (paper: 0.3)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the per-profile holdout split")
+    p.add_argument(
+        "--test-fraction", type=float, default=0.3, help="held-out share per profile (default: 0.3, the paper's)"
+    )
+    p.add_argument("--seed", type=int, default=42, help="seed of the per-profile holdout split (default: 42)")
 
 
 def _add_news_options(p: argparse.ArgumentParser) -> None:
@@ -62,7 +64,12 @@ def register(subparsers) -> None:
 
     lamp = sub.add_parser("convert-lamp2", help="LaMP-2 questions/outputs JSON → profile Parquet (Appendix D)")
     lamp.add_argument("--questions", required=True, type=Path, help="LaMP-2 *_questions.json")
-    lamp.add_argument("--outputs", type=Path, default=None, help="LaMP-2 *_outputs.json (checked against questions)")
+    lamp.add_argument(
+        "--outputs",
+        type=Path,
+        default=None,
+        help="LaMP-2 *_outputs.json, checked against the questions (default: none, no labels)",
+    )
     lamp.add_argument("--out", required=True, type=Path, help="the .parquet file to write")
     _add_split_options(lamp)
     lamp.set_defaults(func=cmd_convert_lamp2)

@@ -26,6 +26,11 @@ class ProfileData:
     def size(self) -> int:
         return len(self.train) + len(self.test)
 
+    @property
+    def text_pair(self) -> bool:
+        """Whether it is a pair task: some training row has a second segment (a data set's `text_pair`)."""
+        return any(r.get("text_pair") for r in self.train)
+
 
 @dataclass
 class ProfileDataset:

@@ -178,10 +178,11 @@ def total_steps(n_batches: int, cfg: TrainConfig) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def tau_at(step: int, steps: int, cfg: TrainConfig, tau0: float) -> float:
-    if cfg.tau_final is None or steps <= 1:
-        return tau0
-    return tau0 + (cfg.tau_final - tau0) * step / (steps - 1)
+def anneal(start: float, final: float | None, step: int, steps: int) -> float:
+    """A linear schedule from `start` to `final` over the fit (`start` throughout when `final` is None)."""
+    if final is None or steps <= 1:
+        return start
+    return start + (final - start) * step / (steps - 1)
 
 
 def train_step(model: nn.Module, batch: dict, optimizer, scheduler) -> float:
@@ -236,7 +237,7 @@ def fit(
         scheduler.load_state_dict(sched_state)
         result.resumed_from_epoch = state.epoch
     epochs = math.ceil(steps / len(loader))
-    tau0 = getattr(model, "tau", None)
+    schedules = hasattr(model, "tau")  # an XPeftModel: Gumbel temperature and noise, restored after the fit
     start = time.perf_counter()
     for epoch in range(state.epoch, epochs):
         if on_epoch_start is not None:
@@ -253,8 +254,8 @@ def fit(
         state.history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(state, metrics, optimizer, scheduler)
-    if tau0 is not None:
-        model.tau = tau0
+    if schedules:
+        model.tau, model.nu = model.cfg.tau, model.cfg.nu
     evaluated = [h for h in state.history if set(h) - {"epoch", "train_loss"}]
     result.losses, result.history, result.steps, result.epochs = state.losses, state.history, state.step, state.epoch
     result.metrics = {k: v for k, v in (evaluated[-1] if evaluated else {}).items() if k not in ("epoch", "train_loss")}
@@ -267,13 +268,14 @@ def _epoch(
     model, wrapped, loader, cfg: TrainConfig, state: FitState, steps: int, optimizer, scheduler, session, result
 ):
     """One pass over the loader (or up to `steps`): the loss of each step on this rank."""
-    tau0 = getattr(model, "tau", None)
+    schedules = hasattr(model, "tau")
     losses = []
     for rows_batch in loader:
         if state.step >= steps:
             break
-        if tau0 is not None:
-            model.tau = tau_at(state.step, steps, cfg, model.cfg.tau)
+        if schedules:
+            model.tau = anneal(model.cfg.tau, cfg.tau_final, state.step, steps)
+            model.nu = anneal(model.cfg.nu, cfg.nu_final, state.step, steps)
         rows_batch = {k: v.to(session.device) for k, v in rows_batch.items()}
         losses.append(train_step(wrapped, rows_batch, optimizer, scheduler))
         state.step += 1

@@ -121,5 +121,7 @@ class ProfileFitter:
         )
         metrics = {**result.metrics, "n_train": len(train), "n_test": len(test), "final_loss": result.losses[-1]}
         metrics["label_counts"] = label_counts([r["label"] for r in data.train], self.label_names, self.regression)
-        profile = profile_from_model(model, data.profile_id, metrics, self.head_id, self.label_names)
+        profile = profile_from_model(
+            model, data.profile_id, metrics, self.head_id, self.label_names, text_pair=data.text_pair
+        )
         return FittedProfile(profile, result, time.perf_counter() - start, dropped)

@@ -71,12 +71,12 @@ class TaskData:
 
 
 def for_task(xcfg: XPeftConfig, task: str) -> XPeftConfig:
-    """The config with the task's head: its number of labels, regression for STS-B."""
+    """The config with the task's head (its number of labels, regression for STS-B) and inputs (pairs or not)."""
     from xpeft.data.tasks import get_task
 
     spec = get_task(task)
     problem = "regression" if spec.is_regression else "classification"
-    return dataclasses.replace(xcfg, num_labels=spec.num_labels, problem_type=problem)
+    return dataclasses.replace(xcfg, num_labels=spec.num_labels, problem_type=problem, text_pair=spec.pair)
 
 
 def _subset(ds, n: int | None, seed: int):

@@ -114,6 +114,7 @@ def bank_member_profile(
     metrics: dict | None = None,
     head_id: str | None = None,
     label_names: list[str] | None = None,
+    text_pair: bool | None = None,
 ) -> Profile:
     """A warm-start profile whose own adapter became bank member `member` (the mtl setting), stored as an
     X-PEFT profile: hard masks one-hot at `member` in every block (k = 1), no LayerNorm (its adapter was
@@ -122,6 +123,7 @@ def bank_member_profile(
     if not 0 <= member < bank.N:
         raise ValueError(f"bank member {member} out of range: the bank has N={bank.N} adapters")
     cfg = replace(xcfg, mode="x_peft", mask_type="hard", N=bank.N, k=1, b=bank.b, layer_norm=False, masks="AB")
+    cfg = replace(cfg, text_pair=text_pair if text_pair is not None else cfg.text_pair)
     onehot = torch.zeros(bank.L, bank.N)
     onehot[:, member] = 1.0
     return Profile(

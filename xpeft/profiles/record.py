@@ -80,8 +80,10 @@ def profile_from_model(
     metrics: dict[str, Any] | None = None,
     head_id: str | None = None,
     label_names: list[str] | None = None,
+    text_pair: bool | None = None,
 ) -> Profile:
-    """Take a fitted profile out of the model. Hard masks are binarised to k-hot and bit-packed."""
+    """Take a fitted profile out of the model. Hard masks are binarised to k-hot and bit-packed; `text_pair`
+    (whether its data had pairs) is recorded in its config when given."""
     validate_profile_id(profile_id)
     cfg = model.cfg
     tensors: dict[str, torch.Tensor] = {}
@@ -99,6 +101,8 @@ def profile_from_model(
     tensors.update(state)
     if cfg.mode == "x_peft" and cfg.k is None:  # stored with the k it was fitted with, not "half of N"
         cfg = replace(cfg, k=cfg.top_k)
+    if text_pair is not None:
+        cfg = replace(cfg, text_pair=text_pair)
     return Profile(
         profile_id=profile_id,
         config=cfg,

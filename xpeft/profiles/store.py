@@ -1,18 +1,22 @@
-"""The profile store: a Parquet data set on a local directory or any `pyarrow.fs` URI (s3://…, gs://…).
+"""The profile store: the profile table (Lance, xpeft.profiles.table) plus content-addressed files, under one root
+that is a local directory or an object-store URI.
 
 Layout under the root:
-    profiles/part-<time>-<uuid>.parquet   one file per write, one row per profile (see record.to_row)
+    profiles.lance/                       the profile table: one row per profile (see record.to_row)
     heads/<head_id>.safetensors           shared heads (the mtl setting)
     banks/<fingerprint>.safetensors       the banks the profiles were fitted on (verified on every load)
     state/<name>.json                     run state of the jobs writing here (`state/farm.json`: the farm's
                                           setting, learned bank and shared head, so a resumed run skips its
                                           warm start)
 
-Writes never touch an existing file: each batch goes to a new, uniquely named file (written under a temp
-name and renamed into place where the file system can rename), so concurrent writers never clobber each
-other and a reader never sees a torn file. Lookups use an index (profile_id → file, row) built from the
-`profile_id` column alone and refreshed incrementally from new files; when a profile was written twice,
-the newest row wins.
+Semantics: `write` upserts by profile_id (a refit replaces the served version; the previous one stays readable
+in older table versions until compaction), `delete` removes profiles from lookups at once (their bytes after
+`compact`), writers in many processes lose nothing, and a reader refreshes to see other writers' commits.
+
+URIs: a directory path, or `s3://bucket/prefix` (any scheme both Lance and pyarrow.fs know: gs://, az://).
+Object-store settings come from the URI's query string, `s3://bucket/prefix?endpoint=http://127.0.0.1:9000&
+region=us-east-1` (an S3-compatible server), or else from the environment (AWS_ENDPOINT_URL, AWS_REGION);
+credentials only from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or the node's role).
 """
 
 from __future__ import annotations
@@ -20,23 +24,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-import time
+import tempfile
 import uuid
-from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from xpeft.core.bank import AdapterBank, load_bank, save_bank
 from xpeft.profiles.record import Profile, from_row, summary, to_row
+from xpeft.profiles.table import DamagedPartError, Location, ProfileTable
+
+__all__ = ["SCHEMA", "DamagedPartError", "Location", "ProfileStore", "split_uri"]
 
 log = logging.getLogger(__name__)
+
+TABLE = "profiles.lance"
+URI_OPTIONS = ("endpoint", "region")
 
 SCHEMA = pa.schema(
     [
@@ -56,196 +65,239 @@ SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
-class Location:
-    """Where the newest stored row of a profile is. Files are never rewritten, so a location names one
-    version of a profile for good."""
+def split_uri(uri: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """(the root without its query string, the object-store options of the query string and environment)."""
+    uri = str(uri)
+    if "://" not in uri:
+        return str(Path(uri).expanduser().resolve()), {}
+    parts = urlsplit(uri)
+    opts = dict(parse_qsl(parts.query))
+    unknown = set(opts) - set(URI_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown store option(s) {sorted(unknown)} in {uri}; known: {list(URI_OPTIONS)}")
+    if parts.scheme == "s3":
+        env = {"endpoint": os.environ.get("AWS_ENDPOINT_URL"), "region": os.environ.get("AWS_REGION")}
+        opts = {**{k: v for k, v in env.items() if v}, **opts}
+    return f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/"), opts
 
-    file: str
-    row: int
-    created: float
+
+def lance_options(opts: dict[str, str]) -> dict[str, str] | None:
+    out = {}
+    if opts.get("endpoint"):
+        out["aws_endpoint"] = opts["endpoint"]
+        if opts["endpoint"].startswith("http://"):
+            out["allow_http"] = "true"
+    if opts.get("region"):
+        out["aws_region"] = opts["region"]
+    return out or None
+
+
+def filesystem(root: str, opts: dict[str, str]) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow file system and path of a store root (for its heads, banks and state files)."""
+    if "://" not in root:
+        return pafs.LocalFileSystem(), root
+    if root.startswith("s3://") and opts:
+        kwargs = {}
+        if opts.get("endpoint"):
+            endpoint = urlsplit(opts["endpoint"])
+            kwargs.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https")
+        if opts.get("region"):
+            kwargs["region"] = opts["region"]
+        return pafs.S3FileSystem(**kwargs), root[len("s3://") :]
+    return pafs.FileSystem.from_uri(root)
 
 
 class ProfileStore:
-    """Read and append profiles under `uri` (a directory path or a pyarrow.fs URI)."""
+    """Read, upsert and delete profiles under `uri` (a directory path or an object-store URI, see above)."""
 
-    def __init__(self, uri: str | os.PathLike):
-        uri = str(uri)
-        if "://" in uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-        self.uri = uri
+    def __init__(self, uri: str | os.PathLike, **table_options):
+        self.uri = str(uri)
+        self.root, self.options = split_uri(uri)
+        self.fs, self.path = filesystem(self.root, self.options)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
-        self.fs.create_dir(f"{self.root}/profiles", recursive=True)
-        self._index: dict[str, Location] = {}
-        self._seen: set[str] = set()
-        self._lock = threading.RLock()  # the index: one store may be shared by threads (a server, a writer)
+        refuse_old_layout(self.fs, self.path, self.uri)
+        self.table = ProfileTable(f"{self.root}/{TABLE}", lance_options(self.options), **table_options)
 
-    # --- writing ---------------------------------------------------------------------------------------
+    # --- profiles --------------------------------------------------------------------------------------
 
-    def write(self, profiles: list[Profile]) -> str | None:
-        """Append profiles as one new Parquet file; returns its path (None for an empty list)."""
+    def write(self, profiles: list[Profile]) -> dict:
+        """Upsert profiles in one commit (a refit replaces the served version; the newest `created` wins)."""
         if not profiles:
-            return None
-        table = pa.Table.from_pylist([to_row(p) for p in profiles], schema=SCHEMA)
-        name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
-        final = f"{self.root}/profiles/{name}"
-        # Small row groups: a lookup decodes one group, not the whole file.
-        self._atomic_write(final, lambda out: pq.write_table(table, out, compression="zstd", row_group_size=16))
-        self._add_to_index(final, table.column("profile_id").to_pylist(), table.column("created").to_pylist())
-        return final
+            return {"num_inserted_rows": 0, "num_updated_rows": 0}
+        return self.table.upsert(pa.Table.from_pylist([to_row(p) for p in profiles], schema=SCHEMA))
 
-    def _atomic_write(self, final: str, writer) -> None:
-        if not self.local:  # object stores publish an object whole on close: no torn reads
+    def delete(self, profile_ids: list[str]) -> int:
+        """Delete profiles: gone from lookups at once (other readers: on their next refresh), their bytes after
+        `compact()`. Returns how many of them were stored."""
+        return self.table.delete(profile_ids)
+
+    def compact(self, retain_seconds: float = 0.0) -> dict:
+        """Rewrite parts (deleted and replaced profiles' bytes leave them) and remove the files of versions
+        older than `retain_seconds`; damaged parts are left in place and reported under "skipped"."""
+        return self.table.compact(timedelta(seconds=retain_seconds))
+
+    def refresh(self) -> bool:
+        """See other writers' commits; True when the served version moved."""
+        return self.table.refresh()
+
+    def locate(self, profile_id: str) -> Location:
+        """Where the served version of a profile is. KeyError (naming the store) when it is not stored;
+        DamagedPartError when its part is unreadable."""
+        loc = self.table.locate(profile_id)
+        if loc is None:
+            raise KeyError(f"profile {profile_id!r} is not in the store {self.uri}")
+        return loc
+
+    def read(self, profile_id: str, loc: Location) -> Profile:
+        """The profile stored at `loc`. KeyError when that version is no longer served (locate it again)."""
+        row = self.table.read(profile_id, loc)
+        if row is None:
+            raise KeyError(f"profile {profile_id!r} is no longer at {loc} in the store {self.uri}")
+        return from_row(row)
+
+    def get(self, profile_id: str) -> Profile:
+        """The served version of a profile. KeyError (naming the store) when it is not there."""
+        row = self.table.get(profile_id)
+        if row is None:
+            raise KeyError(f"profile {profile_id!r} is not in the store {self.uri}")
+        return from_row(row)
+
+    def get_many(self, profile_ids: list[str]) -> dict[str, Profile | None | DamagedPartError]:
+        """Profiles by id, each a Profile, None (not stored) or a DamagedPartError: one bad part fails no other."""
+        rows = self.table.get_many(profile_ids)
+        return {pid: from_row(r) if isinstance(r, dict) else r for pid, r in rows.items()}
+
+    def ids(self, offset: int = 0, limit: int | None = None) -> list[str]:
+        """Stored profile ids, sorted, a page at a time (no profile is read)."""
+        return self.table.ids(offset, limit)
+
+    def __contains__(self, profile_id: str) -> bool:
+        return profile_id in self.table
+
+    def __len__(self) -> int:
+        return self.table.count()
+
+    def damaged(self) -> dict[int, dict]:
+        """Unreadable parts of the profile table: {part: {files, error, profiles, ids_known}}."""
+        return self.table.damaged()
+
+    def profiles(self, newest_first: bool = True, errors: list | None = None):
+        """(Location, Profile) of every served profile, part by part (bulk reads, e.g. to warm a server);
+        damaged parts are appended to `errors` and skipped."""
+        for batch in self.table.scan(errors=errors, newest_first=newest_first):
+            addrs = batch.column("_rowaddr").to_pylist()
+            for addr, row in zip(addrs, batch.drop_columns(["_rowaddr"]).to_pylist(), strict=True):
+                yield Location.of(addr), from_row(row)
+
+    def summaries(self, offset: int = 0, limit: int = 100) -> list[dict]:
+        """Profile id, mode, metrics, size for a page of profiles (sorted by id), without tensors; a profile
+        in a damaged part is {"profile_id", "error"} instead."""
+        got = self.get_many(self.ids(offset, limit))
+        return [
+            summary(p) if isinstance(p, Profile) else {"profile_id": pid, "error": str(p or "not stored")}
+            for pid, p in got.items()
+        ]
+
+    def summary(self, profile_id: str) -> dict:
+        return summary(self.get(profile_id))
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        """Every served row (one per profile), e.g. for reports; damaged parts are skipped with a warning."""
+        errors: list[DamagedPartError] = []
+        batches = [b.drop_columns(["_rowaddr"]) for b in self.table.scan(columns=columns, errors=errors)]
+        for e in errors:
+            log.warning("read_table skipped %s", e)
+        schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
+        if not batches:
+            return schema.empty_table()
+        return pa.Table.from_batches(batches).cast(schema)
+
+    def stats(self) -> dict:
+        return self.table.stats()
+
+    # --- files: heads, banks, run state ---------------------------------------------------------------
+
+    def _write_file(self, rel: str, blob: bytes) -> None:
+        """Publish a file whole: via a temp name and a rename on local disk; object stores publish on close."""
+        final = f"{self.path}/{rel}"
+        self.fs.create_dir(os.path.dirname(final), recursive=True)
+        if not self.local:
             with self.fs.open_output_stream(final) as out:
-                writer(out)
+                out.write(blob)
             return
         tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}"
         try:
-            with self.fs.open_output_stream(tmp) as out:
-                writer(out)
+            with open(tmp, "wb") as out:
+                out.write(blob)
             os.replace(tmp, final)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
     def save_head(self, head_id: str, state: dict[str, torch.Tensor]) -> None:
-        self.fs.create_dir(f"{self.root}/heads", recursive=True)
-        blob = st_save({k: v.contiguous() for k, v in state.items()})
-        self._atomic_write(f"{self.root}/heads/{head_id}.safetensors", lambda out: out.write(blob))
+        self._write_file(f"heads/{head_id}.safetensors", st_save({k: v.contiguous() for k, v in state.items()}))
 
     def load_head(self, head_id: str) -> dict[str, torch.Tensor]:
-        path = f"{self.root}/heads/{head_id}.safetensors"
         try:
-            with self.fs.open_input_stream(path) as f:
+            with self.fs.open_input_stream(f"{self.path}/heads/{head_id}.safetensors") as f:
                 return st_load(f.read())
         except FileNotFoundError:
             raise KeyError(f"shared head {head_id!r} is not in the store {self.uri}") from None
 
     def save_bank(self, bank: AdapterBank) -> str:
-        path = f"{self.root}/banks/{bank.fingerprint}.safetensors"
-        if self.local:
-            if not os.path.exists(path):
-                save_bank(bank, path)
-        else:
-            tmp = Path(f"/tmp/xpeft-bank-{uuid.uuid4().hex}.safetensors")
-            save_bank(bank, tmp)
-            pafs.copy_files(str(tmp), path, destination_filesystem=self.fs)
-            tmp.unlink()
-        return path
+        """Store a bank under its fingerprint (once: the name is its content)."""
+        rel = f"banks/{bank.fingerprint}.safetensors"
+        if self.fs.get_file_info(f"{self.path}/{rel}").type == pafs.FileType.NotFound:
+            with tempfile.TemporaryDirectory(prefix="xpeft-bank-") as tmp:
+                self._write_file(rel, save_bank(bank, f"{tmp}/bank.safetensors").read_bytes())
+        return f"{self.root}/{rel}"
 
     def load_bank(self, fingerprint: str) -> AdapterBank:
-        path = f"{self.root}/banks/{fingerprint}.safetensors"
+        """A stored bank, verified against its fingerprint (a damaged file is refused, naming it)."""
+        name = f"{self.root}/banks/{fingerprint}.safetensors"
         if self.local:
-            return load_bank(path)
-        tmp = Path(f"/tmp/xpeft-bank-{fingerprint}.safetensors")
-        if not tmp.exists():
-            pafs.copy_files(path, str(tmp), source_filesystem=self.fs)
-        return load_bank(tmp)
+            return load_bank(name)
+        with tempfile.TemporaryDirectory(prefix="xpeft-bank-") as tmp:
+            try:
+                pafs.copy_files(
+                    f"{self.path}/banks/{fingerprint}.safetensors", f"{tmp}/b.safetensors", source_filesystem=self.fs
+                )
+            except FileNotFoundError:
+                raise FileNotFoundError(f"no bank {fingerprint} in the store {self.uri} ({name})") from None
+            try:
+                bank = load_bank(f"{tmp}/b.safetensors")
+            except ValueError as e:
+                raise ValueError(str(e).replace(f"{tmp}/b.safetensors", name)) from None
+        if bank.fingerprint != fingerprint:
+            raise ValueError(
+                f"bank {name} holds bank {bank.fingerprint[:12]}…, not {fingerprint[:12]}…; it was renamed"
+            )
+        return bank
+
+    def bank_fingerprints(self) -> list[str]:
+        sel = pafs.FileSelector(f"{self.path}/banks", allow_not_found=True)
+        return sorted(Path(i.path).stem for i in self.fs.get_file_info(sel) if i.path.endswith(".safetensors"))
 
     def read_state(self, name: str) -> dict:
         """A job's run state (`state/<name>.json`), {} when there is none."""
         try:
-            with self.fs.open_input_stream(f"{self.root}/state/{name}.json") as f:
+            with self.fs.open_input_stream(f"{self.path}/state/{name}.json") as f:
                 return json.loads(f.read())
         except (FileNotFoundError, OSError):
             return {}
 
     def write_state(self, name: str, state: dict) -> None:
         """Replace a job's run state atomically."""
-        self.fs.create_dir(f"{self.root}/state", recursive=True)
-        blob = json.dumps(state).encode()
-        self._atomic_write(f"{self.root}/state/{name}.json", lambda out: out.write(blob))
+        self._write_file(f"state/{name}.json", json.dumps(state).encode())
 
-    def bank_fingerprints(self) -> list[str]:
-        sel = pafs.FileSelector(f"{self.root}/banks", allow_not_found=True)
-        return sorted(Path(i.path).stem for i in self.fs.get_file_info(sel) if i.path.endswith(".safetensors"))
 
-    # --- reading ---------------------------------------------------------------------------------------
-
-    def files(self) -> list[str]:
-        sel = pafs.FileSelector(f"{self.root}/profiles", allow_not_found=True)
-        infos = self.fs.get_file_info(sel)
-        return sorted(i.path for i in infos if i.is_file and Path(i.path).name.startswith("part-"))
-
-    def refresh(self) -> int:
-        """Index files written since the last refresh (by any writer); returns how many were new."""
-        with self._lock:
-            new = [f for f in self.files() if f not in self._seen]
-            for path in new:
-                t = pq.read_table(path, columns=["profile_id", "created"], filesystem=self.fs)
-                self._add_to_index(path, t.column("profile_id").to_pylist(), t.column("created").to_pylist())
-            return len(new)
-
-    def _add_to_index(self, path: str, ids: list[str], created: list[float]) -> None:
-        with self._lock:
-            self._seen.add(path)
-            for row, (pid, ts) in enumerate(zip(ids, created, strict=True)):
-                old = self._index.get(pid)
-                if old is None or ts >= old.created:
-                    self._index[pid] = Location(path, row, ts)
-
-    def ids(self) -> list[str]:
-        with self._lock:
-            self.refresh()
-            return sorted(self._index)
-
-    def __contains__(self, profile_id: str) -> bool:
-        with self._lock:
-            if profile_id not in self._index:
-                self.refresh()
-            return profile_id in self._index
-
-    def __len__(self) -> int:
-        with self._lock:
-            self.refresh()
-            return len(self._index)
-
-    def locate(self, profile_id: str) -> Location:
-        """Where the newest row of a profile is. KeyError (naming the store) when it is not there."""
-        with self._lock:
-            if profile_id not in self:
-                raise KeyError(f"profile {profile_id!r} is not in the store {self.uri}")
-            return self._index[profile_id]
-
-    def locations(self) -> dict[str, Location]:
-        """Every stored profile's newest location (a snapshot: safe to use while others write)."""
-        with self._lock:
-            self.refresh()
-            return dict(self._index)
-
-    def get(self, profile_id: str) -> Profile:
-        """The newest stored row of a profile. KeyError (naming the store) when it is not there."""
-        return self.read(self.locate(profile_id))
-
-    def read(self, loc: Location) -> Profile:
-        """The profile stored at `loc`, decoding only the row group that holds it."""
-        # pre_buffer and threads pay off for big reads, not for one row group of a few profiles (~0.3 ms less).
-        pf = pq.ParquetFile(loc.file, filesystem=self.fs, pre_buffer=False)
-        offset = 0
-        for rg in range(pf.num_row_groups):
-            n = pf.metadata.row_group(rg).num_rows
-            if loc.row < offset + n:
-                return from_row(pf.read_row_group(rg, use_threads=False).slice(loc.row - offset, 1).to_pylist()[0])
-            offset += n
-        raise KeyError(f"row {loc.row} is past the end of {loc.file}; call refresh()")
-
-    def read_file(self, path: str) -> list[Profile]:
-        """Every profile row of one stored file, in row order (bulk reads, e.g. to warm a server)."""
-        return [from_row(row) for row in pq.read_table(path, filesystem=self.fs).to_pylist()]
-
-    def summaries(self, offset: int = 0, limit: int = 100) -> list[dict]:
-        """Profile id, mode, metrics, size for a page of profiles (sorted by id), without tensors."""
-        page = self.ids()[offset : offset + limit]
-        return [self.summary(pid) for pid in page]
-
-    def summary(self, profile_id: str) -> dict:
-        return summary(self.get(profile_id))
-
-    def read_table(self, columns: list[str] | None = None) -> pa.Table:
-        """Every stored row (all versions), e.g. for reports and plots."""
-        files = self.files()
-        if not files:
-            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-        return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=self.fs) for f in files])
+def refuse_old_layout(fs: pafs.FileSystem, path: str, uri: str) -> None:
+    """A store written before the profile table (profiles/part-*.parquet) is refused, naming the fix."""
+    if fs.get_file_info(f"{path}/profiles").type != pafs.FileType.Directory:
+        return
+    if fs.get_file_info(f"{path}/{TABLE}").type == pafs.FileType.Directory:
+        return
+    raise ValueError(
+        f"{uri} is a profile store in the old layout (profiles/part-*.parquet, one Parquet file per write); "
+        f"convert it into a new store with `xpeft profiles migrate {uri} NEW`"
+    )

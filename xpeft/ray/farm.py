@@ -5,8 +5,9 @@
 - Profiles are scheduled largest first onto idle actors (xpeft.ray.pool): an actor that dies has its
   profile retried on a fresh actor (bounded), then recorded as failed with the reason; bad data is rejected
   with its reason.
-- Results are written to the ProfileStore in small batches; a re-run with the same store skips every
-  stored profile (resume), and the sa / mtl warm start's outcome is kept in the store's run state.
+- Results are upserted into the ProfileStore in small batches (one commit each, safe beside other writers);
+  a re-run with the same store skips every stored profile (resume), and the sa / mtl warm start's outcome is
+  kept in the store's run state. A bank is verified against its fingerprint whenever it is loaded.
 """
 
 from __future__ import annotations
@@ -215,7 +216,6 @@ class Farm:
             raise ValueError("profile ids must be unique within a run")
         self.cfg, self.datas = cfg, datas
         self.store = ProfileStore(cfg.store)
-        self.done = set(self.store.ids())
         self.report = RunReport()
         self.buffer: list = []
         self.shared_head: dict[str, torch.Tensor] | None = None
@@ -241,8 +241,9 @@ class Farm:
     def pool(self, part: list[ProfileData], bank: AdapterBank | None, x: XPeftConfig, t: TrainConfig) -> None:
         """Fit the profiles of `part` not stored yet on a pool of actors holding `bank`."""
         cfg = self.cfg
-        todo = [d for d in part if d.profile_id not in self.done]
-        self.report.skipped += [d.profile_id for d in part if d.profile_id in self.done]
+        stored = {d.profile_id for d in part if d.profile_id in self.store}  # index lookups: nothing is read
+        todo = [d for d in part if d.profile_id not in stored]
+        self.report.skipped += [d.profile_id for d in part if d.profile_id in stored]
         if not todo:
             return
         bank_ref = ray.put(bank_to_object(bank)) if bank is not None else None
@@ -285,7 +286,14 @@ class Farm:
         self.store.write(
             [
                 bank_member_profile(
-                    bank, m, xcfg, d.profile_id, metrics.get(d.profile_id), self.head_id, cfg.label_names
+                    bank,
+                    m,
+                    xcfg,
+                    d.profile_id,
+                    metrics.get(d.profile_id),
+                    self.head_id,
+                    cfg.label_names,
+                    text_pair=d.text_pair,
                 )
                 for m, d in enumerate(warm)
             ]

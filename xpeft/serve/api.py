@@ -1,35 +1,40 @@
 """The HTTP API of a replica, FastAPI only (no Ray): request and response schemas, the body-size limit, bearer
-auth, the routes and JSON errors. `make_api(server)` builds it over anything with `.cfg`, `.engine` (a
-ProfileEngine) and an async `.classify(request)`: the Serve deployment, or a test's in-process server.
+auth, the routes, the checks of a request and offline docs. `make_api(server)` builds it over anything with
+`.cfg`, `.engine` (a ProfileEngine) and an async `.classify(request)`: the Serve deployment, or the in-process
+`xpeft.serve.local.LocalServer`.
 
     POST /v1/classify           {"profile_id", "texts", optional "text_pairs"} → one prediction per text
     GET  /v1/profiles/{id}      config, metrics, size in bytes, whether this server can serve it
     GET  /v1/profiles?offset&limit
     GET  /healthz               (no auth)
+    GET  /docs, /redoc          the API's documentation, its assets served from here (no CDN: works offline)
 
-Errors are JSON {"detail": ...}: 400 invalid profile id, 401 missing/wrong token, 404 unknown profile,
-409 profile made for another bank or encoder (both fingerprints in the message), 413 body or text limits,
-422 malformed JSON, missing or wrong-typed fields, empty text list.
+Errors are JSON {"detail": ...} naming the problem and the fix (xpeft.serve.errors): 400 invalid profile id,
+401 missing/wrong token, 404 unknown profile, 409 profile made for another bank or encoder (both fingerprints
+in the message), 413 body or text limits, 415 a body not sent as JSON, 422 malformed JSON, missing or
+wrong-typed fields, empty texts, text_pairs the profile does not take; 503 the profile is stored in a damaged
+part of the store (the detail names the profile, the part and its file; other profiles are served), or no replica
+answered; each route documents its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi_offline import FastAPIOffline
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from xpeft import __version__
+from xpeft.core.multiprofile import CombinedProfile
 from xpeft.profiles.record import MAX_PROFILE_ID, validate_profile_id
+from xpeft.serve import errors
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine, ServeError
-
-log = logging.getLogger(__name__)
 
 
 class Server(Protocol):
@@ -41,12 +46,38 @@ class Server(Protocol):
     async def classify(self, request: ClassifyRequest) -> dict[str, Any]: ...
 
 
+def utf8(value: str) -> str:
+    """Refuses what is not text: a lone surrogate (a JSON "\\ud800" escape without its pair) cannot be
+    encoded, tokenized or echoed back."""
+    bad = errors.SURROGATE.search(value)
+    if bad:
+        raise ValueError(
+            f"has a lone surrogate \\u{ord(bad.group()):04x} at character {bad.start()}, which is not text: send "
+            "valid UTF-8 (a JSON \\uXXXX escape of a character outside the BMP needs both halves of its pair)"
+        )
+    return value
+
+
+def nonblank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty or only whitespace, which has nothing to classify: send text, or leave it out")
+    return value
+
+
+# The schema says "some non-space character" (pattern); the validators give the reason and the fix.
+Text = Annotated[str, AfterValidator(utf8), AfterValidator(nonblank), Field(json_schema_extra={"pattern": r"\S"})]
+
+
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    profile_id: str = Field(min_length=1, max_length=MAX_PROFILE_ID, description="a stored profile's id")
-    texts: list[str] = Field(min_length=1, description="texts to classify (at most ServeConfig.max_texts)")
-    text_pairs: list[str] | None = Field(None, description="second segments for pair tasks, one per text")
+    profile_id: Annotated[str, AfterValidator(utf8)] = Field(
+        min_length=1, max_length=MAX_PROFILE_ID, description="a stored profile's id"
+    )
+    texts: list[Text] = Field(min_length=1, description="texts to classify (at most ServeConfig.max_texts)")
+    text_pairs: list[Text] | None = Field(
+        None, description="second segments, one per text, for a profile fitted on pairs (its config's text_pair)"
+    )
 
 
 class Prediction(BaseModel):
@@ -77,15 +108,22 @@ class ProfileInfo(BaseModel):
     problem: str | None = Field(None, description="why not, when it cannot")
 
 
+class Unreadable(BaseModel):
+    profile_id: str
+    detail: str = Field(description="why it cannot be read: the damaged part of the store, its file")
+
+
 class ProfilePage(BaseModel):
     total: int
     offset: int
     limit: int
     profiles: list[ProfileInfo]
+    unreadable: list[Unreadable] = Field([], description="profiles of the page in damaged parts of the store")
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description='"ok", or "degraded" with the reasons in problems')
+    problems: list[str] = Field(description="damaged parts of the store, a store that cannot be refreshed")
     backbone: str
     bank_fingerprint: str | None
     cached_profiles: int
@@ -104,22 +142,17 @@ class Health(BaseModel):
     records_in_memory: int = Field(description="profile records in the record cache")
     preloading: bool = Field(description="whether the record cache is still being filled from the store")
     record_bytes_in_memory: int = Field(description="their record_bytes, bounded by record_cache_mb")
+    store_profiles: int = Field(description="profiles in the store, as of the replica's view")
+    store_version: int = Field(description="the store's table version the replica serves")
+    store_parts: int = Field(description="parts (Lance fragments) of the store's profile table")
+    store_age_s: float = Field(description="seconds since the replica last refreshed its view (bound: staleness_s)")
+    index_bytes: int = Field(description="memory of the replica's profile-id index")
+    rss_bytes: int = Field(description="the replica process's resident memory")
 
 
-class Detail(BaseModel):
-    detail: str
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Detail, "description": text}
-    for code, text in [
-        (400, "invalid profile id"),
-        (401, "missing or wrong bearer token"),
-        (404, "unknown profile"),
-        (409, "profile made for another bank or backbone"),
-        (413, "body, text count or text length over the server's limits"),
-    ]
-}
+CLASSIFY_ERRORS = errors.documented(400, 401, 404, 409, 413, 415, 422, 503)
+PROFILE_ERRORS = errors.documented(400, 401, 404, 503)
+PAGE_ERRORS = errors.documented(401, 413, 422, 503)
 
 
 class BodySizeLimit:
@@ -181,27 +214,27 @@ def bearer_auth(token: str | None):
 
 
 def make_api(server: Server) -> FastAPI:
-    """The FastAPI app of one replica: routes over `server`, auth, body limit, errors as JSON 4xx."""
+    """The FastAPI app of one replica: routes over `server`, auth, body limit, errors as JSON 4xx, offline docs."""
     cfg = server.cfg
-    api = FastAPI(
+    api = FastAPIOffline(
         title="xpeft profile server",
         version=__version__,
         description="X-PEFT: every stored profile over one shared backbone and adapter bank.",
     )
     api.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes)
     auth = bearer_auth(cfg.api_token)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)] if auth else [], responses=ERRORS)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)] if auth else [])
 
-    @v1.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
+    @v1.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True, responses=CLASSIFY_ERRORS)
     async def classify(request: ClassifyRequest) -> dict[str, Any]:
         return await server.classify(request)
 
-    @v1.get("/profiles/{profile_id}", response_model=ProfileInfo)
+    @v1.get("/profiles/{profile_id}", response_model=ProfileInfo, responses=PROFILE_ERRORS)
     async def profile(profile_id: str) -> dict[str, Any]:
         checked_id(profile_id)
         return await asyncio.to_thread(server.engine.profile_info, profile_id)
 
-    @v1.get("/profiles", response_model=ProfilePage)
+    @v1.get("/profiles", response_model=ProfilePage, responses=PAGE_ERRORS)
     async def profiles(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1)) -> dict[str, Any]:
         if limit > cfg.max_page:
             raise ServeError(413, f"limit={limit} is over {cfg.max_page} profiles a page (ServeConfig.max_page)")
@@ -209,31 +242,15 @@ def make_api(server: Server) -> FastAPI:
 
     api.include_router(v1)
 
-    @api.get("/healthz", response_model=Health)
+    @api.get("/healthz", response_model=Health, responses=errors.documented(503))
     async def healthz() -> dict[str, Any]:
-        bank = server.engine.bank
-        return {
-            "status": "ok",
-            "backbone": cfg.backbone,
-            "bank_fingerprint": bank.fingerprint if bank else None,
-            "cached_profiles": len(server.engine.cache),
-            "cache_size": cfg.cache_size,
-            "records_in_memory": len(server.engine.records),
-            "preloading": server.engine.preloading,
-            "record_bytes_in_memory": server.engine.records.nbytes,
-            **server.engine.stats,
-        }
+        return await asyncio.to_thread(server.engine.health)
 
-    @api.exception_handler(ServeError)
-    async def refused(_: Request, e: ServeError) -> JSONResponse:
-        return JSONResponse({"detail": e.detail}, status_code=e.status)
-
-    @api.exception_handler(Exception)
-    async def failed(_: Request, e: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return JSONResponse({"detail": f"internal error ({type(e).__name__}); see the replica's log"}, status_code=500)
-
+    errors.install(api)
     return api
+
+
+# --- the checks of a classify request (the deployment and LocalServer make the same) ---------------------
 
 
 def checked_id(profile_id: str) -> str:
@@ -241,3 +258,44 @@ def checked_id(profile_id: str) -> str:
         return validate_profile_id(profile_id)
     except ValueError as e:
         raise ServeError(400, str(e)) from None
+
+
+def checked_request(cfg: ServeConfig, request: ClassifyRequest) -> str:
+    """The request's profile id once its texts are within the server's limits (413) and its pairs one per
+    text (422); a ServeError otherwise."""
+    texts, pairs = request.texts, request.text_pairs
+    if len(texts) > cfg.max_texts:
+        raise ServeError(
+            413,
+            f"{len(texts)} texts in one request; the limit is {cfg.max_texts} (ServeConfig.max_texts): "
+            "split the request",
+        )
+    if pairs is not None and len(pairs) != len(texts):
+        raise ServeError(422, f"text_pairs has {len(pairs)} entries for {len(texts)} texts; give one per text")
+    longest = max(len(t) for t in texts + (pairs or []))
+    if longest > cfg.max_text_chars:
+        raise ServeError(
+            413, f"a text of {longest} characters; the limit is {cfg.max_text_chars} (ServeConfig.max_text_chars)"
+        )
+    return checked_id(request.profile_id)
+
+
+def check_inputs(c: CombinedProfile, request: ClassifyRequest, rows: list[dict], n_special: int) -> None:
+    """422 unless the request gives the profile what it was fitted on (pairs or single texts) and every
+    text has a token the backbone reads (`n_special`: the tokens a row has for an empty text)."""
+    paired = request.text_pairs is not None
+    if c.text_pair is False and paired:
+        raise ServeError(
+            422,
+            f"profile {c.profile_id!r} was fitted on single texts, not pairs: leave text_pairs out (or join each "
+            "pair into its text)",
+        )
+    if c.text_pair and not paired:
+        raise ServeError(422, f"profile {c.profile_id!r} was fitted on text pairs: send text_pairs, one per text")
+    empty = [f"texts[{i}]" for i, row in enumerate(rows) if len(row["input_ids"]) <= n_special]
+    if empty:
+        raise ServeError(
+            422,
+            f"{', '.join(empty[:10])}: no token the backbone reads (only control, zero-width or space characters), "
+            "which leaves nothing to classify: send text, or leave it out",
+        )

@@ -1,5 +1,6 @@
-"""The replica's two caches: combined profiles (an LRU by count) and stored records (an LRU by bytes, keyed by
-the location they were read from, so a rewritten profile is never served from memory)."""
+"""The replica's two caches: combined profiles (an LRU by count) and stored records (an LRU by bytes). Both keep
+each entry with the location of the stored version it came from, and answer only for that location: a refit
+profile has a new location, so its old version is never served from memory once the replica has seen the refit."""
 
 from __future__ import annotations
 
@@ -12,23 +13,25 @@ from xpeft.profiles.store import Location
 
 
 class ProfileCache:
-    """A thread-safe LRU of combined profiles, bounded by count."""
+    """A thread-safe LRU of combined profiles, bounded by count, each kept with its stored version's location."""
 
     def __init__(self, size: int):
         self.size = size
-        self._items: OrderedDict[str, CombinedProfile] = OrderedDict()
+        self._items: OrderedDict[str, tuple[Location, CombinedProfile]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, profile_id: str) -> CombinedProfile | None:
+    def get(self, loc: Location, profile_id: str) -> CombinedProfile | None:
+        """The combined profile of the version at `loc`; None when not cached or cached for another version."""
         with self._lock:
             item = self._items.get(profile_id)
-            if item is not None:
-                self._items.move_to_end(profile_id)
-            return item
+            if item is None or item[0] != loc:
+                return None
+            self._items.move_to_end(profile_id)
+            return item[1]
 
-    def put(self, item: CombinedProfile) -> None:
+    def put(self, loc: Location, item: CombinedProfile) -> None:
         with self._lock:
-            self._items[item.profile_id] = item
+            self._items[item.profile_id] = (loc, item)
             self._items.move_to_end(item.profile_id)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)

@@ -46,6 +46,8 @@ def combine_profiles(
                 head_key=f"shared:{p.head_id}" if p.head_id else f"own:{p.profile_id}",
                 problem_type=cfg.problem_type,
                 label_names=p.label_names,
+                text_pair=cfg.text_pair,
+                created=p.created,
             )
             if cfg.mode == "x_peft":
                 if bank is None or p.bank_fingerprint != bank.fingerprint:

@@ -86,9 +86,24 @@ class ServeConfig:
         default=512.0,
         metadata={
             "help": "stored profile records (mask bits, LN, head: ~25 KB each for MiniLM with a 15-class linear "
-            "head) kept in memory per replica, newest first, filled from the store in the background when the "
-            "replica starts and on every read; a profile among them is combined without touching the store. "
+            "head) kept in memory per replica (LRU), filled on every read and, with --preload, from the store in the "
+            "background when the replica starts; a profile among them is combined without touching the store. "
             "0: read the store on every miss of the combined cache"
+        },
+    )
+    preload: bool = field(
+        default=True,
+        metadata={
+            "help": "fill the record cache in the background at start, newest parts of the store first, until "
+            "record_cache_mb is full (the replica serves meanwhile)"
+        },
+    )
+    staleness_s: float = field(
+        default=1.0,
+        metadata={
+            "help": "how stale a replica's view of the store may be: it re-reads the store's latest version this "
+            "often, so a new, refit or deleted profile is served as such within about this (plus one refresh, "
+            "tens of ms)"
         },
     )
     # --- limits: each refusal names its limit ---
@@ -127,6 +142,8 @@ class ServeConfig:
             bad.append(f"forward={self.forward!r} must be 'auto', 'ort' or 'eager'")
         if not 0 < self.switch_interval_s <= 1:
             bad.append(f"switch_interval_s={self.switch_interval_s} must be in (0, 1] seconds")
+        if not self.staleness_s > 0:
+            bad.append(f"staleness_s={self.staleness_s} must be > 0")
         if bad:
             raise ValueError(f"invalid ServeConfig: {', '.join(bad)} (counts and limits must be >= 1)")
 
@@ -143,6 +160,11 @@ class ServeConfig:
             kind = type(default) if default not in (None, dataclasses.MISSING) else str
             if name == "torch_threads":
                 kind = int
+            if kind is bool:  # bool("false") is True
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"serve setting {name}={raw!r} is not a valid bool (true or false)")
+                kwargs[name] = raw.lower() in ("1", "true", "yes")
+                continue
             try:
                 kwargs[name] = kind(raw)
             except ValueError:

@@ -25,9 +25,10 @@ from fastapi import FastAPI
 from ray import serve
 
 from xpeft.core.multiprofile import CombinedProfile
-from xpeft.serve.api import ClassifyRequest, checked_id, make_api
+from xpeft.serve.api import make_api
 from xpeft.serve.config import ServeConfig
-from xpeft.serve.engine import ProfileEngine, ServeError, predictions
+from xpeft.serve.engine import ServeError
+from xpeft.serve.local import LocalServer
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,15 @@ class Coalescer:
 
 @serve.deployment
 @serve.ingress()
-class ProfileServer:
-    """One replica: a `ProfileEngine` behind two batch queues and the FastAPI app of `make_api`."""
+class ProfileServer(LocalServer):
+    """One replica: a `ProfileEngine` behind two batch queues and the FastAPI app of `make_api`. Its
+    `classify` is LocalServer's (the same checks), its two steps go through the queues."""
 
     def __init__(self, cfg: ServeConfig):
-        self.cfg = cfg
         # The event loops' Python then yields the GIL to a forward waiting for it within ~1 ms, not 5.
         sys.setswitchinterval(cfg.switch_interval_s)
-        self.engine = ProfileEngine(cfg)
-        if cfg.record_cache_mb > 0:
-            self.engine.start_preload()
+        super().__init__(cfg)
+        self.engine.start()  # keeps up with the store (cfg.staleness_s) and, with cfg.preload, fills the record cache
         self._combine_work = Coalescer(self.engine.load_profiles, cfg.max_batch_size, cfg.batch_wait_timeout_s)
         self._forward_work = Coalescer(self.engine.forward, cfg.max_batch_size, cfg.batch_wait_timeout_s)
 
@@ -98,34 +98,16 @@ class ProfileServer:
         # form) could not carry each deployment's own limits, auth token and middleware.
         return make_api(self)
 
-    async def classify(self, request: ClassifyRequest) -> dict[str, Any]:
-        cfg = self.cfg
-        texts, pairs = request.texts, request.text_pairs
-        if len(texts) > cfg.max_texts:
-            raise ServeError(
-                413,
-                f"{len(texts)} texts in one request; the limit is {cfg.max_texts} "
-                "(ServeConfig.max_texts): split the request",
-            )
-        if pairs is not None and len(pairs) != len(texts):
-            raise ServeError(422, f"text_pairs has {len(pairs)} entries for {len(texts)} texts; give one per text")
-        longest = max(len(t) for t in texts + (pairs or []))
-        if longest > cfg.max_text_chars:
-            raise ServeError(
-                413, f"a text of {longest} characters; the limit is {cfg.max_text_chars} (ServeConfig.max_text_chars)"
-            )
-        profile_id = checked_id(request.profile_id)
-        combined = self.engine.cache.get(profile_id)
-        if combined is None:  # read and combine it while the texts are tokenized
-            combined, rows = await asyncio.gather(
-                self._combine(profile_id), asyncio.to_thread(self.engine.tokenize, texts, pairs)
-            )
-        else:
-            rows = await asyncio.to_thread(self.engine.tokenize, texts, pairs)
-        if isinstance(combined, ServeError):
-            raise combined
-        logits = await asyncio.gather(*(self._forward((combined, row)) for row in rows))
-        return {"profile_id": profile_id, "predictions": predictions(combined, logits)}
+    async def combined(self, profile_id: str) -> CombinedProfile:
+        """From the cache, else through the batch queue that combines every profile requests are waiting for."""
+        c = self.engine.cached(profile_id) or await self._combine(profile_id)  # the served version only
+        if isinstance(c, ServeError):
+            raise c
+        return c
+
+    async def logits(self, c: CombinedProfile, rows: list[dict]) -> list[torch.Tensor]:
+        """Each row through the batch queue of the mixed-profile forward."""
+        return list(await asyncio.gather(*(self._forward((c, row)) for row in rows)))
 
     async def _combine(self, profile_id: str) -> CombinedProfile | ServeError:
         """A profile missing from the cache, with the others waiting now: one bank contraction."""

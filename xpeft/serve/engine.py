@@ -1,15 +1,19 @@
 """The serving engine: everything one replica does, with torch only (no Ray, no HTTP), so batch scoring and
 tests reuse it in one process.
 
-A replica loads the backbone, the tokenizer and the bank once. A profile is not a model of its own (that
-would split batches per profile): a request names it, its stored record (`ProfileStore`, safetensors and
-Parquet, no pickle) is combined with the bank once (Â, B̂ per block) into an LRU cache of
-`CombinedProfile`s. Stored records are small (mask bits, LN, head), so a second, byte-bounded cache
-(`RecordCache`) holds as many as `record_cache_mb` allows, filled in the background at start: a request to
-any of them skips the store and pays only for the contraction. `forward` runs rows of any profiles as one
-`MultiProfileModel.forward_mixed` call (per-row adapters, one encoder pass). A profile fitted after the
-server started is found on its first request (the store re-lists its files when an id is unknown); a profile
-rewritten in the store is served in its new version once it leaves the combined cache.
+A replica loads the backbone, the tokenizer and the bank once, and opens the store: the profile table's id
+index is built from its id column alone, so a replica is ready without reading any profile. A profile is not a
+model of its own (that would split batches per profile): a request names it, its stored record is combined with
+the bank once (Â, B̂ per block) into an LRU cache of `CombinedProfile`s. Stored records are small (mask bits,
+LN, head), so a second, byte-bounded cache (`RecordCache`) keeps as many as `record_cache_mb` allows (filled
+on reads and, optionally, in the background at start): a request to any of them skips the store and pays only
+for the contraction. Both caches answer only for the stored version they were filled from. `forward` runs rows
+of any profiles as one `MultiProfileModel.forward_mixed` call (per-row adapters, one encoder pass).
+
+A background refresher moves the replica to the store's latest version every `staleness_s`: new profiles are
+found, a refit one is served in its new version, a deleted one is a 404. An unknown id is answered from the
+index (no listing, no scan). A profile in a damaged part of the store fails alone (503 naming the part), and
+`health()` reports the replica "degraded" with the reason.
 """
 
 from __future__ import annotations
@@ -30,35 +34,30 @@ from xpeft.core.multiprofile import CombinedProfile, MultiProfileModel
 from xpeft.fit.loop import Collator, tokenize
 from xpeft.profiles.record import Profile, compatibility, model_dims, summary
 from xpeft.profiles.store import Location, ProfileStore
-from xpeft.serve.cache import ProfileCache, RecordCache
+from xpeft.serve.cache import ProfileCache
 from xpeft.serve.combine import combine_profiles
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.forward import make_forward, token_inputs
+from xpeft.serve.view import ServeError, StoreView, not_found, rss_bytes
+
+__all__ = ["ProfileEngine", "ServeError", "not_found", "predictions", "serving_bank"]
 
 log = logging.getLogger(__name__)
 
 
-class ServeError(Exception):
-    """A refusal with its HTTP status; the message is for the user."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
 class ProfileEngine:
-    """Backbone + tokenizer + bank + store + cache of one replica. Blocking methods; the deployment calls
-    them from worker threads so the replica's event loop keeps gathering requests."""
+    """Backbone + tokenizer + bank + the store's view + caches of one replica. Blocking methods; the deployment
+    calls them from worker threads so the replica's event loop keeps gathering requests. `start()` starts the
+    background refresher (and preload); without it the view moves only on `view.refresh()`."""
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.store = ProfileStore(cfg.store)
-        self._store_lock = threading.Lock()  # lookups here: the shared-head dict, a record's read-then-keep
-        self.bank = self._load_bank()
+        self.view = StoreView(cfg)
+        self.store = self.view.store
+        self.bank = serving_bank(cfg, self.store)
         encoder = load_encoder(cfg.backbone)
         self.tokenizer = load_tokenizer(cfg.backbone)
         self.collate = Collator(self.tokenizer.pad_token_id or 0)
@@ -81,10 +80,8 @@ class ProfileEngine:
             self.bank.b if self.bank is not None else None,
         )  # fmt: skip
         self.cache = ProfileCache(cfg.cache_size)
-        self.records = RecordCache(int(cfg.record_cache_mb * 2**20))
-        self.preloading = False  # True while preload_records fills the record cache
+        self.records = self.view.records
         self._forward_lock = threading.Lock()  # one forward at a time (eager: it sets adapters on shared modules)
-        self._heads: dict[str, dict[str, torch.Tensor]] = {}  # shared heads (mtl): few, kept for good
         # Since start, for /healthz: forwards, rows, profiles read and combined, and seconds spent on each.
         self.stats = {
             "batches": 0,
@@ -95,48 +92,27 @@ class ProfileEngine:
             "forward_by_rows": {},  # rows of a forward -> [forwards, seconds]: what the replica's batches cost
             "profiles_loaded": 0,
             "load_seconds": 0.0,
-            "store_reads": 0,
         }
         log.info(
-            "profile server ready: backbone %s, %s, store %s",
+            "profile server ready: backbone %s, %s, store %s (%d profiles)",
             cfg.backbone,
             self.bank.describe() if self.bank else "no bank (x_peft profiles refused)",
             cfg.store,
+            self.view.profiles_at_start,
         )
 
-    def _load_bank(self) -> AdapterBank | None:
-        cfg = self.cfg
-        if cfg.bank_path:
-            return load_bank(cfg.bank_path)
-        stored = self.store.bank_fingerprints()
-        wanted = [fp for fp in stored if fp.startswith(cfg.bank_fingerprint or "")]
-        if cfg.bank_fingerprint and len(wanted) != 1:
-            raise ValueError(
-                f"bank_fingerprint {cfg.bank_fingerprint!r} matches {len(wanted)} of the store's banks "
-                f"{[fp[:12] for fp in stored]}; give a longer prefix or bank_path"
-            )
-        if len(wanted) > 1:
-            raise ValueError(
-                f"the store {cfg.store} holds {len(wanted)} banks {[fp[:12] for fp in wanted]}; "
-                "choose one with bank_fingerprint=..."
-            )
-        if not wanted:
-            log.warning(
-                "the store %s holds no bank: only head_only and single_adapter profiles can be served", cfg.store
-            )
-            return None
-        return self.store.load_bank(wanted[0])
+    def start(self) -> None:
+        """Keep up with the store in the background (and preload the record cache when configured)."""
+        self.view.start()
+
+    def close(self) -> None:
+        self.view.close()
 
     # --- profiles ---
 
     def problem(self, p: Profile) -> str | None:
         """Why this server cannot serve `p` (None: it can)."""
         return compatibility(p, self.bank, self.dims)
-
-    def _shared_head(self, head_id: str) -> dict[str, torch.Tensor]:
-        if head_id not in self._heads:
-            self._heads[head_id] = self.store.load_head(head_id)
-        return self._heads[head_id]
 
     def _on_device(self, c: CombinedProfile) -> CombinedProfile:
         if self.device.type == "cpu":
@@ -145,110 +121,95 @@ class ProfileEngine:
         moved = {n: getattr(c, n).to(self.device) for n in names if getattr(c, n) is not None}
         return dataclasses.replace(c, head=c.head.to(self.device), **moved)
 
+    def cached(self, profile_id: str) -> CombinedProfile | None:
+        """The combined profile of the served version, if it is in the cache (no store read)."""
+        try:
+            return self.cache.get(self.view.locate(profile_id), profile_id)
+        except ServeError:
+            return None
+
+    def _prepare(self, pid: str, heads: dict) -> tuple[Location, Profile] | CombinedProfile | ServeError:
+        """A cached combination, or the record to combine (its shared head into `heads`), or the refusal."""
+        try:
+            loc = self.view.locate(pid)
+            cached = self.cache.get(loc, pid)
+            if cached is not None:
+                return cached
+            loc, p = self.view.record(pid)
+        except ServeError as e:
+            return e
+        problem = self.problem(p)
+        if problem is None and p.head_id is not None:
+            try:
+                heads[p.head_id] = self.view.shared_head(p.head_id)
+            except KeyError as e:
+                problem = f"profile {pid} uses a shared head the store lacks: {e.args[0]}"
+        return ServeError(409, problem) if problem is not None else (loc, p)
+
     def load_profiles(self, profile_ids: list[str]) -> list[CombinedProfile | ServeError]:
-        """Read, check and combine profiles that are not cached; cache and return them (or the refusal)."""
+        """Read, check and combine the served versions of profiles that are not cached; cache and return them
+        (or each one's refusal: one profile's problem never fails the others)."""
         start = time.perf_counter()
         found: dict[str, CombinedProfile | ServeError] = {}
-        todo: list[Profile] = []
+        todo: list[tuple[Location, Profile]] = []
         heads: dict[str, dict[str, torch.Tensor]] = {}
-        with self._store_lock:
-            for pid in dict.fromkeys(profile_ids):
-                cached = self.cache.get(pid)
-                if cached is not None:
-                    found[pid] = cached
-                    continue
-                try:
-                    p = self._record(pid)
-                except KeyError:
-                    found[pid] = ServeError(404, not_found(pid))
-                    continue
-                problem = self.problem(p)
-                if problem is None and p.head_id is not None:
-                    try:
-                        heads[p.head_id] = self._shared_head(p.head_id)
-                    except KeyError as e:
-                        problem = f"profile {pid} uses a shared head the store lacks: {e.args[0]}"
-                if problem is not None:
-                    found[pid] = ServeError(409, problem)
-                    continue
-                todo.append(p)
-        combined = combine_profiles(todo, self.bank, self.d, heads)
-        for p, c in zip(todo, combined, strict=True):
+        for pid in dict.fromkeys(profile_ids):
+            got = self._prepare(pid, heads)
+            if isinstance(got, tuple):
+                todo.append(got)
+            else:
+                found[pid] = got
+        combined = combine_profiles([p for _, p in todo], self.bank, self.d, heads)
+        for (loc, p), c in zip(todo, combined, strict=True):
             if isinstance(c, Exception):
                 found[p.profile_id] = ServeError(409, str(c))
             else:
                 c = self._on_device(c)
-                self.cache.put(c)
+                self.cache.put(loc, c)
                 found[p.profile_id] = c
         self.stats["profiles_loaded"] += len(todo)
         self.stats["load_seconds"] += time.perf_counter() - start
         return [found[pid] for pid in profile_ids]
 
-    def _record(self, profile_id: str) -> Profile:
-        """The stored profile, from memory when its newest version is there (call under _store_lock)."""
-        loc = self.store.locate(profile_id)  # re-lists the store when the id is unknown: new profiles appear
-        p = self.records.get(loc, profile_id)
-        if p is None:
-            p = self.store.read(loc)
-            self.records.put(loc, p)
-            self.stats["store_reads"] += 1
-        return p
-
-    def start_preload(self) -> None:
-        """Fill the record cache in a background thread (`preloading` is true until it is done); requests are
-        served meanwhile. A store that cannot be bulk-read still serves, one read per miss."""
-        self.preloading = True
-
-        def run() -> None:
-            start = time.perf_counter()
-            try:
-                n = self.preload_records()
-            except Exception:
-                log.exception("preloading profile records failed; the store is read on each miss instead")
-                return
-            log.info("%d profile records preloaded in %.1f s", n, time.perf_counter() - start)
-
-        threading.Thread(target=run, name="xpeft-preload", daemon=True).start()
-
     def preload_records(self) -> int:
-        """Fill the record cache from the store, newest files first, until it is full; returns how many
-        records it added. Reads whole files without holding the store lock (stored files never change),
-        so requests are served meanwhile."""
-        self.preloading = True
-        try:
-            return self._preload_records()
-        finally:
-            self.preloading = False
+        """Fill the record cache from the store now (what `start` does in the background with cfg.preload)."""
+        return self.view.preload_records()
 
-    def _preload_records(self) -> int:
-        with self._store_lock:
-            newest = self.store.locations()
-        by_file: dict[str, list[Location]] = {}
-        for loc in newest.values():
-            by_file.setdefault(loc.file, []).append(loc)
-        added = 0
-        for path in sorted(by_file, reverse=True):  # part-<time_ns>-…: newest first
-            wanted = {loc.row: loc for loc in by_file[path]}
-            for row, p in enumerate(self.store.read_file(path)):
-                if row in wanted and not self.records.put(wanted[row], p, evict=False):
-                    return added
-                added += row in wanted
-        return added
+    @property
+    def preloading(self) -> bool:
+        return self.view.preloading
 
     def profile_info(self, profile_id: str) -> dict[str, Any]:
-        with self._store_lock:
-            try:
-                p = self._record(profile_id)
-            except KeyError:
-                raise ServeError(404, not_found(profile_id)) from None
+        _, p = self.view.record(profile_id)
         problem = self.problem(p)
         return {**summary(p), "servable": problem is None, "problem": problem}
 
     def profile_page(self, offset: int, limit: int) -> dict[str, Any]:
-        with self._store_lock:
-            ids = self.store.ids()
-        page = ids[offset : offset + limit]
-        return {"total": len(ids), "offset": offset, "limit": limit, "profiles": [self.profile_info(i) for i in page]}
+        """A page of the listing; a profile that cannot be read is listed under "unreadable" with the reason."""
+        total, ids = self.view.page(offset, limit)
+        profiles, unreadable = [], []
+        for pid in ids:
+            try:
+                profiles.append(self.profile_info(pid))
+            except ServeError as e:
+                if e.status != 404:  # 404: deleted since the page's ids were taken
+                    unreadable.append({"profile_id": pid, "detail": e.detail})
+        return {"total": total, "offset": offset, "limit": limit, "profiles": profiles, "unreadable": unreadable}
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz reports: "ok" or "degraded" (with the problems), the store, caches, memory, counters."""
+        problems = self.view.problems()
+        return {
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
+            "backbone": self.cfg.backbone,
+            "bank_fingerprint": self.bank.fingerprint if self.bank else None,
+            "cached_profiles": len(self.cache),
+            "cache_size": self.cfg.cache_size,
+            "rss_bytes": rss_bytes(),
+            **self.view.health(),
+            **self.stats,
+        }
 
     # --- rows ---
 
@@ -290,8 +251,27 @@ class ProfileEngine:
         return logits  # type: ignore[return-value]
 
 
-def not_found(profile_id: str) -> str:
-    return f"profile {profile_id!r} is not in the store; GET /v1/profiles lists the stored ones"
+def serving_bank(cfg: ServeConfig, store: ProfileStore) -> AdapterBank | None:
+    """The bank a server for `cfg` serves: `cfg.bank_path`, or the store's (the only one, or the one
+    `cfg.bank_fingerprint` names), verified against its fingerprint: a damaged file is refused, naming it."""
+    if cfg.bank_path:
+        return load_bank(cfg.bank_path)
+    stored = store.bank_fingerprints()
+    wanted = [fp for fp in stored if fp.startswith(cfg.bank_fingerprint or "")]
+    if cfg.bank_fingerprint and len(wanted) != 1:
+        raise ValueError(
+            f"bank_fingerprint {cfg.bank_fingerprint!r} matches {len(wanted)} of the store's banks "
+            f"{[fp[:12] for fp in stored]}; give a longer prefix or bank_path"
+        )
+    if len(wanted) > 1:
+        raise ValueError(
+            f"the store {cfg.store} holds {len(wanted)} banks {[fp[:12] for fp in wanted]}; "
+            "choose one with bank_fingerprint=..."
+        )
+    if not wanted:
+        log.warning("the store %s holds no bank: only head_only and single_adapter profiles can be served", cfg.store)
+        return None
+    return store.load_bank(wanted[0])
 
 
 def predictions(c: CombinedProfile, logits: list[torch.Tensor]) -> list[dict[str, Any]]:

@@ -1,0 +1,410 @@
+"""The profile store at scale: writes from 2 processes, open-to-ready, lookups, staleness, compaction, memory.
+
+    python benchmarks/store_scale.py --profiles 1000000                 # the new store alone (local disk)
+    python benchmarks/store_scale.py --profiles 100000                  # and today's Parquet layout beside it
+    python benchmarks/store_scale.py --profiles 100000 --s3             # on moto_server (S3 API) on 127.0.0.1
+    python benchmarks/store_scale.py --profiles 20000                   # a smoke run
+
+Records are hard mtl profiles with a shared head as the farm writes them (MiniLM, N=100, k=50, b=48: 156 bytes
+of mask bits + the LN affine, 2,460 bytes a record; random content). Phases, each store in turn:
+  build     the store of --profiles profiles. New store: bulk appends (what `xpeft profiles migrate` does);
+            old layout (--compare-old, the default up to 100,000): one Parquet file of 8 per write, as the farm
+            flushes them (FarmConfig.flush_every), via a copy of the old store (benchmarks/old_store.py)
+  write     2 writer processes at once, each --writer-batches writes of 8 (half new ids, half refits of
+            stored ids), through ProfileStore.write; then checks nothing was lost and the newest version won
+  read      a fresh process: open-to-ready (the store opened and its index built), --lookups random stored
+            ids one at a time (decoded Profiles), --unknown ids never stored, its RSS
+  visible   a process polling refresh() every 50 ms; this one refits an id / deletes one, 5 times each: seconds
+            from the write's start until the poller serves the new version / a 404 (a server adds at most its
+            staleness_s on top)
+  compact   `xpeft profiles compact` (new store: rewrite + cleanup; deleted bytes gone), bytes before and after
+The last line, for the new store: `<n> profiles: ready <s> s, lookup p99 <ms> ms, unknown p99 <ms> ms`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from old_store import OldProfileStore  # noqa: E402
+
+from xpeft.config import XPeftConfig  # noqa: E402
+from xpeft.profiles.record import Profile, from_row, to_row  # noqa: E402
+from xpeft.profiles.store import SCHEMA, ProfileStore  # noqa: E402
+
+L, N, K, B, LABELS = 6, 100, 50, 48, 15
+NEW_BASE = 50_000_000  # ids the writers add: u5xxxxxxx
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+def pid(i: int) -> str:
+    return f"u{i:08d}"
+
+
+def _template() -> dict:
+    cfg = XPeftConfig(N=N, k=K, b=B, head="linear", num_labels=LABELS)
+    p = Profile(
+        "x",
+        cfg,
+        {"ln_weight": torch.zeros(L, B), "ln_bias": torch.zeros(L, B)},
+        mask_bits=bytes(2 * ((N + 7) // 8) * L),
+        head_id="mtl-" + "cd" * 8,
+        bank_fingerprint="ab" * 32,
+        label_names=[f"class-{c}" for c in range(LABELS)],
+    )
+    return to_row(p)
+
+
+TEMPLATE = _template()
+
+
+def _fixed_binary(blob: np.ndarray) -> pa.Array:
+    n, w = blob.shape
+    offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * w).tobytes())
+    return pa.Array.from_buffers(pa.binary(), n, [None, offsets, pa.py_buffer(blob.tobytes())])
+
+
+def make_rows(ids: list[str], version: int = 0, seed: int | None = None) -> pa.Table:
+    """Rows of the store's schema for `ids`: random masks and LN, `version` in the metrics."""
+    n, rng = len(ids), np.random.default_rng(seed)
+    masks = rng.integers(0, 256, (n, len(TEMPLATE["mask_bits"])), dtype=np.uint8)
+    blob = np.tile(np.frombuffer(TEMPLATE["tensors"], np.uint8), (n, 1))
+    data = 2 * L * B * 4
+    blob[:, -data:] = rng.standard_normal((n, data // 4), dtype=np.float32).view(np.uint8)
+    metrics = [json.dumps({"accuracy": 0.5, "version": version, "n_test": 30}) for _ in range(n)]
+    now = time.time()
+    cols = {
+        **{k: pa.array([v] * n, SCHEMA.field(k).type) for k, v in TEMPLATE.items()},
+        "profile_id": pa.array(ids, pa.string()),
+        "mask_bits": _fixed_binary(masks),
+        "tensors": _fixed_binary(blob),
+        "metrics": pa.array(metrics),
+        "created": pa.array(np.full(n, now) + np.arange(n) * 1e-6),
+    }
+    return pa.table([cols[name] for name in SCHEMA.names], schema=SCHEMA)
+
+
+def profiles(ids: list[str], version: int) -> list[Profile]:
+    return [from_row(r) for r in make_rows(ids, version).to_pylist()]
+
+
+def open_store(kind: str, uri: str):
+    return ProfileStore(uri) if kind == "new" else OldProfileStore(uri)
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1000, q)) if xs else float("nan")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+# --- phases ---------------------------------------------------------------------------------------------
+
+
+def build(kind: str, uri: str, n: int) -> float:
+    start = time.perf_counter()
+    if kind == "new":
+        batches = (
+            b
+            for s in range(0, n, 20_000)
+            for b in make_rows([pid(i) for i in range(s, min(n, s + 20_000))], seed=s).to_batches()
+        )
+        ProfileStore(uri).table.bulk_load(batches, SCHEMA)
+    else:
+        old = OldProfileStore(uri)
+        for s in range(0, n, 8):
+            old.write(profiles([pid(i) for i in range(s, min(n, s + 8))], 0))
+    return time.perf_counter() - start
+
+
+def _writer(kind: str, uri: str, n: int, w: int, batches: int, q) -> None:
+    store, rng = open_store(kind, uri), random.Random(w)
+    new, refits, seconds = [], {}, []
+    for b in range(batches):
+        ids = [pid(NEW_BASE + w * 1_000_000 + b * 4 + j) for j in range(4)]
+        ids += [pid(rng.randrange(n)) for _ in range(4)]
+        version = w * 100_000 + b
+        batch = profiles(list(dict.fromkeys(ids)), version)
+        start = time.perf_counter()
+        store.write(batch)
+        seconds.append(time.perf_counter() - start)
+        new += ids[:4]
+        refits.update({p.profile_id: (p.created, version) for p in batch[4:]})
+    q.put((new, refits, seconds))
+
+
+def write(kind: str, uri: str, n: int, batches: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(kind, uri, n, w, batches, q)) for w in (1, 2)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    out = [q.get(timeout=7200) for _ in procs]
+    wall = time.perf_counter() - start
+    for p in procs:
+        p.join(60)
+    new = [i for o in out for i in o[0]]
+    newest: dict[str, tuple[float, int]] = {}
+    for _, refits, _ in out:
+        for i, cv in refits.items():
+            newest[i] = max(newest.get(i, cv), cv)
+    store = open_store(kind, uri)
+    lost = [i for i in new if i not in store]
+    sample = random.Random(0).sample(sorted(newest), min(300, len(newest)))
+    stale = [i for i in sample if store.get(i).metrics["version"] != newest[i][1]]
+    seconds = [s for o in out for s in o[2]]
+    written = sum(len(o[0]) + len(o[1]) for o in out)
+    return {
+        "write_pps": written / wall,
+        "batch_p50_ms": pct(seconds, 50),
+        "batch_p99_ms": pct(seconds, 99),
+        "lost": len(lost),
+        "stale": len(stale),
+        "count_ok": len(store) == n + len(new),
+    }
+
+
+def _reader(kind: str, uri: str, n: int, lookups: int, unknown: int, q) -> None:
+    start = time.perf_counter()
+    store = open_store(kind, uri)
+    len(store)  # the index: ready to answer after this
+    ready = time.perf_counter() - start
+    rng, hits, misses = random.Random(1), [], []
+    for _ in range(lookups):
+        i = pid(rng.randrange(n))
+        t = time.perf_counter()
+        assert store.get(i).profile_id == i
+        hits.append(time.perf_counter() - t)
+    for u in range(unknown):
+        t = time.perf_counter()
+        assert f"nobody-{u}" not in store
+        misses.append(time.perf_counter() - t)
+    q.put(
+        {
+            "ready_s": ready,
+            "lookup_p50_ms": pct(hits, 50),
+            "lookup_p99_ms": pct(hits, 99),
+            "unknown_p99_ms": pct(misses, 99),
+            "rss_mb": rss_mb(),
+        }
+    )
+
+
+def _poller(kind: str, uri: str, inbox, outbox) -> None:
+    store = open_store(kind, uri)
+    len(store)
+    outbox.put("ready")
+    while (event := inbox.get()) is not None:
+        what, i, version, t0 = event
+        while True:
+            store.refresh()
+            if (what == "delete" and i not in store) or (
+                what == "upsert" and store.get(i).metrics["version"] == version
+            ):
+                outbox.put(time.time() - t0)
+                break
+            time.sleep(0.05)
+
+
+def visible(kind: str, uri: str, n: int, events: int = 5) -> dict:
+    ctx = mp.get_context("spawn")
+    inbox, outbox = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_poller, args=(kind, uri, inbox, outbox))
+    proc.start()
+    assert outbox.get(timeout=3600) == "ready"
+    store, out = open_store(kind, uri), {"upsert": [], "delete": []}
+    for e in range(events):
+        i = pid(e * 7919 % n)
+        inbox.put(("upsert", i, 900_000 + e, time.time()))
+        store.write(profiles([i], 900_000 + e))
+        out["upsert"].append(outbox.get(timeout=600))
+        if kind == "new":  # the old layout cannot delete
+            i = pid((e * 7919 + 1) % n)
+            inbox.put(("delete", i, None, time.time()))
+            store.delete([i])
+            out["delete"].append(outbox.get(timeout=600))
+    inbox.put(None)
+    proc.join(60)
+    return {
+        "upsert_visible_s": float(np.median(out["upsert"])),
+        "delete_404_s": float(np.median(out["delete"])) if out["delete"] else float("nan"),
+    }
+
+
+def stored_bytes(uri: str, s3) -> int:
+    if uri.startswith("s3://"):
+        keys = s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=uri.split("/", 3)[3].split("?")[0])
+        return sum(o["Size"] for page in keys for o in page.get("Contents", []))
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(uri) for f in fs)
+
+
+def compact(kind: str, uri: str, s3) -> dict:
+    if kind != "new":
+        return {"compact_s": float("nan"), "gb_before": stored_bytes(uri, s3) / 1e9, "gb_after": float("nan")}
+    before = stored_bytes(uri, s3)
+    start = time.perf_counter()
+    ProfileStore(uri).compact()
+    return {
+        "compact_s": time.perf_counter() - start,
+        "gb_before": before / 1e9,
+        "gb_after": stored_bytes(uri, s3) / 1e9,
+    }
+
+
+def in_process(target, *args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    out = q.get(timeout=7200)
+    p.join(60)
+    return out
+
+
+def measure(kind: str, uri: str, args, s3) -> dict:
+    print(f"[{kind}] building {args.profiles} profiles at {uri} ...", flush=True)
+    r = {
+        "store": "Lance table (this code)" if kind == "new" else "Parquet files (old layout)",
+        "build_s": build(kind, uri, args.profiles),
+    }
+    print(f"[{kind}] built in {r['build_s']:.1f} s; 2 writers ...", flush=True)
+    r.update(write(kind, uri, args.profiles, args.writer_batches))
+    print(f"[{kind}] reading ...", flush=True)
+    r.update(in_process(_reader, kind, uri, args.profiles, args.lookups, args.unknown))
+    r.update(visible(kind, uri, args.profiles))
+    print(f"[{kind}] compacting ...", flush=True)
+    r.update(compact(kind, uri, s3))
+    return r
+
+
+# --- S3 on loopback -----------------------------------------------------------------------------------------
+
+
+def start_moto():
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url, timeout=0.5)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.1)
+    os.environ.update(S3_ENV)
+    client = boto3.client("s3", endpoint_url=url, region_name=S3_ENV["AWS_REGION"])
+    client.create_bucket(Bucket="bench")
+    return proc, url, client
+
+
+# --- the table ----------------------------------------------------------------------------------------------
+
+COLUMNS = [
+    ("store", "store", "{}"),
+    ("build_s", "build s", "{:.1f}"),
+    ("write_pps", "2-writer p/s", "{:.0f}"),
+    ("batch_p99_ms", "write p50/p99 ms", None),
+    ("lost", "lost+stale", None),
+    ("ready_s", "ready s", "{:.2f}"),
+    ("lookup_p99_ms", "lookup p50/p99 ms", None),
+    ("unknown_p99_ms", "unknown p99 ms", "{:.3f}"),
+    ("upsert_visible_s", "upsert→visible s", "{:.2f}"),
+    ("delete_404_s", "delete→404 s", "{:.2f}"),
+    ("compact_s", "compact s", "{:.1f}"),
+    ("gb_before", "GB before→after", None),
+    ("rss_mb", "reader RSS MB", "{:.0f}"),
+]
+
+
+def cell(r: dict, key: str, fmt: str | None) -> str:
+    special = {
+        "batch_p99_ms": f"{r['batch_p50_ms']:.0f}/{r['batch_p99_ms']:.0f}",
+        "lost": f"{r['lost']}+{r['stale']}{'' if r['count_ok'] else ' (count off)'}",
+        "lookup_p99_ms": f"{r['lookup_p50_ms']:.2f}/{r['lookup_p99_ms']:.2f}",
+        "gb_before": f"{r['gb_before']:.2f}→{r['gb_after']:.2f}",
+    }
+    return special[key] if fmt is None else ("n/a" if r[key] != r[key] else fmt.format(r[key]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profiles", type=int, default=100_000, help="profiles in the store (default 100,000)")
+    ap.add_argument("--s3", action="store_true", help="on moto_server (an S3 API) on 127.0.0.1 instead of disk")
+    ap.add_argument(
+        "--compare-old",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure today's Parquet layout (default: on up to 100,000 profiles, local disk)",
+    )
+    ap.add_argument("--writer-batches", type=int, default=None, help="writes of 8 per writer (150; 20 on S3)")
+    ap.add_argument("--lookups", type=int, default=None, help="stored-id lookups (3000; 200 on S3)")
+    ap.add_argument("--unknown", type=int, default=1500, help="unknown-id lookups (default 1500)")
+    ap.add_argument("--dir", default=None, help="where the local stores go (default: a temp dir, removed after)")
+    args = ap.parse_args()
+    args.writer_batches = args.writer_batches or (20 if args.s3 else 150)
+    args.lookups = args.lookups or (200 if args.s3 else 3000)
+    compare_old = args.compare_old if args.compare_old is not None else (args.profiles <= 100_000 and not args.s3)
+    if compare_old and args.s3:
+        ap.error("--compare-old runs on local disk only")
+    torch.set_num_threads(1)
+    tmp = tempfile.mkdtemp(prefix="xpeft-scale-", dir=args.dir)
+    moto, s3 = None, None
+    try:
+        if args.s3:
+            moto, url, s3 = start_moto()
+            uris = {"new": f"s3://bench/store?endpoint={url}"}
+        else:
+            uris = {"new": f"{tmp}/new"}
+        if compare_old:
+            uris["old"] = f"{tmp}/old"
+        results = [measure(kind, uri, args, s3) for kind, uri in uris.items()]
+    finally:
+        if moto is not None:
+            moto.terminate()
+        shutil.rmtree(tmp, ignore_errors=True)
+    where = "moto S3 on 127.0.0.1" if args.s3 else "local disk"
+    print(
+        f"\n{args.profiles:,} profiles, {where}, {os.cpu_count()} CPUs; {2 * args.writer_batches} writes of 8 "
+        f"from 2 processes, {args.lookups} lookups, {args.unknown} unknown ids\n"
+    )
+    print("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for r in results:
+        print("| " + " | ".join(cell(r, key, fmt) for key, _, fmt in COLUMNS) + " |")
+    new = results[0]
+    print(
+        f"\n{args.profiles} profiles: ready {new['ready_s']:.2f} s, lookup p99 {new['lookup_p99_ms']:.2f} ms, "
+        f"unknown p99 {new['unknown_p99_ms']:.3f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

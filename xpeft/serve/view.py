@@ -1,0 +1,185 @@
+"""A replica's view of the profile store: the store (its id index built at open: no profile is read), the
+byte-bounded record cache, a refresher that keeps the view at most `staleness_s` behind the store's latest
+version, the optional background preload, shared heads, and the store's part of the replica's health. Torch
+only, like the engine it serves.
+
+Every lookup goes through the index of the version the view holds: an unknown id is a 404 without any I/O, a
+refit profile has a new location (so no cache serves its old version), a deleted one is gone. A profile in a
+damaged part is a 503 naming the part; every other profile is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from xpeft.profiles.record import Profile
+from xpeft.profiles.store import DamagedPartError, Location, ProfileStore
+from xpeft.serve.cache import RecordCache
+from xpeft.serve.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """A refusal with its HTTP status; the message is for the user."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def not_found(profile_id: str) -> str:
+    return f"profile {profile_id!r} is not in the store; GET /v1/profiles lists the stored ones"
+
+
+def damaged(e: DamagedPartError) -> ServeError:
+    """A profile whose stored part cannot be read: the server's problem, not the request's."""
+    return ServeError(503, str(e))
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+    except OSError:
+        return 0
+
+
+class StoreView:
+    """The store as one replica sees it (see the module's docstring)."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.store = ProfileStore(cfg.store)
+        self.profiles_at_start = len(self.store)  # builds the id index: the replica is ready after this
+        self.records = RecordCache(int(cfg.record_cache_mb * 2**20))
+        self.preloading = False
+        self.store_reads = 0
+        self.refreshed = time.monotonic()
+        self.refresh_error: str | None = None
+        self._heads: dict[str, dict[str, torch.Tensor]] = {}  # shared heads (mtl): few, kept for good
+        self._heads_lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # --- lookups ---
+
+    def locate(self, profile_id: str) -> Location:
+        """The location of the served version; ServeError 404 (not stored) or 503 (in a damaged part)."""
+        try:
+            return self.store.locate(profile_id)
+        except KeyError:
+            raise ServeError(404, not_found(profile_id)) from None
+        except DamagedPartError as e:
+            raise damaged(e) from None
+
+    def record(self, profile_id: str) -> tuple[Location, Profile]:
+        """The served version of a profile and where it is stored, from memory when it is there."""
+        for _ in range(3):  # the version can move between locate and read (a refresh): locate it again
+            loc = self.locate(profile_id)
+            p = self.records.get(loc, profile_id)
+            if p is not None:
+                return loc, p
+            try:
+                p = self.store.read(profile_id, loc)
+            except KeyError:
+                continue
+            except DamagedPartError as e:
+                raise damaged(e) from None
+            self.store_reads += 1
+            self.records.put(loc, p)
+            return loc, p
+        raise ServeError(404, not_found(profile_id))
+
+    def shared_head(self, head_id: str) -> dict[str, torch.Tensor]:
+        with self._heads_lock:
+            if head_id not in self._heads:
+                self._heads[head_id] = self.store.load_head(head_id)
+            return self._heads[head_id]
+
+    def page(self, offset: int, limit: int) -> tuple[int, list[str]]:
+        return len(self.store), self.store.ids(offset, limit)
+
+    # --- keeping up with the store ---
+
+    def refresh(self) -> bool:
+        """Move to the store's latest version now; True when it moved."""
+        try:
+            moved = self.store.refresh()
+        except Exception as e:  # a store that cannot be reached is reported by health(), not raised per request
+            self.refresh_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else repr(e)
+            log.warning("refreshing the store %s failed: %s", self.cfg.store, self.refresh_error)
+            return False
+        self.refreshed, self.refresh_error = time.monotonic(), None
+        return moved
+
+    def start(self) -> None:
+        """The refresher thread, and the preload thread when `cfg.preload` (and there is a record cache)."""
+        threading.Thread(target=self._refresh_loop, name="xpeft-store-refresh", daemon=True).start()
+        if self.cfg.preload and self.cfg.record_cache_mb > 0:
+            self.preloading = True
+            threading.Thread(target=self._preload_in_background, name="xpeft-preload", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.cfg.staleness_s):
+            self.refresh()
+
+    def _preload_in_background(self) -> None:
+        start = time.perf_counter()
+        try:
+            n = self.preload_records()
+        except Exception:
+            log.exception("preloading profile records failed; the store is read on each miss instead")
+            return
+        log.info("%d profile records preloaded in %.1f s", n, time.perf_counter() - start)
+
+    def preload_records(self) -> int:
+        """Fill the record cache from the store, newest parts first, until it is full; returns how many records
+        it added. Damaged parts are skipped (health() reports them)."""
+        self.preloading = True
+        added = 0
+        try:
+            for loc, p in self.store.profiles(newest_first=True, errors=[]):
+                if self._stop.is_set() or not self.records.put(loc, p, evict=False):
+                    break
+                added += 1
+        finally:
+            self.preloading = False
+        return added
+
+    # --- health ---
+
+    def problems(self) -> list[str]:
+        """Why the replica is degraded (empty: it is not)."""
+        out = [
+            f"part {part} of the profile table ({', '.join(d['files'])}) cannot be read: {d['error']}; "
+            f"{d['profiles']} profile(s) in it are refused (503)"
+            for part, d in sorted(self.store.damaged().items())
+        ]
+        age = time.monotonic() - self.refreshed
+        if self.refresh_error is not None or age > 3 * self.cfg.staleness_s + 5:
+            out.append(f"the store was last refreshed {age:.0f} s ago: {self.refresh_error or 'the refresher stalled'}")
+        return out
+
+    def health(self) -> dict[str, Any]:
+        stats = self.store.stats()
+        return {
+            "store_profiles": stats["profiles"],
+            "store_version": stats["version"],
+            "store_parts": stats["parts"],
+            "store_age_s": round(time.monotonic() - self.refreshed, 3),
+            "index_bytes": stats["index_bytes"],
+            "store_reads": self.store_reads,
+            "records_in_memory": len(self.records),
+            "record_bytes_in_memory": self.records.nbytes,
+            "preloading": self.preloading,
+        }
