@@ -133,7 +133,7 @@ class Health(BaseModel):
     max_profiles_in_batch: int = Field(description="most distinct profiles seen in one forward")
     forward_seconds: float = Field(description="time spent in encoder forwards")
     forward: str = Field(description="the encoder forward: 'ort' (ONNX Runtime) or 'eager' (torch)")
-    forward_by_rows: dict[str, tuple[int, float]] = Field(
+    forward_by_rows: dict[str, list[float]] = Field(
         description="rows of a forward -> [forwards of that size, seconds they took]"
     )
     profiles_loaded: int = Field(description="profiles read from the store and combined (cache misses)")
