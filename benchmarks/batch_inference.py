@@ -75,6 +75,10 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads per actor and for the bare forward (default: 1)"
     )
+    ap.add_argument(
+        "--cpus-per-actor", type=float, default=None,
+        help="CPUs each actor reserves (default: --threads); the pool must leave Ray Data one CPU",
+    )  # fmt: skip
     ap.add_argument("--batch-size", type=int, default=256, help="rows per Ray Data batch (default: 256)")
     ap.add_argument("--max-batch-size", type=int, default=32, help="rows per forward (default: 32)")
     args = ap.parse_args()
@@ -98,7 +102,8 @@ def main() -> None:
     del engine
     init_ray(num_cpus=os.cpu_count(), log_to_driver=False)
     cfg = BatchConfig(
-        data=data, out=os.path.join(tmp.name, "scored"), num_actors=args.num_actors, cpus_per_actor=args.threads,
+        data=data, out=os.path.join(tmp.name, "scored"), num_actors=args.num_actors,
+        cpus_per_actor=args.cpus_per_actor or args.threads,
         batch_size=args.batch_size, progress=False, serve=serve,
     )  # fmt: skip
     start = time.perf_counter()

@@ -375,6 +375,8 @@ def main() -> None:
     if compare_old and args.s3:
         ap.error("--compare-old runs on local disk only")
     torch.set_num_threads(1)
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="xpeft-scale-", dir=args.dir)
     moto, s3 = None, None
     try:

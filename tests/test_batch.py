@@ -19,7 +19,7 @@ from xpeft.core.model import XPeftModel
 from xpeft.fit.loop import Collator, tokenize
 from xpeft.profiles.record import apply_profile
 from xpeft.profiles.store import ProfileStore
-from xpeft.serve.batch import OUTPUT, BatchConfig, check_columns, score_table
+from xpeft.serve.batch import OUTPUT, BatchConfig, check_columns, check_pool, score_table
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine
 
@@ -120,6 +120,15 @@ def test_a_table_without_text_or_profile_id_or_with_an_output_column_is_refused(
         check_columns(["id", "text"])
     with pytest.raises(ValueError, match=r"already has columns \['label'\]"):
         check_columns(["text", "profile_id", "label"])
+
+
+def test_a_pool_that_would_leave_ray_data_no_cpu_is_refused_with_the_fix(tmp_path):
+    """2 actors x 1 CPU on 2 cores never read a row (the read task waited for a CPU forever): refused up front."""
+    serve = ServeConfig(store=str(tmp_path))
+    with pytest.raises(ValueError, match=r"2 actors x 1 CPUs reserve 2 of the cluster's 2 CPUs.*--cpus-per-actor 0\.5"):
+        check_pool(BatchConfig(data="t.parquet", out="o", num_actors=2, serve=serve), 2.0)
+    check_pool(BatchConfig(data="t.parquet", out="o", num_actors=2, cpus_per_actor=0.5, serve=serve), 2.0)
+    check_pool(BatchConfig(data="t.parquet", out="o", num_actors=1, serve=serve), 2.0)
 
 
 @pytest.mark.ray

@@ -318,9 +318,10 @@ def run_batch(cfg) -> dict:
     import ray
     from ray.data import ActorPoolStrategy, DataContext, SaveMode
 
-    from xpeft.serve.batch import BatchScorer, check_columns
+    from xpeft.serve.batch import BatchScorer, check_columns, check_pool
 
     DataContext.get_current().enable_progress_bars = cfg.progress
+    check_pool(cfg, ray.cluster_resources().get("CPU", 0.0))
     try:
         ds = ray.data.read_parquet(cfg.data)
     except FileNotFoundError:

@@ -62,6 +62,20 @@ class BatchConfig:
             raise ValueError("BatchConfig needs serve=ServeConfig(store=...): the engine each actor holds")
 
 
+def check_pool(cfg: BatchConfig, cluster_cpus: float) -> None:
+    """The actor pool leaves Ray Data a CPU for its read and write tasks: a pool that reserves every CPU of the
+    cluster waits for them forever (seen: `--num-actors 2` on 2 cores never read a row)."""
+    need = cfg.num_actors * cfg.cpus_per_actor
+    if need > cluster_cpus - 1:
+        fit = max(cluster_cpus - 1, 0) / cfg.num_actors
+        raise ValueError(
+            f"{cfg.num_actors} actors x {cfg.cpus_per_actor:g} CPUs reserve {need:g} of the cluster's "
+            f"{cluster_cpus:g} CPUs, leaving none of the one Ray Data's read and write tasks need, so the job would "
+            f"wait forever: use fewer --num-actors, or --cpus-per-actor {fit:.2g} or less (the actors still use "
+            "--torch-threads each)"
+        )
+
+
 def check_columns(names: list[str]) -> None:
     """The table has text and profile_id, and no column the output would overwrite; the error names the fix."""
     missing = [c for c in REQUIRED if c not in names]
