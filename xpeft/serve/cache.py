@@ -6,28 +6,42 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Any
 
 from xpeft.core.multiprofile import CombinedProfile
 from xpeft.profiles.record import Profile
 from xpeft.profiles.store import Location
 
 
-class ProfileCache:
-    """A thread-safe LRU of combined profiles, bounded by count, each kept with its stored version's location."""
+class _LocatedLRU:
+    """A thread-safe LRU by profile id whose entries answer only for the location they were kept with."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[str, tuple[Location, CombinedProfile]] = OrderedDict()
+    def __init__(self):
+        self._items: OrderedDict[str, tuple[Location, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, loc: Location, profile_id: str) -> CombinedProfile | None:
-        """The combined profile of the version at `loc`; None when not cached or cached for another version."""
+    def get(self, loc: Location, profile_id: str):
+        """The entry of the version at `loc`; None when not cached or cached for another version."""
         with self._lock:
             item = self._items.get(profile_id)
             if item is None or item[0] != loc:
                 return None
             self._items.move_to_end(profile_id)
             return item[1]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class ProfileCache(_LocatedLRU):
+    """Combined profiles, bounded by count, each kept with its stored version's location."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get(self, loc: Location, profile_id: str) -> CombinedProfile | None:
+        return super().get(loc, profile_id)
 
     def put(self, loc: Location, item: CombinedProfile) -> None:
         with self._lock:
@@ -36,28 +50,19 @@ class ProfileCache:
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
 
-    def __len__(self) -> int:
-        return len(self._items)
 
-
-class RecordCache:
-    """A thread-safe LRU of stored profile records (what `ProfileStore.read` returns), bounded by their
+class RecordCache(_LocatedLRU):
+    """Stored profile records (what `ProfileStore.read` returns), bounded by their
     `record_bytes`, each kept with the location it was read from: a profile rewritten in the store has a new
     location, so its old record is never served for it."""
 
     def __init__(self, max_bytes: int):
+        super().__init__()
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self._items: OrderedDict[str, tuple[Location, Profile]] = OrderedDict()
-        self._lock = threading.Lock()
 
     def get(self, loc: Location, profile_id: str) -> Profile | None:
-        with self._lock:
-            item = self._items.get(profile_id)
-            if item is None or item[0] != loc:
-                return None
-            self._items.move_to_end(profile_id)
-            return item[1]
+        return super().get(loc, profile_id)
 
     def put(self, loc: Location, profile: Profile, evict: bool = True) -> bool:
         """Keep `profile`, evicting the least recently used records if needed (with evict=False: only if it
@@ -77,6 +82,3 @@ class RecordCache:
             self._items[profile.profile_id] = (loc, profile)
             self.nbytes += size
             return True
-
-    def __len__(self) -> int:
-        return len(self._items)
