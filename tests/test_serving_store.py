@@ -128,3 +128,21 @@ def test_a_damaged_bank_is_refused_naming_the_file_by_the_server_the_cli_and_the
     farm = Farm(FarmConfig(store=str(tmp_path), setting="mtl"), [])
     with pytest.raises(ValueError, match=rf"{path} is corrupt"):
         farm.mtl_bank([], XPeftConfig())
+
+
+def test_a_server_keeps_one_refresher_and_one_preload_however_often_its_engine_is_started(tmp_path, backbone):
+    """A replica (LocalServer, which the Serve deployment extends) starts its engine once: a second start()
+    adds no second refresher or preload thread reading the store."""
+    import threading
+
+    from xpeft.serve.local import LocalServer
+
+    store = ProfileStore(tmp_path)
+    store.save_bank(BANK)
+
+    before = set(threading.enumerate())
+    server = LocalServer(ServeConfig(store=str(tmp_path), backbone=backbone, torch_threads=1, preload=True))
+    server.engine.start()
+    started = sorted(t.name for t in set(threading.enumerate()) - before if t.name.startswith("xpeft-"))
+    server.engine.close()
+    assert started in (["xpeft-preload", "xpeft-store-refresh"], ["xpeft-store-refresh"]), started

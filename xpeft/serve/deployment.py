@@ -86,8 +86,7 @@ class ProfileServer(LocalServer):
     def __init__(self, cfg: ServeConfig):
         # The event loops' Python then yields the GIL to a forward waiting for it within ~1 ms, not 5.
         sys.setswitchinterval(cfg.switch_interval_s)
-        super().__init__(cfg)
-        self.engine.start()  # keeps up with the store (cfg.staleness_s) and, with cfg.preload, fills the record cache
+        super().__init__(cfg)  # its engine started: it keeps up with the store and, with cfg.preload, preloads
         self._combine_work = Coalescer(self.engine.load_profiles, cfg.max_batch_size, cfg.batch_wait_timeout_s)
         self._forward_work = Coalescer(self.engine.forward, cfg.max_batch_size, cfg.batch_wait_timeout_s)
 

@@ -67,6 +67,7 @@ class StoreView:
         self._heads: dict[str, dict[str, torch.Tensor]] = {}  # shared heads (mtl): few, kept for good
         self._heads_lock = threading.Lock()
         self._stop = threading.Event()
+        self._started = False  # start() runs its threads once per view
 
     # --- lookups ---
 
@@ -120,7 +121,11 @@ class StoreView:
         return moved
 
     def start(self) -> None:
-        """The refresher thread, and the preload thread when `cfg.preload` (and there is a record cache)."""
+        """The refresher thread, and the preload thread when `cfg.preload` (and there is a record cache); once
+        per view, however often it is called."""
+        if self._started:
+            return
+        self._started = True
         threading.Thread(target=self._refresh_loop, name="xpeft-store-refresh", daemon=True).start()
         if self.cfg.preload and self.cfg.record_cache_mb > 0:
             self.preloading = True
