@@ -5,6 +5,7 @@ written so that one process runs it too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from xpeft.config import TrainConfig, XPeftConfig, option
 from xpeft.core.bank import load_bank, random_bank_for
@@ -125,10 +127,14 @@ def load_profile_data(source: str, profile_id: str, tokenizer, xcfg: XPeftConfig
     return data, xcfg, labels.label_names
 
 
-def build_fit_model(cfg: FitConfig) -> XPeftModel:
+def build_fit_model(cfg: FitConfig, encoder: nn.Module | None = None) -> XPeftModel:
     """The model of a fit: its encoder, its bank (loaded and verified, or drawn from bank_seed) and its
-    initial tensors from the fit's seed."""
-    encoder = load_encoder(cfg.backbone)
+    initial tensors from the fit's seed.
+
+    `encoder`: a backbone already loaded (instead of loading `cfg.backbone`), so that a harness running many
+    fits loads it once. The model gets a copy: the adapters wrap the encoder's linears in place, and the
+    loaded one must stay as it was for the next fit."""
+    encoder = load_encoder(cfg.backbone) if encoder is None else copy.deepcopy(encoder)
     bank = None
     if cfg.xpeft.mode == "x_peft":
         bank = (
@@ -159,12 +165,16 @@ def fit_task(
     checkpoint_dir: str | None = None,
     report: Report | None = None,
     on_epoch_start: Callable[[int, int], None] | None = None,
+    *,
+    encoder: nn.Module | None = None,
 ) -> tuple[XPeftModel, FitResult]:
     """Build the model of `cfg` and fit it on `data` (resuming from `checkpoint_dir` if given), scoring the
     task's official metric after every epoch (rank 0) and calling `report(metrics, ...)` on every rank
-    after each epoch: Ray Train and Tune report and checkpoint there. Returns the model and the fit."""
+    after each epoch: Ray Train and Tune report and checkpoint there. Returns the model and the fit.
+
+    `encoder`: an already loaded backbone to fit on (copied, see `build_fit_model`) instead of `cfg.backbone`."""
     session = session or Session()
-    model = build_fit_model(cfg)
+    model = build_fit_model(cfg, encoder)
     if checkpoint_dir is not None:
         resume = resume_from(checkpoint_dir, model)
         log.info(
