@@ -104,7 +104,11 @@ def estimate_news(cfg: HarnessConfig) -> list[tuple[float, float, float, float]]
 
 
 def print_plan(stage: str, cfg: HarnessConfig) -> None:
-    parts = estimate_news(cfg) if stage == "news" else estimate_glue(PLANS[stage](cfg), cfg)
+    try:
+        parts = estimate_news(cfg) if stage == "news" else estimate_glue(PLANS[stage](cfg), cfg)
+    except FileNotFoundError as e:
+        print(f"{stage:7s} cannot be sized: {e}")
+        return
     rows, scored = sum(p[0] for p in parts), sum(p[1] for p in parts)
     fast, slow = sum(p[2] for p in parts), sum(p[3] for p in parts)
     what = f"{len(parts)} fits" if stage == "news" else f"{len(parts)} runs"

@@ -11,7 +11,8 @@ from collections import defaultdict
 
 import numpy as np
 from fidelity_news import NEWS, ROWS, chosen
-from fidelity_runs import GLUE5, Run, load_lines
+from fidelity_pool import load_lines
+from fidelity_runs import GLUE5, Run
 
 # Table 2 of the paper (bert-base-uncased): the rows the grid runs.
 PAPER = {
@@ -349,6 +350,11 @@ def failures(failed: dict[str, list[dict]]) -> list[str]:
 # --- figures -------------------------------------------------------------------------------------------------
 
 
+def along(ax, curve: list[float], style: str, label: str) -> None:
+    """A loss curve (means of consecutive steps) against the share of its fit done."""
+    ax.plot(np.linspace(0, 100, len(curve)), curve, style, label=label)
+
+
 def figures(out_dir: str, grid: list[dict], study: list[dict], parity: list[dict]) -> list[str]:
     """Figure 5 (SST-2 training loss: N and soft / hard from the grid; one mask against two from the study) and
     Figure 7 (seeds, from parity's soft runs), each drawn when its runs are there."""
@@ -364,15 +370,14 @@ def figures(out_dir: str, grid: list[dict], study: list[dict], parity: list[dict
     if fig5 or ab:
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
         for r in sorted(fig5, key=lambda r: run_of(r).row):
-            a.plot(
-                r["curve"], "--" if run_of(r).mask_type == "hard" else "-", label=f"{run_of(r).row}: {r['score']:.3f}"
-            )
+            along(a, r["curve"], "--" if run_of(r).mask_type == "hard" else "-", f"{run_of(r).row}: {r['score']:.3f}")
         a.set(title="(a) full SST-2: N, soft vs hard", xlabel="% of the fit", ylabel="training loss")
         for label, r in ab.items():
-            b.plot(r["curve"], label=f"{label}: {r['score']:.3f}")
+            along(b, r["curve"], "-", f"{label}: {r['score']:.3f}")
         b.set(title="(b) SST-2 study, N=100 soft: two masks vs one", xlabel="% of the fit")
         for ax in (a, b):
-            ax.legend() if ax.lines else None
+            if ax.lines:
+                ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "figure5.png"), dpi=110)
         plt.close(fig)
@@ -382,7 +387,7 @@ def figures(out_dir: str, grid: list[dict], study: list[dict], parity: list[dict
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in sorted(seeds, key=lambda r: (run_of(r).name, run_of(r).seed)):
             style = "--" if run_of(r).name == "old loop" else "-"
-            ax.plot(r["curve"], style, label=f"{run_of(r).name}, seed {run_of(r).seed}: {r['score']:.4f}")
+            along(ax, r["curve"], style, f"{run_of(r).name}, seed {run_of(r).seed}: {r['score']:.4f}")
         ax.set(title="Figure 7: SST-2 16k, N=100 soft, seeds", xlabel="% of the fit", ylabel="training loss")
         ax.legend()
         fig.tight_layout()

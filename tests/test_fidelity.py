@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import fidelity  # noqa: E402
 import fidelity_news  # noqa: E402
+import fidelity_pool  # noqa: E402
 import fidelity_report  # noqa: E402
 import fidelity_runs  # noqa: E402
 from fidelity_runs import HarnessConfig, Run  # noqa: E402
@@ -94,7 +95,7 @@ def test_a_rerun_fits_nothing_and_a_lost_line_is_fitted_again(smoke_out, tmp_pat
 
 
 def lines_of_tolerant(path) -> list[dict]:
-    return fidelity_runs.load_lines(str(path))
+    return fidelity_pool.load_lines(str(path))
 
 
 def test_a_run_that_crashes_is_recorded_with_its_error_and_the_stage_goes_on(tmp_path):
@@ -233,7 +234,7 @@ def test_on_ray_a_worker_that_dies_fails_its_run_alone_and_is_replaced(local_ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     got = []
-    fidelity_runs.on_ray(HarnessConfig(workers=2), Dying, (), ["a", "die", "b", "c"], got.append)
+    fidelity_pool.on_ray(HarnessConfig(workers=2), Dying, (), ["a", "die", "b", "c"], got.append)
     assert sorted(r["item"] for r in got if "failed" not in r) == ["a", "b", "c"]
     assert [r["item"] for r in got if "the worker died" in r.get("failed", "")] == ["die"]
     cfg = HarnessConfig(out=str(tmp_path), workers=2, **SMOKE)
