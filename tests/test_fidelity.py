@@ -22,7 +22,13 @@ import fidelity_report  # noqa: E402
 import fidelity_runs  # noqa: E402
 from fidelity_runs import HarnessConfig, Run  # noqa: E402
 
+from xpeft.config import TrainConfig  # noqa: E402
+
 SMOKE = {"backbone": "tiny", "threads": 1, "smoke": True}
+# Parity's old loop sets TrainConfig.packing and .bf16, which the fast fit loop adds (another branch): until it
+# has landed these tests must fail (strict), and after they must pass.
+FAST_LOOP = {"packing", "bf16"} <= {f.name for f in dataclasses.fields(TrainConfig)}
+needs_fast_loop = pytest.mark.xfail(not FAST_LOOP, reason="TrainConfig has no packing / bf16 yet", strict=True)
 
 
 def lines_of(path) -> list[dict]:
@@ -38,7 +44,7 @@ def smoke_out(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("stage", ["parity", "study", "grid"])
+@pytest.mark.parametrize("stage", [pytest.param("parity", marks=needs_fast_loop), "study", "grid"])
 def test_each_glue_stage_finishes_one_line_per_planned_run_with_its_score_speed_and_settings(smoke_out, stage):
     cfg = HarnessConfig(out=str(smoke_out), **SMOKE)
     lines = lines_of(smoke_out / f"{stage}.jsonl")
@@ -51,6 +57,7 @@ def test_each_glue_stage_finishes_one_line_per_planned_run_with_its_score_speed_
         assert ("masks" in r) == (r["run"]["mode"] == "x_peft")
 
 
+@needs_fast_loop
 def test_parity_runs_each_mode_and_seed_in_the_old_and_the_new_loop(smoke_out):
     lines = lines_of(smoke_out / "parity.jsonl")
     got = {(r["run"]["mode"], r["run"]["mask_type"], r["run"]["seed"], r["run"]["name"]) for r in lines}
@@ -110,15 +117,23 @@ def test_a_run_that_crashes_is_recorded_with_its_error_and_the_stage_goes_on(tmp
     assert "## Failed runs" in (Path(fidelity_report.report(str(tmp_path)))).read_text()
 
 
-def test_every_planned_run_resolves_to_configs_that_can_be_built():
+@pytest.mark.parametrize("stage", [pytest.param("parity", marks=needs_fast_loop), "study", "grid"])
+def test_every_planned_run_resolves_to_configs_that_can_be_built(stage):
     cfg = HarnessConfig()
-    for stage, plan in fidelity_runs.PLANS.items():
-        for run in plan(cfg):
-            xcfg, tcfg = fidelity_runs.resolve(run, cfg, {})
-            assert tcfg.seed == run.seed and (xcfg.N == run.N or run.mode != "x_peft"), (stage, run)
-    assert len(fidelity_runs.plan_grid(cfg)) == 4 * 5 + 2 + 2 * 2 * 4  # 3 seeds on rte and mrpc
+    for run in fidelity_runs.PLANS[stage](cfg):
+        xcfg, tcfg = fidelity_runs.resolve(run, cfg, {})
+        assert tcfg.seed == run.seed and (xcfg.N == run.N or run.mode != "x_peft"), run
+
+
+def test_the_grid_and_news_plans_are_the_issues():
+    cfg = HarnessConfig()
+    grid = fidelity_runs.plan_grid(cfg)
+    assert len(grid) == 4 * 5 + 2 + 2 * 2 * 4  # 3 seeds on rte and mrpc, N = 400 on sst2
+    assert all(dict(r.xpeft)["k"] == 50 for r in grid if r.mask_type == "hard")
+    assert {(r.task, r.seed) for r in grid if r.mode == "head_only"} >= {("rte", 2), ("mrpc", 2), ("sst2", 0)}
     for row, variant in fidelity_news.VARIANTS:
         fidelity_news.recipe(row, variant, {})
+    assert set(fidelity_news.ROWS) == {row for row, _ in fidelity_news.VARIANTS}
 
 
 def test_plan_prints_each_stages_size_and_time(capsys):
