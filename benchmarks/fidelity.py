@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the companions
 
 from fidelity_news import NEWS, ROWS, news_data, run_news  # noqa: E402
 from fidelity_report import report  # noqa: E402
-from fidelity_runs import PLANS, SMOKE_TRAIN, HarnessConfig, Run, run_stage  # noqa: E402
+from fidelity_runs import GLUE5, PLANS, SMOKE_TRAIN, HarnessConfig, Run, run_stage  # noqa: E402
 
 from xpeft.config import TrainConfig  # noqa: E402
 from xpeft.fit.recipes import FARM_TRAIN, TASK_TRAIN  # noqa: E402
@@ -84,38 +84,42 @@ def estimate_glue(runs: list[Run], cfg: HarnessConfig) -> list[tuple[float, floa
     return out
 
 
-def estimate_news(cfg: HarnessConfig) -> list[tuple[float, float, float, float]]:
-    """The news stage's fits: every validation variant on the carved parts, the banks twice, the chosen rows."""
-    warm, rest, everyone, _ = news_data(cfg)
-    size = {"warm": sum(len(d.train) for d in warm), "rest": sum(len(d.train) for d in rest)}
-    size["all"] = size["warm"] + size["rest"]
-    scored = sum(len(d.test) for d in rest)
-    fits = []
-    for phase, share in (("validation", 0.75), ("holdout", 1.0)):
-        fits.append((2 * size["warm"] * share * FARM_TRAIN.epochs, 0))  # the sa and mtl warm starts
-        rows = [(row, v, t) for row, v, _, t in NEWS] if phase == "validation" else [(row, "", {}) for row in ROWS]
-        for row, _, t in rows:
-            epochs = t.get("epochs", FARM_TRAIN.epochs)
-            fits.append((size["all" if row == "global" else "rest"] * share * epochs, scored * (1 - share + 0.25)))
-    overhead = 1.0 * len(rest) * (len(NEWS) + len(ROWS))  # ~1 s a profile fit to build and score its model
-    return [
-        (n, s, *[(seconds(n, s, TOKENS["news"], r) + overhead / len(fits)) / 3600 for r in NEW_RATES]) for n, s in fits
-    ]
+def estimate_news(cfg: HarnessConfig) -> tuple[list[tuple[float, float, float, float]], int]:
+    """The news stage's parts (the sa and mtl warm starts, then each variant on validation, each row on the
+    holdouts) as (rows trained, rows scored, hours fast, hours slow), and its number of fits (~1 s each besides
+    its rows: building and scoring a small model)."""
+    warm, rest, _, _ = news_data(cfg)
+    rows = {"warm": sum(len(d.train) for d in warm), "rest": sum(len(d.train) for d in rest)}
+    rows["global"] = rows["warm"] + rows["rest"]
+    parts, fits = [], 0
+    for share, scored, todo in (
+        (0.75, 0.25 * rows["rest"], [(row, t) for row, _, _, t in NEWS]),  # validation: carved parts
+        (1.0, sum(len(d.test) for d in rest), [(row, {}) for row in ROWS]),  # holdouts, the chosen recipes
+    ):
+        parts.append((2 * rows["warm"] * share * FARM_TRAIN.epochs, 0))  # the sa and mtl warm starts
+        fits += len(warm) + 1
+        for row, t in todo:
+            parts.append(
+                (rows["global" if row == "global" else "rest"] * share * t.get("epochs", FARM_TRAIN.epochs), scored)
+            )
+            fits += 1 if row == "global" else len(rest)
+    hours = [[(seconds(n, s, TOKENS["news"], r) + fits / len(parts)) / 3600 for r in NEW_RATES] for n, s in parts]
+    return [(n, s, *h) for (n, s), h in zip(parts, hours, strict=True)], fits
 
 
 def print_plan(stage: str, cfg: HarnessConfig) -> None:
     try:
-        parts = estimate_news(cfg) if stage == "news" else estimate_glue(PLANS[stage](cfg), cfg)
+        parts, fits = estimate_news(cfg) if stage == "news" else (estimate_glue(PLANS[stage](cfg), cfg), 0)
     except FileNotFoundError as e:
         print(f"{stage:7s} cannot be sized: {e}")
         return
     rows, scored = sum(p[0] for p in parts), sum(p[1] for p in parts)
     fast, slow = sum(p[2] for p in parts), sum(p[3] for p in parts)
-    what = f"{len(parts)} fits" if stage == "news" else f"{len(parts)} runs"
+    what = f"{fits} fits" if stage == "news" else f"{len(parts)} runs"
     print(
         f"{stage:7s} {what:>9s}  {rows / 1e6:6.2f} M rows trained  {scored / 1e3:7.1f} k rows scored  "
-        f"~{fast:.1f}-{slow:.1f} CPU h (new loop {NEW_RATES[0]:.0f}-{NEW_RATES[1]:.0f}, old loop {OLD_RATE:.0f} "
-        "rows/s on SST-2 rows, scaled by tokens a row)"
+        f"~{fast:.1f}-{slow:.1f} h (one run at a time, 2 torch threads: the new loop at {NEW_RATES[0]:.0f}-"
+        f"{NEW_RATES[1]:.0f}, the old at {OLD_RATE:.0f} SST-2 rows/s, scaled by tokens a row)"
     )
     if stage != "news":
         for run in PLANS[stage](cfg):
@@ -140,6 +144,8 @@ def parse(argv: list[str] | None) -> tuple[str, HarnessConfig, dict]:
     )
     args = ap.parse_args(argv)
     cfg = from_flags(args, HarnessConfig)
+    if set(cfg.tasks or ()) - set(GLUE5):
+        ap.error(f"--tasks: the grid's tasks are {', '.join(GLUE5)}; got {', '.join(cfg.tasks)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, backbone="tiny", threads=1)

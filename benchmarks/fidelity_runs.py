@@ -215,8 +215,8 @@ FILLER = "the a movie film story plot actor and of it was".split()
 
 
 def synthetic_rows(task: str, n: int, seed: int) -> list[dict]:
-    """Rows of `task`'s shape (text pairs, classes, or a 0–5 score) whose label the words give away: enough for
-    a smoke run to learn something in a few steps, with no data files."""
+    """Rows of `task`'s shape (text pairs, classes, or a 0–5 score) whose label the words give away, for smoke
+    runs without data files."""
     from xpeft.data.tasks import get_task
 
     spec = get_task(task)
