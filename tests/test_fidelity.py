@@ -254,6 +254,6 @@ def test_on_ray_a_worker_that_dies_fails_its_run_alone_and_is_replaced(local_ray
     assert [r["item"] for r in got if "the worker died" in r.get("failed", "")] == ["die"]
     cfg = HarnessConfig(out=str(tmp_path), workers=2, **SMOKE)
     path = fidelity_runs.run_stage(
-        "grid", cfg, fidelity_runs.SMOKE_TRAIN, fidelity_runs.plan_grid(dataclasses.replace(cfg, tasks=["cola"]))
+        "grid", cfg, fidelity_runs.SMOKE_TRAIN, fidelity_runs.plan_grid(dataclasses.replace(cfg, tasks=["cola"]))[:2]
     )
-    assert len([r for r in lines_of(path) if "score" in r]) == 4
+    assert len([r for r in lines_of(path) if "score" in r]) == 2
