@@ -113,12 +113,22 @@ class Unreadable(BaseModel):
     detail: str = Field(description="why it cannot be read: the damaged part of the store, its file")
 
 
+class UnreadablePart(BaseModel):
+    part: int = Field(description="the part of the store's profile table")
+    files: list[str] = Field(description="its data files")
+    profiles: int = Field(description="profiles stored in it, whose ids cannot be read")
+    detail: str = Field(description="why it cannot be read")
+
+
 class ProfilePage(BaseModel):
-    total: int
+    total: int = Field(description="profiles the pages list (under profiles or unreadable), all pages together")
     offset: int
     limit: int
     profiles: list[ProfileInfo]
     unreadable: list[Unreadable] = Field([], description="profiles of the page in damaged parts of the store")
+    unreadable_parts: list[UnreadablePart] = Field(
+        [], description="damaged parts whose profiles' ids cannot be read, so no page lists them (not in total)"
+    )
 
 
 class Health(BaseModel):
