@@ -50,14 +50,18 @@ class ProfileEngine:
     calls them from worker threads so the replica's event loop keeps gathering requests. `start()` starts the
     background refresher (and preload); without it the view moves only on `view.refresh()`."""
 
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, step=lambda what: None):
+        """`step(what)` is told what the engine loads next (a replica's /healthz says it while it starts)."""
         self.cfg = cfg
         threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        step(f"the store's id index ({cfg.store})")
         self.view = StoreView(cfg)
         self.store = self.view.store
+        step("the bank, verified against its fingerprint")
         self.bank = serving_bank(cfg, self.store)
+        step(f"the backbone {cfg.backbone}")
         encoder = load_encoder(cfg.backbone)
         self.tokenizer = load_tokenizer(cfg.backbone)
         self.collate = Collator(self.tokenizer.pad_token_id or 0)
@@ -75,6 +79,7 @@ class ProfileEngine:
             if self.bank is not None:
                 self.bank = self.bank.to(self.device)
         # ONNX Runtime on CPU (the graph exported once per backbone, or found in cfg.onnx_cache), or torch eager.
+        step(f"the encoder's forward ({cfg.forward}: an ONNX graph is exported once per backbone, then found)")
         self.forward_rows = make_forward(
             cfg.forward, self.model, self.device, token_inputs(self.tokenizer), threads, cfg.onnx_cache,
             self.bank.b if self.bank is not None else None,
