@@ -146,9 +146,11 @@ class HealthWithin:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "GET" or not route_path(scope).endswith("/healthz"):
             return await self.app(scope, receive, send)
-        started, no_route = asyncio.Event(), []
+        started, no_route, abandoned = asyncio.Event(), [], []
 
         async def watched(message):
+            if abandoned:  # answered here already (Serve's proxy answers its own cancellation with nothing, too)
+                return
             if message["type"] == "http.response.start":
                 started.set()
                 ctype = dict(message.get("headers") or []).get(b"content-type", b"")
@@ -163,6 +165,7 @@ class HealthWithin:
         await asyncio.wait({task, waiter}, timeout=self.deadline_s, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if not started.is_set() and not task.done():
+            abandoned.append(True)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             return await send_json(send, 503, await self.unanswered(), RETRY_AFTER)

@@ -142,6 +142,7 @@ class StoreView:
         if self._started:
             return
         self._started = True
+        self.refresh()  # the view may be older than the engine's start-up (the backbone, the bank): catch up
         threading.Thread(target=self._refresh_loop, name="xpeft-store-refresh", daemon=True).start()
         if self.cfg.preload and self.cfg.record_cache_mb > 0:
             self.preloading = True
