@@ -192,17 +192,6 @@ class ProfileTable(writes.TableWrites):
                 raise
         return None
 
-    def get(self, profile_id: str, columns: list[str] | None = None) -> dict | None:
-        """The stored row of a profile; None when it is not stored; DamagedPartError when it is unreadable."""
-        loc = self.locate(profile_id)
-        if loc is None:
-            return None
-        row = self.read(profile_id, loc, columns)
-        if row is None:  # moved between locate and read (a refresh): once more
-            loc = self.locate(profile_id)
-            row = None if loc is None else self.read(profile_id, loc, columns)
-        return row
-
     def get_many(self, ids: list[str], columns: list[str] | None = None) -> dict[str, dict | None | Exception]:
         """Rows by id, one take per part: each maps to its row, None (not stored) or a DamagedPartError. One bad
         part never fails the others."""
