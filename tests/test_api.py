@@ -147,7 +147,7 @@ def test_a_profile_fitted_on_pairs_is_served_pairs_and_one_of_single_texts_singl
 def test_every_error_status_the_api_answers_is_in_its_openapi_schema(app):
     schema = app.openapi()
     documented = {code for op in schema["paths"]["/v1/classify"].values() for code in op["responses"]}
-    assert {"400", "401", "404", "409", "413", "415", "422"} <= documented
+    assert {"400", "401", "404", "408", "409", "413", "415", "422", "503"} <= documented
     invalid = schema["components"]["schemas"]["Invalid"]
     assert set(invalid["properties"]) == {"detail", "errors"} and invalid["required"] == ["detail"]
 

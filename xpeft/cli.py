@@ -251,7 +251,9 @@ def add_profiles(sub) -> None:
         action="store_true",
         help="drop the parts of the table that cannot be read; their profiles can be fitted again (default: off)",
     )
-    p.add_argument("--records", action="store_true", help="also read and verify every record (a full read)")
+    p.add_argument(
+        "--records", action="store_true", help="also read and verify every record, a full read (default: off)"
+    )
     p.set_defaults(func=cmd_profiles_verify)
     p = prof.add_parser("migrate", help="convert a store of the old layout (profiles/part-*.parquet) into NEW")
     p.add_argument("old", help="the old store: a directory or a URI")
