@@ -93,12 +93,15 @@ def test_an_unknown_id_is_a_404_from_the_index_without_reading_the_store(tmp_pat
     assert engine.view.store_reads == 0 and statistics.median(times) < 0.005, statistics.median(times)
 
 
-def test_a_damaged_part_fails_only_its_profiles_and_the_replica_says_degraded(tmp_path, backbone, encoder):
+def test_a_damaged_part_fails_only_its_profiles_and_the_replica_says_degraded_until_it_is_restored(
+    tmp_path, backbone, encoder
+):
     store = ProfileStore(tmp_path)
     store.save_bank(BANK)
     store.write([hard(f"a{i}", i, encoder) for i in range(3)])  # part 0: covered by the table's id index
     store.write([hard(f"b{i}", 10 + i, encoder) for i in range(3)])
     path = part_file(store, store.locate("a0").part)
+    good = open(path, "rb").read()
     truncate(path)
     engine = engine_on(tmp_path, backbone)
     got = engine.load_profiles(["b0", "a1", "nobody", "b2"])
@@ -110,6 +113,12 @@ def test_a_damaged_part_fails_only_its_profiles_and_the_replica_says_degraded(tm
     page = engine.profile_page(0, 10)  # the listing works: every readable profile; its total is what it lists
     assert [p["profile_id"] for p in page["profiles"]] == ["b0", "b1", "b2"] and page["total"] == 3
     assert [(u["files"], u["profiles"]) for u in page["unreadable_parts"]] == [([path], 3)]  # and what it cannot
+    open(path, "wb").write(good)
+    engine.view.refresh()  # what the refresher does every staleness_s (this engine was not started)
+    assert engine.view.recheck()
+    assert engine.health()["status"] == "ok", engine.health()["problems"]
+    assert engine.load_profiles(["a1"])[0].profile_id == "a1"
+    assert engine.profile_page(0, 10)["total"] == 6
 
 
 def test_a_damaged_bank_is_refused_naming_the_file_by_the_server_the_cli_and_the_farm(tmp_path, backbone, capsys):
@@ -169,7 +178,8 @@ def test_a_flipped_byte_in_a_shared_head_refuses_exactly_its_profiles_as_damaged
     assert health["status"] == "degraded" and any(path in p for p in health["problems"]), health["problems"]
     assert engine.profile_info("mtl-b")["servable"] is False
     open(path, "wb").write(good)
-    assert engine.view.recheck() and engine.health()["status"] == "ok"
+    engine.view.refresh()  # what the refresher does every staleness_s (this engine was not started)
+    assert engine.view.recheck() and engine.health()["status"] == "ok", engine.health()["problems"]
     assert engine.load_profiles(["mtl-a"])[0].profile_id == "mtl-a"
 
 
