@@ -66,7 +66,17 @@ class ServeConfig:
     )
     max_ongoing_requests: int = field(
         default=64,
-        metadata={"help": "concurrent HTTP requests per replica; Serve's default of 5 would starve batching"},
+        metadata={
+            "help": "/v1 requests a replica works on at once (Serve's default of 5 would starve batching); more "
+            "wait in its queue (max_queued_requests)"
+        },
+    )
+    max_queued_requests: int = field(
+        default=256,
+        metadata={
+            "help": "/v1 requests that may wait for one of max_ongoing_requests; beyond, a JSON 503 with Retry-After "
+            "at once (/healthz never waits in this queue)"
+        },
     )
     max_batch_size: int = field(
         default=32, metadata={"help": "rows (texts) per encoder forward, gathered across requests and profiles"}
@@ -110,6 +120,10 @@ class ServeConfig:
     max_texts: int = field(default=64, metadata={"help": "texts per request (413 above)"})
     max_text_chars: int = field(default=10_000, metadata={"help": "characters per text or text pair (413 above)"})
     max_body_bytes: int = field(default=2 * 2**20, metadata={"help": "request body bytes (413 above)"})
+    body_timeout_s: float = field(
+        default=10.0,
+        metadata={"help": "seconds a request's whole body may take to arrive (408 after): a slow client is cut off"},
+    )
     max_length: int = field(default=128, metadata={"help": "tokens per text after truncation (the fit loop's)"})
     max_page: int = field(default=500, metadata={"help": "profiles per GET /v1/profiles page (413 above)"})
     api_token: str | None = field(
@@ -127,6 +141,7 @@ class ServeConfig:
         positive = (
             "num_replicas",
             "max_ongoing_requests",
+            "max_queued_requests",
             "max_batch_size",
             "cache_size",
             "max_texts",
@@ -144,6 +159,8 @@ class ServeConfig:
             bad.append(f"switch_interval_s={self.switch_interval_s} must be in (0, 1] seconds")
         if not self.staleness_s > 0:
             bad.append(f"staleness_s={self.staleness_s} must be > 0")
+        if not self.body_timeout_s > 0:
+            bad.append(f"body_timeout_s={self.body_timeout_s} must be > 0")
         if bad:
             raise ValueError(f"invalid ServeConfig: {', '.join(bad)} (counts and limits must be >= 1)")
 

@@ -9,6 +9,11 @@ concurrent requests of any profiles: one combines the profiles missing from the 
 the bank, the other runs each text of each request as a row of one mixed-profile forward. The HTTP app is
 xpeft.serve.api's. Scale and limits are the fields of `ServeConfig`; on a 2-core machine keep `num_cpus` at 1
 (the default): each replica reserves its CPUs, and one that cannot be placed never starts.
+
+A replica gets requests once its engine is built (the store's index, the bank, the backbone, the forward), as
+Serve does it; meanwhile it publishes what it is loading (`xpeft.serve.proxy.publish_start`: Ray's internal
+key-value store), and the Serve proxy answers /healthz with 503 "starting" and that. Serve's own limit on a replica's
+requests is set above the app's queue (xpeft.serve.limits.RequestQueue), so /healthz always reaches the replica.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import torch
@@ -27,10 +33,13 @@ from ray import serve
 from xpeft.core.multiprofile import CombinedProfile
 from xpeft.serve.api import make_api
 from xpeft.serve.config import ServeConfig
-from xpeft.serve.engine import ServeError
+from xpeft.serve.engine import ProfileEngine, ServeError
 from xpeft.serve.local import LocalServer
+from xpeft.serve.proxy import clear_starts, publish_start
 
 log = logging.getLogger(__name__)
+
+HEALTH_SLOTS = 16  # Serve's limit on a replica's requests, above the app's own queue: room for /healthz and docs
 
 
 class Coalescer:
@@ -86,9 +95,18 @@ class ProfileServer(LocalServer):
     def __init__(self, cfg: ServeConfig):
         # The event loops' Python then yields the GIL to a forward waiting for it within ~1 ms, not 5.
         sys.setswitchinterval(cfg.switch_interval_s)
-        super().__init__(cfg)  # its engine started: it keeps up with the store and, with cfg.preload, preloads
-        self._combine_work = Coalescer(self.engine.load_profiles, cfg.max_batch_size, cfg.batch_wait_timeout_s)
-        self._forward_work = Coalescer(self.engine.forward, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        ctx = serve.get_replica_context()
+        key, since = f"{ctx.app_name}/{ctx.replica_tag}", time.time()
+        try:
+            engine = ProfileEngine(cfg, step=lambda what: publish_start(key, ctx.app_name, since, what))
+        except Exception as e:
+            publish_start(key, ctx.app_name, since, failed=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            raise
+        super().__init__(cfg, engine)
+        engine.start()  # it keeps up with the store and, with cfg.preload, preloads
+        self._combine_work = Coalescer(engine.load_profiles, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        self._forward_work = Coalescer(engine.forward, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        clear_starts(ctx.app_name)  # ready: what this app's replicas said while starting is past (a killed one's too)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # The app needs this replica's state (its engine, config and batch queues), so it is built per replica,
@@ -123,7 +141,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application for `cfg`: `serve.run(build_app(cfg))`."""
     return ProfileServer.options(
         num_replicas=cfg.num_replicas,
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_ongoing_requests=cfg.max_ongoing_requests + cfg.max_queued_requests + HEALTH_SLOTS,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     ).bind(cfg)
 

@@ -6,8 +6,8 @@ queues. For scoring from Python, notebooks and tests, and the HTTP API without S
     asyncio.run(server.classify(ClassifyRequest(profile_id="p1", texts=["..."])))
     make_api(server)                          # the same FastAPI app a Serve replica has (uvicorn can run it)
 
-The Serve deployment (xpeft.serve.deployment.ProfileServer) is this class with its two steps, reading a
-profile and the forward, going through `@serve.batch` queues instead, so both make the same checks.
+The Serve deployment (xpeft.serve.deployment.ProfileServer) is this class with its two steps, reading a profile
+and the forward, going through batch queues instead, so both make the same checks.
 """
 
 from __future__ import annotations
