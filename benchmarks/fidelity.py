@@ -20,12 +20,12 @@ latest of each).
 - parity: SST-2, --val-rows carved from a seeded shuffle of the training set, --train-rows of the rest; 2
   epochs, batch 32; single_adapter, x_peft soft and hard (k = 50) at N = 100; the old loop (padded random
   batches, fp32: `packing=False, bf16="off"`) and the new (the TrainConfig defaults); seeds 0, 1, 2.
-- study: the same data; the variants of fidelity_runs.STUDY (epochs, mask lr and warm-up, tau / nu annealing,
-  N = 400, k, mask init, LN), hard masks first, beside soft and single_adapter at the same settings.
+- study: the same data; the variants of STUDY in harness/fidelity_runs.py (epochs, mask lr and warm-up, tau /
+  nu annealing, N = 400, k, mask init, LN), hard masks first, beside soft and single_adapter at the same settings.
 - grid: SST-2 (67,349 rows), CoLA, MRPC, STS-B, RTE, full training sets, --grid-epochs; head_only,
   single_adapter, soft and hard (k = 50) at N = 100, soft and hard at N = 400 on SST-2; seed 0, and seeds 0,
   1, 2 on RTE and MRPC. Recipe: xpeft.fit.recipes.TASK_TRAIN (write the study's winner there first).
-- news: see fidelity_news.py (validation phase, then the holdouts with each row's chosen recipe).
+- news: see harness/fidelity_news.py (validation phase, then the holdouts with each row's chosen recipe).
 
 Runs go one at a time in this process (--workers 1, --threads torch threads: best for long fits on a small
 machine) or --workers at a time on Ray actors of one CPU each. TrainConfig flags (--max-steps, --max-length,
@@ -42,9 +42,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the companions below, however this is started
 
-from fidelity_news import NEWS, ROWS, news_data, run_news  # noqa: E402
-from fidelity_report import report  # noqa: E402
-from fidelity_runs import GLUE5, PLANS, SMOKE_TRAIN, HarnessConfig, Run, run_stage  # noqa: E402
+from harness.fidelity_news import NEWS, ROWS, news_data, run_news  # noqa: E402
+from harness.fidelity_report import report  # noqa: E402
+from harness.fidelity_runs import GLUE5, PLANS, SMOKE_TRAIN, HarnessConfig, Run, run_stage  # noqa: E402
 
 from xpeft.config import TrainConfig  # noqa: E402
 from xpeft.fit.recipes import FARM_TRAIN, TASK_TRAIN  # noqa: E402

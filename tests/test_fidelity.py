@@ -16,11 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import fidelity  # noqa: E402
-import fidelity_news  # noqa: E402
-import fidelity_pool  # noqa: E402
-import fidelity_report  # noqa: E402
-import fidelity_runs  # noqa: E402
-from fidelity_runs import HarnessConfig, Run  # noqa: E402
+from harness import fidelity_news, fidelity_pool, fidelity_report, fidelity_runs  # noqa: E402
+from harness.fidelity_runs import HarnessConfig, Run  # noqa: E402
 
 from xpeft.config import TrainConfig  # noqa: E402
 

@@ -10,9 +10,9 @@ import os
 from collections import defaultdict
 
 import numpy as np
-from fidelity_news import NEWS, ROWS, chosen
-from fidelity_pool import load_lines
-from fidelity_runs import GLUE5, Run
+from harness.fidelity_news import NEWS, ROWS, chosen
+from harness.fidelity_pool import load_lines
+from harness.fidelity_runs import GLUE5, Run
 
 # Table 2 of the paper (bert-base-uncased): the rows the grid runs.
 PAPER = {

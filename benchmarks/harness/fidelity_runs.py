@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from fidelity_pool import append_line, finished, run_pool
+from harness.fidelity_pool import append_line, finished, run_pool
 
 from xpeft.config import TrainConfig, XPeftConfig, option
 from xpeft.fit.recipes import TASK_TRAIN

@@ -65,8 +65,8 @@ def on_ray(cfg, worker_cls: type, args: tuple, items: list, on_line: Callable[[d
     import ray
     import ray.cloudpickle
 
-    for name in ("fidelity_pool", "fidelity_runs", "fidelity_news"):  # the actors cannot import benchmarks/:
-        if name in sys.modules:  # ship these by value
+    for name in ("harness.fidelity_pool", "harness.fidelity_runs", "harness.fidelity_news"):
+        if name in sys.modules:  # the actors cannot import benchmarks/: ship these by value
             ray.cloudpickle.register_pickle_by_value(sys.modules[name])
     started = not ray.is_initialized()
     if started:

@@ -23,8 +23,8 @@ import time
 import traceback
 
 import numpy as np
-from fidelity_pool import append_line, finished, load_lines, run_pool
-from fidelity_runs import SMOKE_ROWS, HarnessConfig, fingerprint
+from harness.fidelity_pool import append_line, finished, load_lines, run_pool
+from harness.fidelity_runs import SMOKE_ROWS, HarnessConfig, fingerprint
 
 from xpeft.config import TrainConfig, XPeftConfig
 from xpeft.fit.recipes import FARM_TRAIN
