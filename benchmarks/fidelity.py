@@ -8,6 +8,7 @@ single_adapter and head_only, every choice made on validation data, the dev sets
     python benchmarks/fidelity.py report   # <out>/fidelity.md (and figure5.png, figure7.png) from what finished
     python benchmarks/fidelity.py grid --plan              # the runs and their estimated CPU time; fits nothing
     python benchmarks/fidelity.py study --smoke --out /tmp/f   # seconds: tiny backbone, synthetic rows
+    python benchmarks/fidelity.py --smoke  # every stage so, into a fresh temporary folder (never the results)
     benchmarks/run_quality.sh              # every stage in order, committing results/fidelity/*.jsonl after each
 
 Every stage is resumable: each finished run appends one JSON line to <out>/<stage>.jsonl (`run`: task, mode,
@@ -39,6 +40,7 @@ import dataclasses
 import logging
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the companions below, however this is started
 
@@ -52,6 +54,8 @@ from xpeft.flags import add_flags, from_flags  # noqa: E402
 
 log = logging.getLogger("fidelity")
 STAGES = ("parity", "study", "grid", "news", "report")
+DEFAULT_OUT = "results/fidelity"
+SMOKE = ("backbone", "threads", "out", "max_steps", "max_length")  # what --smoke replaces (tests/test_benchmarks.py)
 # TrainConfig fields a command line may override in every run (packing and bf16 once the fit loop has them).
 OVERRIDABLE = ("max_steps", "max_length", "log_every", "gradient_checkpointing", "packing", "bf16")
 
@@ -132,40 +136,47 @@ def print_plan(stage: str, cfg: HarnessConfig) -> None:
 # --- the command ---------------------------------------------------------------------------------------------
 
 
-def parse(argv: list[str] | None) -> tuple[str, HarnessConfig, dict]:
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("stage", nargs="?", choices=STAGES, help="the stage to run (with --smoke alone: every stage)")
     add_flags(ap, HarnessConfig)
-    add_flags(
-        ap.add_argument_group("every run's recipe (over TASK_TRAIN / FARM_TRAIN)"),
-        TrainConfig,
-        only=OVERRIDABLE,
-        unset=True,
-    )
+    group = ap.add_argument_group("every run's recipe (over TASK_TRAIN / FARM_TRAIN)")
+    add_flags(group, TrainConfig, only=OVERRIDABLE, unset=True)
+    return ap
+
+
+def parse(argv: list[str] | None) -> tuple[list[str], HarnessConfig, dict]:
+    """(the stages to run, the harness's settings, the TrainConfig overrides of every run)."""
+    ap = arguments()
     args = ap.parse_args(argv)
     cfg = from_flags(args, HarnessConfig)
+    if args.stage is None and not cfg.smoke:
+        ap.error(f"name a stage ({', '.join(STAGES)}); only --smoke runs them all")
     if set(cfg.tasks or ()) - set(GLUE5):
         ap.error(f"--tasks: the grid's tasks are {', '.join(GLUE5)}; got {', '.join(cfg.tasks)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, backbone="tiny", threads=1)
+    if cfg.smoke:  # never into the results: a fresh folder unless --out says where
+        out = cfg.out or tempfile.mkdtemp(prefix="fidelity-smoke-")
+        cfg = dataclasses.replace(cfg, backbone="tiny", threads=1, out=out)
         overrides = {**SMOKE_TRAIN, **overrides}
-    return args.stage, cfg, overrides
+    stages = [args.stage] if args.stage else list(STAGES)
+    return stages, dataclasses.replace(cfg, out=cfg.out or DEFAULT_OUT), overrides
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage, cfg, overrides = parse(argv)
+    stages, cfg, overrides = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.plan:
-        for s in STAGES[:-1] if stage == "report" else (stage,):
+        for s in STAGES[:-1] if stages[-1] == "report" else stages:
             print_plan(s, cfg)
         return
     os.makedirs(cfg.out, exist_ok=True)
-    if stage == "news":
-        run_news(cfg, overrides)
-    elif stage != "report":
-        run_stage(stage, cfg, overrides)
+    for stage in stages:
+        if stage == "news":
+            run_news(cfg, overrides)
+        elif stage != "report":
+            run_stage(stage, cfg, overrides)
     path = report(cfg.out)
     print(open(path).read())
     log.info("report: %s", path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,8 +37,7 @@ def lines_of(path) -> list[dict]:
 def smoke_out(tmp_path_factory):
     """Every stage once with --smoke into one folder, then the report."""
     out = tmp_path_factory.mktemp("fidelity")
-    for stage in ("parity", "study", "grid", "news", "report"):
-        fidelity.main([stage, "--smoke", "--out", str(out)])
+    fidelity.main(["--smoke", "--out", str(out)])
     return out
 
 
@@ -131,6 +131,22 @@ def test_the_grid_and_news_plans_are_the_issues():
     for row, variant in fidelity_news.VARIANTS:
         fidelity_news.recipe(row, variant, {})
     assert set(fidelity_news.ROWS) == {row for row, _ in fidelity_news.VARIANTS}
+
+
+def test_smoke_runs_never_write_into_the_results_and_a_stage_is_required_without_it(capsys):
+    stages, cfg, overrides = fidelity.parse(["grid", "--smoke"])
+    assert (
+        stages == ["grid"]
+        and cfg.backbone == "tiny"
+        and overrides["max_steps"] == fidelity_runs.SMOKE_TRAIN["max_steps"]
+    )
+    assert Path(cfg.out).resolve() != (REPO / "results" / "fidelity").resolve() and Path(cfg.out).is_dir()
+    shutil.rmtree(cfg.out)
+    assert fidelity.parse(["--smoke"])[0] == list(fidelity.STAGES)
+    assert fidelity.parse(["grid"])[1].out == "results/fidelity"
+    with pytest.raises(SystemExit):
+        fidelity.parse([])
+    assert "name a stage" in capsys.readouterr().err
 
 
 def test_plan_prints_each_stages_size_and_time(capsys):

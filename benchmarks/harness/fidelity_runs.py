@@ -36,7 +36,9 @@ SMOKE_ROWS = {"train": 48, "scored": 24, "profiles": 8}
 class HarnessConfig:
     """The harness's own settings (the fits' settings are the recipes', TrainConfig's flags override them)."""
 
-    out: str = option("results/fidelity", "where each stage's .jsonl, fidelity.md and the figures go")
+    out: str | None = option(
+        None, "where the .jsonl, fidelity.md and figures go (results/fidelity; --smoke: a temp dir)"
+    )
     data_dir: str | None = option(None, "GLUE/SuperGLUE and news files (default: XPEFT_DATA_DIR or ../shared/data)")
     backbone: str = option("minilm", "'minilm' (the bundled all-MiniLM-L6-v2), 'tiny' or a local path")
     workers: int = option(1, "runs at a time: 1 runs them in this process, more on Ray actors (one CPU each)")
