@@ -243,8 +243,8 @@ class NewsWorker:
     def fit_global(self, phase: str, variant: str, keys: dict, pooled: list, scored: list) -> list[dict]:
         """One single_adapter and head on every profile's training rows pooled, scored on each profile's
         holdout (validation part) as the per-profile rows are."""
-        from xpeft.fit.loop import predict, profile_metric_fn, tokenize
-        from xpeft.fit.task import FitConfig, TaskData, fit_task
+        from xpeft.fit.loop import predict, profile_metric_fn
+        from xpeft.fit.task import FitConfig, TaskData, fit_task, tokenize
 
         _, tcfg = recipe("global", variant, self.overrides)
         xcfg = labels_config(self.labels, mode="single_adapter")

@@ -326,7 +326,7 @@ class GlueWorker:
         self.cache: dict = {}
 
     def rows(self, run: Run, max_length: int) -> tuple[list[dict], list[dict]]:
-        from xpeft.fit.loop import tokenize
+        from xpeft.fit.task import tokenize
 
         key = (run.task, run.train_rows, run.val_rows, max_length)
         if key not in self.cache:
