@@ -6,7 +6,7 @@
 
 Without RAY_ADDRESS it starts an embedded local Ray (never joining another one on this machine); with it,
 it joins that cluster. Every ServeConfig field is an option (--max-texts, --cache-size, ...); the bearer token
-comes only from the environment (XPEFT_API_TOKEN), never from the command line. The job is xpeft.jobs' (also
+comes only from the environment (XPEFT_API_TOKEN), never from the command line. The job is xpeft.jobs.serve's (also
 `xpeft serve`); this script only calls it. On a cluster, `serve run xpeft.serve.deployment:app_builder
 store=...` or a Serve config file does the same without this script.
 """

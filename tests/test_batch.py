@@ -135,7 +135,7 @@ def test_a_pool_that_would_leave_ray_data_no_cpu_is_refused_with_the_fix(tmp_pat
 def test_the_ray_data_job_scores_every_row_and_writes_the_bad_ones_with_their_error(
     store, backbone, tmp_path, local_ray
 ):
-    from xpeft.jobs import run_batch
+    from xpeft.jobs.classify_batch import run_batch
 
     table = texts_table()
     (tmp_path / "in").mkdir()

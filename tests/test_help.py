@@ -24,10 +24,10 @@ def parsers() -> list[tuple[str, argparse.ArgumentParser]]:
                     walk(subparser, f"{name} {sub}")
 
     walk(build_parser(), "xpeft")
-    for job, (add, _, _) in JOBS.items():
+    for name, job in JOBS.items():
         ap = argparse.ArgumentParser()
-        add(ap)
-        found.append((f"ray_jobs {job}", ap))
+        job.arguments(ap)
+        found.append((f"ray_jobs {name}", ap))
     return found
 
 

@@ -229,9 +229,9 @@ def add_profiles(sub) -> None:
 def add_jobs(sub) -> None:
     from xpeft.jobs import JOBS
 
-    for name, (add, _, help_text) in JOBS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
+    for name, job in JOBS.items():
+        p = sub.add_parser(name, help=job.HELP, description=job.HELP)
+        job.arguments(p)
         p.set_defaults(job=name)
 
 

@@ -1,6 +1,6 @@
 """Scoring a table of texts, each row with its profile, through the serving engine: what every actor of the
 batch-inference job (`xpeft classify-batch`, `ray_jobs/classify_batch.py`) runs on each Ray Data batch, with
-torch and pyarrow only (no Ray here: the job in xpeft.jobs wires it into `map_batches`).
+torch and pyarrow only (no Ray here: the job in xpeft.jobs.classify_batch wires it into `map_batches`).
 
 A batch's rows may name any profiles: each is read and combined once through the engine's caches
 (`ProfileEngine.load_profiles`), and the rows run as mixed-profile forwards of up to `max_batch_size` rows,
