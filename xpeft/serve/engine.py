@@ -8,7 +8,7 @@ the bank once (Â, B̂ per block) into an LRU cache of `CombinedProfile`s. Store
 LN, head), so a second, byte-bounded cache (`RecordCache`) keeps as many as `record_cache_mb` allows (filled
 on reads and, optionally, in the background at start): a request to any of them skips the store and pays only
 for the contraction. Both caches answer only for the stored version they were filled from. `forward` runs rows
-of any profiles as one `MultiProfileModel.forward_mixed` call (per-row adapters, one encoder pass).
+of any profiles as one forward (`xpeft.serve.forward`: per-row adapters, one encoder pass, every head at once).
 
 A background refresher moves the replica to the store's latest version every `staleness_s`: new profiles are
 found, a refit one is served in its new version, a deleted one is a 404. An unknown id is answered from the
@@ -227,7 +227,7 @@ class ProfileEngine:
         practice one; rows of different b cannot share a batched matmul; head_only rows join any)."""
         by_b: dict[int, list[int]] = {}
         for i, (c, _) in enumerate(items):
-            by_b.setdefault(c.A_hat.shape[1] if c.A_hat is not None else -1, []).append(i)
+            by_b.setdefault(c.b or -1, []).append(i)
         if -1 in by_b and len(by_b) > 1:
             head_only = by_b.pop(-1)
             by_b[next(iter(by_b))] += head_only
