@@ -163,7 +163,7 @@ def test_a_serve_config_names_the_forwards_it_accepts():
 
 
 def test_a_lone_call_is_not_held_for_a_batch_nobody_joins():
-    from xpeft.serve.deployment import Coalescer
+    from xpeft.serve.local import Coalescer
 
     def work(items):
         return list(items)

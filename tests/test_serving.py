@@ -39,8 +39,9 @@ from xpeft.profiles.store import Location, ProfileStore
 from xpeft.serve.cache import ProfileCache, RecordCache
 from xpeft.serve.combine import combine_profiles
 from xpeft.serve.config import ServeConfig
-from xpeft.serve.deployment import Coalescer, app_builder
+from xpeft.serve.deployment import app_builder
 from xpeft.serve.engine import ProfileEngine
+from xpeft.serve.local import Coalescer
 
 requests = pytest.importorskip("requests")
 
@@ -181,6 +182,25 @@ def test_calls_waiting_while_work_runs_are_merged_into_one_call():
     first, rest = asyncio.run(main())
     assert first == [10] and rest == [[20, 30], [40, 50], [60, 70], [80, 90]]
     assert calls == [[1], [2, 3, 4, 5, 6, 7, 8, 9], [0]]
+
+
+def test_a_replica_submits_a_requests_rows_to_the_forward_in_one_call(store, backbone):
+    """The replica's classify (LocalServer, queued as ProfileServer is): 5 texts are one call of the forward
+    queue, so a request is never split into a lone first row and the rest."""
+    from xpeft.serve.api import ClassifyRequest
+    from xpeft.serve.local import LocalServer
+
+    engine = engine_for(store, backbone)
+    calls = []
+
+    def forward(items):
+        calls.append(len(items))
+        return engine.forward(items)
+
+    server = LocalServer(engine.cfg, engine, queued=True)
+    server.forward.work = forward
+    got = asyncio.run(server.classify(ClassifyRequest(profile_id="hard", texts=[*TEXTS, *TEXTS[:2]])))
+    assert len(got["predictions"]) == 5 and calls == [5]
 
 
 def test_settings_from_strings_are_typed_and_unknown_ones_refused(monkeypatch):

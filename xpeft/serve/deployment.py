@@ -4,91 +4,42 @@
     XPEFT_STORE=runs/news serve run xpeft.serve.deployment:app
     python ray_jobs/serve.py --store runs/news --port 8000
 
-Each replica holds one `ProfileEngine` (xpeft.serve.engine) behind two queues (`Coalescer`) that gather
+Each replica is a `LocalServer` (xpeft.serve.local) with its two steps queued (`Coalescer`), gathering
 concurrent requests of any profiles: one combines the profiles missing from the cache in one contraction over
-the bank, the other runs each text of each request as a row of one mixed-profile forward. The HTTP app is
+the bank, the other runs the texts of every waiting request as rows of one mixed-profile forward. The HTTP app is
 xpeft.serve.api's. Scale and limits are the fields of `ServeConfig`; on a 2-core machine keep `num_cpus` at 1
 (the default): each replica reserves its CPUs, and one that cannot be placed never starts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
 import sys
-from typing import Any
 
-import torch
 from fastapi import FastAPI
 from ray import serve
 
-from xpeft.core.multiprofile import CombinedProfile
 from xpeft.serve.api import make_api
 from xpeft.serve.config import ServeConfig
-from xpeft.serve.engine import ServeError
 from xpeft.serve.local import LocalServer
 
 log = logging.getLogger(__name__)
-
-
-class Coalescer:
-    """Runs `work(items)` in a worker thread, one call at a time, over everything waiting when the previous
-    call ends (at most `max_items`): under load the batch is as large as the backlog, which is what amortises
-    a forward (and a bank contraction) over many rows, and a lone call starts at once.
-
-    This replaced `@serve.batch`, which holds even a lone request for `batch_wait_timeout_s` and closes a
-    batch after it while the previous one still runs (so under load it queued many small batches that had to
-    be merged here anyway). With `wait_s` > 0 a call that finds the queue idle waits that long for company.
-    Work started for a caller that goes away still finishes for the others waiting on it."""
-
-    def __init__(self, work, max_items: int, wait_s: float = 0.0):
-        self.work = work
-        self.max_items = max_items
-        self.wait_s = wait_s
-        self._pending: list[tuple[Any, asyncio.Future]] = []
-        self._lock = asyncio.Lock()
-
-    async def __call__(self, items: list) -> list:
-        loop = asyncio.get_running_loop()
-        mine = [loop.create_future() for _ in items]
-        self._pending.extend(zip(items, mine, strict=True))
-        idle = not self._lock.locked()
-        async with self._lock:
-            if idle and self.wait_s > 0 and len(self._pending) < self.max_items:
-                await asyncio.sleep(self.wait_s)
-            while self._pending and not all(f.done() for f in mine):
-                take = self._pending[: self.max_items]
-                del self._pending[: len(take)]
-                await asyncio.shield(asyncio.ensure_future(self._run(take)))
-        return list(await asyncio.gather(*mine))
-
-    async def _run(self, take: list[tuple[Any, asyncio.Future]]) -> None:
-        try:
-            results = await asyncio.to_thread(self.work, [item for item, _ in take])
-        except Exception as e:
-            for _, f in take:
-                if not f.done():
-                    f.set_exception(e)
-            return
-        for (_, f), result in zip(take, results, strict=True):
-            if not f.done():
-                f.set_result(result)
 
 
 @serve.deployment
 @serve.ingress()
 class ProfileServer(LocalServer):
     """One replica: a `ProfileEngine` behind two batch queues and the FastAPI app of `make_api`. Its
-    `classify` is LocalServer's (the same checks), its two steps go through the queues."""
+    `classify` is LocalServer's (the same checks, one call per step for a request's rows), its two steps go
+    through the queues."""
 
     def __init__(self, cfg: ServeConfig):
         # The event loops' Python then yields the GIL to a forward waiting for it within ~1 ms, not 5.
         sys.setswitchinterval(cfg.switch_interval_s)
-        super().__init__(cfg)  # its engine started: it keeps up with the store and, with cfg.preload, preloads
-        self._combine_work = Coalescer(self.engine.load_profiles, cfg.max_batch_size, cfg.batch_wait_timeout_s)
-        self._forward_work = Coalescer(self.engine.forward, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        # Its engine started (it keeps up with the store and, with cfg.preload, preloads), its two steps queued.
+        super().__init__(cfg, queued=True)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # The app needs this replica's state (its engine, config and batch queues), so it is built per replica,
@@ -96,27 +47,6 @@ class ProfileServer(LocalServer):
         # Ray 2.60 ("defer the app to replica init time"). A module-level FastAPI app (the class-based-view
         # form) could not carry each deployment's own limits, auth token and middleware.
         return make_api(self)
-
-    async def combined(self, profile_id: str) -> CombinedProfile:
-        """From the cache, else through the batch queue that combines every profile requests are waiting for."""
-        c = self.engine.cached(profile_id) or await self._combine(profile_id)  # the served version only
-        if isinstance(c, ServeError):
-            raise c
-        return c
-
-    async def logits(self, c: CombinedProfile, rows: list[dict]) -> list[torch.Tensor]:
-        """Each row through the batch queue of the mixed-profile forward."""
-        return list(await asyncio.gather(*(self._forward((c, row)) for row in rows)))
-
-    async def _combine(self, profile_id: str) -> CombinedProfile | ServeError:
-        """A profile missing from the cache, with the others waiting now: one bank contraction."""
-        (combined,) = await self._combine_work([profile_id])
-        return combined
-
-    async def _forward(self, item: tuple[CombinedProfile, dict]) -> torch.Tensor:
-        """A row, with the rows of every request of every profile waiting now: one encoder forward."""
-        (logits,) = await self._forward_work([item])
-        return logits
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:
