@@ -89,8 +89,9 @@ def main() -> None:
     data = os.path.join(tmp.name, "texts.parquet")
     pq.write_table(table, data)
     serve = ServeConfig(
-        store=root, backbone=args.backbone, torch_threads=args.threads, num_cpus=args.threads,
-        max_batch_size=args.max_batch_size, cache_size=max(256, args.profiles),
+        store=root, backbone=args.backbone, torch_threads=args.threads,
+        cpus_per_actor=args.cpus_per_actor or args.threads, max_batch_size=args.max_batch_size,
+        cache_size=max(256, args.profiles),
     )  # fmt: skip
     torch.set_num_threads(args.threads)
     engine = ProfileEngine(serve)
@@ -103,7 +104,6 @@ def main() -> None:
     init_ray(num_cpus=os.cpu_count(), log_to_driver=False)
     cfg = BatchConfig(
         data=data, out=os.path.join(tmp.name, "scored"), num_actors=args.num_actors,
-        cpus_per_actor=args.cpus_per_actor or args.threads,
         batch_size=args.batch_size, progress=False, serve=serve,
     )  # fmt: skip
     start = time.perf_counter()

@@ -78,7 +78,8 @@ def cmd_profiles_list(args: argparse.Namespace) -> None:
 
     store = ProfileStore(args.store)
     for s in store.summaries(args.offset, args.limit):
-        keys = ("profile_id", "error") if "error" in s else ("profile_id", "mode", "mask_type", "metrics", "size_bytes")
+        listed = ("profile_id", "mode", "mask_type", "metrics", "record_bytes")
+        keys = ("profile_id", "error") if "error" in s else listed
         print(json.dumps({k: s[k] for k in keys}))
     print(f"{len(store)} profiles in {args.store}", file=sys.stderr)
     for part, d in sorted(store.damaged().items()):  # the listing goes on; the damage is reported

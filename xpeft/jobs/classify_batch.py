@@ -13,8 +13,8 @@ HELP = "score a Parquet table of texts, each with its profile_id, on a Ray Data 
 
 # The engine settings a batch job uses; the others are the HTTP server's (replicas, request limits, batching waits).
 BATCH_ENGINE = (
-    "store", "backbone", "bank_path", "bank_fingerprint", "torch_threads", "max_batch_size", "cache_size",
-    "record_cache_mb", "max_length",
+    "store", "backbone", "bank_path", "bank_fingerprint", "cpus_per_actor", "gpus_per_actor", "torch_threads",
+    "max_batch_size", "cache_size", "record_cache_mb", "max_length",
 )  # fmt: skip
 
 
@@ -51,8 +51,8 @@ def run_batch(cfg) -> dict:
         compute=ActorPoolStrategy(size=cfg.num_actors),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor,
+        num_cpus=cfg.serve.cpus_per_actor,
+        num_gpus=cfg.serve.gpus_per_actor,
     )
     scored.write_parquet(cfg.out, mode=SaveMode.OVERWRITE if cfg.overwrite else SaveMode.ERROR)
     errors = pq.read_table(cfg.out, columns=["error"]).column("error").to_pandas()  # a column: no Ray job needed
@@ -66,8 +66,7 @@ def run(args: argparse.Namespace) -> None:
     from xpeft.serve.batch import BatchConfig
     from xpeft.serve.config import ServeConfig
 
-    base = {"num_cpus": args.cpus_per_actor, "num_gpus": args.gpus_per_actor}
-    cfg = from_flags(args, BatchConfig, serve=from_flags(args, ServeConfig, **base))
+    cfg = from_flags(args, BatchConfig, serve=from_flags(args, ServeConfig))
     init_ray(args.address, log_to_driver=False)
     start = time.perf_counter()
     result = run_batch(cfg)

@@ -7,7 +7,7 @@
 Each replica is a `LocalServer` (xpeft.serve.local) with its two steps queued (`Coalescer`), gathering
 concurrent requests of any profiles: one combines the profiles missing from the cache in one contraction over
 the bank, the other runs the texts of every waiting request as rows of one mixed-profile forward. The HTTP app is
-xpeft.serve.api's. Scale and limits are the fields of `ServeConfig`; on a 2-core machine keep `num_cpus` at 1
+xpeft.serve.api's. Scale and limits are the fields of `ServeConfig`; on a 2-core machine keep `cpus_per_actor` at 1
 (the default): each replica reserves its CPUs, and one that cannot be placed never starts.
 """
 
@@ -21,6 +21,7 @@ import sys
 from fastapi import FastAPI
 from ray import serve
 
+from xpeft.flags import from_strings, renamed_fields
 from xpeft.serve.api import make_api
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.local import LocalServer
@@ -54,19 +55,21 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     return ProfileServer.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ray_actor_options={"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor},
     ).bind(cfg)
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
-    """`serve run xpeft.serve.deployment:app_builder store=runs/x num_cpus=1 ...`: settings from the arguments, then
-    from env vars XPEFT_<SETTING> (XPEFT_STORE, XPEFT_BACKBONE, ...); the token only from XPEFT_API_TOKEN."""
+    """`serve run xpeft.serve.deployment:app_builder store=runs/x cpus_per_actor=1 ...`: settings from the arguments,
+    then from env vars XPEFT_<SETTING> (XPEFT_STORE, XPEFT_BACKBONE, ...); the token only from XPEFT_API_TOKEN. An
+    old setting's name, as an argument or an env var, is refused naming the new one."""
     names = [f.name for f in dataclasses.fields(ServeConfig) if f.name != "api_token"]
-    values = {n: os.environ[f"XPEFT_{n.upper()}"] for n in names if os.environ.get(f"XPEFT_{n.upper()}")}
+    env = {n: f"XPEFT_{n.upper()}" for n in [*names, *renamed_fields(ServeConfig)] if not n.startswith("--")}
+    values = {n: os.environ[var] for n, var in env.items() if os.environ.get(var)}
     values.update(args)
     if "store" not in values:
         raise ValueError("no profile store: pass store=... to `serve run` or set XPEFT_STORE")
-    return build_app(ServeConfig.from_strings(values))
+    return build_app(from_strings(ServeConfig, values))
 
 
 # `serve run xpeft.serve.deployment:app` (settings from XPEFT_* env vars); a builder, so importing builds nothing.

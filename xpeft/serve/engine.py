@@ -52,9 +52,9 @@ class ProfileEngine:
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
+        threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
         self.view = StoreView(cfg)
         self.store = self.view.store
         self.bank = serving_bank(cfg, self.store)
@@ -276,7 +276,7 @@ def serving_bank(cfg: ServeConfig, store: ProfileStore) -> AdapterBank | None:
 
 def predictions(c: CombinedProfile, logits: list[torch.Tensor]) -> list[dict[str, Any]]:
     if c.problem_type == "regression":
-        return [{"score": float(z[0])} for z in logits]
+        return [{"value": float(z[0])} for z in logits]
     out = []
     for z in logits:
         probs = torch.softmax(z, dim=-1)

@@ -85,8 +85,8 @@ class LocalServer:
         self.forward: Step
         if queued:  # a replica's: the profiles missing from the cache of every waiting request meet the bank in
             # one contraction, the rows of every waiting request of every profile go through one forward
-            self.load_profiles = Coalescer(engine.load_profiles, cfg.max_batch_size, cfg.batch_wait_timeout_s)
-            self.forward = Coalescer(engine.forward, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+            self.load_profiles = Coalescer(engine.load_profiles, cfg.max_batch_size, cfg.batch_wait_s)
+            self.forward = Coalescer(engine.forward, cfg.max_batch_size, cfg.batch_wait_s)
         else:
             self.load_profiles = partial(asyncio.to_thread, engine.load_profiles)
             self.forward = partial(asyncio.to_thread, engine.forward)
