@@ -11,6 +11,7 @@ import logging
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 from cases import BANK, CASES, SHARED_HEAD_ID, fitted_profile, shared_head_state
@@ -102,6 +103,21 @@ def test_a_batch_mixing_every_mode_runs_the_encoder_once(engines):
     finally:
         hook.remove()
     assert {c.ln_weight is None for c, _ in items} == {True, False} and len(passes) == 1
+
+
+def test_the_torch_gather_a_gpu_uses_stacks_the_same_inputs_as_the_numpy_one(engines):
+    """RowAdapters gathers with numpy on CPU and with torch on a GPU (untested here: no GPU): the same rule."""
+    from xpeft.core.multiprofile import ROW_INPUTS, RowAdapters
+
+    model = engines["eager"].model
+    rows = [c for c, _ in profile_rows(engines["eager"], len(CASES))]
+    on_cpu, as_on_gpu = (RowAdapters(model.L, model.d_in, model.d_out) for _ in range(2))
+    as_on_gpu.numpy = False  # the GPU's branch, on CPU tensors
+    a, b = on_cpu.gather(rows), as_on_gpu.gather(rows)
+    assert isinstance(a["A_hat"], np.ndarray) and isinstance(b["A_hat"], torch.Tensor)
+    for name in ROW_INPUTS:
+        assert torch.equal(torch.as_tensor(a[name]), b[name]), name
+    assert a["use_ln"].tolist() == [c.ln_weight is not None for c in rows]
 
 
 def test_each_row_gets_its_own_heads_logits_from_the_heads_stacked(engines):
