@@ -241,10 +241,11 @@ def server(store, backbone):
     from ray import serve
 
     from xpeft.serve.deployment import build_app
-    from xpeft.serve.proxy import CALLBACK, CALLBACK_ENV
+    from xpeft.serve.proxy import BODY_TIMEOUT_ENV, CALLBACK, CALLBACK_ENV
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv(CALLBACK_ENV, CALLBACK)  # before ray.init: the proxy inherits it
+        env.setenv(BODY_TIMEOUT_ENV, "30")  # the proxy holds a half-sent body this long (the slow-client test)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared one
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -535,3 +536,76 @@ def test_a_replica_killed_mid_request_gets_a_json_503_with_retry_after_and_the_n
         print(f"served again {time.monotonic() - killed:.1f} s after the kill")
     finally:
         serve.delete("xpeft-kill")
+
+
+def half_sent(port: int, path: str) -> socket.socket:
+    """A connection that sends its headers and 10 of its 100 body bytes, then waits."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    conn.sendall(head.encode() + b'{"profile_')
+    return conn
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_slow_clients_holding_half_sent_bodies_block_neither_a_normal_client_nor_healthz(server, store, backbone):
+    """40 connections that send half a body and wait, twice what Serve lets the replica take at once here (20):
+    the proxy reads bodies before it picks a replica, so they hold proxy connections, not replica slots."""
+    from ray import serve
+
+    from xpeft.serve.deployment import build_app
+
+    cfg = ServeConfig(
+        store=store.uri, backbone=backbone, cpus_per_actor=0.25, max_ongoing_requests=2, max_queued_requests=2
+    )
+    serve.run(build_app(cfg), name="xpeft-slow", route_prefix="/slow")
+    url, port = f"{server}/slow", int(server.rsplit(":", 1)[1])
+    slow = [half_sent(port, "/slow/v1/classify") for _ in range(40)]
+    try:
+        time.sleep(1.0)  # they are all waiting in the proxy now
+        start = time.perf_counter()
+        for i in range(5):
+            r = requests.post(
+                f"{url}/v1/classify", json={"profile_id": "soft", "texts": [f"still here {i}"]}, timeout=60
+            )
+            assert r.status_code == 200, r.text
+        served = time.perf_counter() - start
+        start = time.perf_counter()
+        health = requests.get(f"{url}/healthz", timeout=30)
+        answered = time.perf_counter() - start
+        # generous bounds for a shared machine; the slow clients hold on for 30 s (the proxy's body timeout)
+        assert served < 20 and health.status_code == 200 and answered < 5, (served, answered, health.text)
+    finally:
+        for conn in slow:
+            conn.close()
+        serve.delete("xpeft-slow")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_while_a_replica_starts_healthz_answers_503_starting_with_what_it_waits_for(server, store, backbone):
+    import threading
+
+    from ray import serve
+
+    from xpeft.serve.deployment import build_app
+
+    cfg = ServeConfig(store=store.uri, backbone=backbone, cpus_per_actor=0.25)
+    deploying = threading.Thread(
+        target=serve.run, args=(build_app(cfg),), kwargs={"name": "xpeft-late", "route_prefix": "/late"}
+    )
+    deploying.start()
+    seen, deadline = [], time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            r = requests.get(f"{server}/late/healthz", timeout=30)
+            seen.append((r.status_code, r.json().get("status"), r.json().get("detail", "")))
+            if r.status_code == 200:
+                break
+            time.sleep(0.3)
+    finally:
+        deploying.join(120)
+        serve.delete("xpeft-late")
+    # Until its route exists, the app at "/" answers (404); then the proxy, until the replica is ready.
+    starting = [detail for code, status, detail in seen if code == 503 and status == "starting"]
+    assert seen[-1][:2] == (200, "ok") and any("waiting for" in d for d in starting), [s[:2] for s in seen] + seen[-1:]

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
     cfg = from_flags(args, ServeConfig)
     # Refuse an old-layout store or a damaged bank here, in one line, rather than in every replica's traceback.
     serving_bank(cfg, ProfileStore(cfg.store))
-    install()  # an embedded Ray's proxy answers a request no replica answered with a JSON 503 (Retry-After)
+    install(cfg)  # an embedded Ray's proxy reads bodies within cfg's limits and answers for a replica that died
     init_ray()
     # Before Serve starts (a client may see /healthz answer before serve.run returns): `kill` then shuts
     # Serve down cleanly instead of meeting Ray's fatal-signal handler, which init_ray installed.

@@ -51,7 +51,14 @@ class ServeConfig(BackboneBankFields):
         "(Python's default is 0.005; 0.001 makes the ORT forward's one handoff a batch ~1 ms)",
     )
     max_ongoing_requests: int = option(
-        64, "concurrent HTTP requests per replica; Serve's default of 5 would starve batching"
+        64,
+        "/v1 requests a replica works on at once (Serve's default of 5 would starve batching); more wait in its "
+        "queue (max_queued_requests)",
+    )
+    max_queued_requests: int = option(
+        256,
+        "/v1 requests that may wait for one of max_ongoing_requests; beyond, a JSON 503 with Retry-After at once "
+        "(/healthz never waits in this queue)",
     )
     max_batch_size: int = option(32, "rows (texts) per encoder forward, gathered across requests and profiles")
     batch_wait_s: float = option(
@@ -82,6 +89,9 @@ class ServeConfig(BackboneBankFields):
     max_texts: int = option(64, "texts per request (413 above)")
     max_text_chars: int = option(10_000, "characters per text or text pair (413 above)")
     max_body_bytes: int = option(2 * 2**20, "request body bytes (413 above)")
+    body_timeout_s: float = option(
+        10.0, "seconds a request's whole body may take to arrive (408 after): a slow client is cut off"
+    )
     max_length: int = option(128, "tokens per text after truncation (the fit loop's)")
     max_page: int = option(500, "profiles per GET /v1/profiles page (413 above)")
     api_token: str | None = option(
@@ -97,6 +107,7 @@ class ServeConfig(BackboneBankFields):
         positive = (
             "num_replicas",
             "max_ongoing_requests",
+            "max_queued_requests",
             "max_batch_size",
             "cache_size",
             "max_texts",
@@ -114,5 +125,7 @@ class ServeConfig(BackboneBankFields):
             bad.append(f"switch_interval_s={self.switch_interval_s} must be in (0, 1] seconds")
         if not self.staleness_s > 0:
             bad.append(f"staleness_s={self.staleness_s} must be > 0")
+        if not self.body_timeout_s > 0:
+            bad.append(f"body_timeout_s={self.body_timeout_s} must be > 0")
         if bad:
             raise ValueError(f"invalid ServeConfig: {', '.join(bad)} (counts and limits must be >= 1)")

@@ -9,6 +9,11 @@ concurrent requests of any profiles: one combines the profiles missing from the 
 the bank, the other runs the texts of every waiting request as rows of one mixed-profile forward. The HTTP app is
 xpeft.serve.api's. Scale and limits are the fields of `ServeConfig`; on a 2-core machine keep `cpus_per_actor` at 1
 (the default): each replica reserves its CPUs, and one that cannot be placed never starts.
+
+A replica gets requests once its engine is built (the store's index, the bank, the backbone, the forward), as
+Serve does it; meanwhile it publishes what it is loading (`xpeft.serve.proxy.publish_start`: Ray's internal
+key-value store), and the Serve proxy answers /healthz with 503 "starting" and that. Serve's own limit on a replica's
+requests is set above the app's queue (xpeft.serve.limits.RequestQueue), so /healthz always reaches the replica.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 
 from fastapi import FastAPI
 from ray import serve
@@ -24,9 +30,13 @@ from ray import serve
 from xpeft.flags import from_strings, renamed_fields
 from xpeft.serve.api import make_api
 from xpeft.serve.config import ServeConfig
+from xpeft.serve.engine import ProfileEngine
 from xpeft.serve.local import LocalServer
+from xpeft.serve.proxy import clear_starts, publish_start
 
 log = logging.getLogger(__name__)
+
+HEALTH_SLOTS = 16  # Serve's limit on a replica's requests, above the app's own queue: room for /healthz and docs
 
 
 @serve.deployment
@@ -39,8 +49,16 @@ class ProfileServer(LocalServer):
     def __init__(self, cfg: ServeConfig):
         # The event loops' Python then yields the GIL to a forward waiting for it within ~1 ms, not 5.
         sys.setswitchinterval(cfg.switch_interval_s)
-        # Its engine started (it keeps up with the store and, with cfg.preload, preloads), its two steps queued.
-        super().__init__(cfg, queued=True)
+        ctx = serve.get_replica_context()
+        key, since = f"{ctx.app_name}/{ctx.replica_tag}", time.time()
+        try:
+            engine = ProfileEngine(cfg, step=lambda what: publish_start(key, ctx.app_name, since, what))
+        except Exception as e:
+            publish_start(key, ctx.app_name, since, failed=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            raise
+        super().__init__(cfg, engine, queued=True)  # LocalServer's classify, its two steps queued
+        engine.start()  # it keeps up with the store and, with cfg.preload, preloads
+        clear_starts(ctx.app_name)  # ready: what this app's replicas said while starting is past (a killed one's too)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # The app needs this replica's state (its engine, config and batch queues), so it is built per replica,
@@ -54,7 +72,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application for `cfg`: `serve.run(build_app(cfg))`."""
     return ProfileServer.options(
         num_replicas=cfg.num_replicas,
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_ongoing_requests=cfg.max_ongoing_requests + cfg.max_queued_requests + HEALTH_SLOTS,
         ray_actor_options={"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor},
     ).bind(cfg)
 
