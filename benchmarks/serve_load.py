@@ -267,11 +267,11 @@ def xpeft_phase(args, root: str, port: int, forward: str, payloads: dict, hot: s
     cfg = ServeConfig(
         store=root,
         backbone=args.backbone,
-        num_cpus=args.num_cpus,
+        cpus_per_actor=args.cpus_per_actor,
         cache_size=args.cache_size,
         record_cache_mb=args.record_cache_mb,
         max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        batch_wait_s=args.batch_wait_s,
         forward=forward,
         onnx_cache=args.onnx_cache,
         api_token=None,
@@ -307,7 +307,7 @@ def peer_phase(args, store: ProfileStore, port: int, payloads: dict) -> dict:
     ids = serve_peer.write_adapters(store, root, args.peer_profiles, args.backbone)
     print(f"[peer] {len(ids)} PEFT adapters at {root} ({time.perf_counter() - start:.1f} s)")
     try:
-        app = serve_peer.peer_app(root, args.backbone, args.peer_models, args.num_cpus, args.max_batch_size)
+        app = serve_peer.peer_app(root, args.backbone, args.peer_models, args.cpus_per_actor, args.max_batch_size)
         url = deploy(app, "peft-peer", port)
         hot, rest = ids[0], random.Random(0).sample(ids[1:], len(ids) - 1)
         cold = list(itertools.islice(itertools.cycle(rest), args.requests * len(payloads) * args.rounds))
@@ -324,9 +324,9 @@ def peer_phase(args, store: ProfileStore, port: int, payloads: dict) -> dict:
 def slow_clients_phase(args, root: str, port: int, hot: str) -> dict:
     """The slow-clients scenario (harness/slow_clients.py) against the server with the first of --forwards."""
     cfg = ServeConfig(
-        store=root, backbone=args.backbone, num_cpus=args.num_cpus, cache_size=args.cache_size,
+        store=root, backbone=args.backbone, cpus_per_actor=args.cpus_per_actor, cache_size=args.cache_size,
         record_cache_mb=args.record_cache_mb, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s, forward=args.forwards[0], onnx_cache=args.onnx_cache,
+        batch_wait_s=args.batch_wait_s, forward=args.forwards[0], onnx_cache=args.onnx_cache,
         api_token=None,
     )  # fmt: skip
     ProfileEngine(dataclasses.replace(cfg, record_cache_mb=0))  # the encoder graph into the cache first
@@ -407,9 +407,11 @@ def main() -> None:
     ap.add_argument("--peer-adapters", default=None, help="the peer's adapter directory (kept and reused)")
     ap.add_argument("--unloaded", type=int, default=200, help="sequential single-text requests (unloaded latency)")
     ap.add_argument("--alone-reps", type=int, default=3, help="timed forwards alone per batch size")
-    ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved by the replica (its compute threads)")
+    ap.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="CPUs reserved by the replica (its compute threads)"
+    )
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--batch-wait-timeout-s", type=float, default=DEFAULTS["batch_wait_timeout_s"].default)
+    ap.add_argument("--batch-wait-s", type=float, default=DEFAULTS["batch_wait_s"].default)
     ap.add_argument("--cache-size", type=int, default=256)
     ap.add_argument(
         "--record-cache-mb",

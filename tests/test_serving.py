@@ -34,13 +34,15 @@ from conftest import API_CASES
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.core.model import XPeftModel
 from xpeft.fit.loop import Collator, tokenize
+from xpeft.flags import from_strings
 from xpeft.profiles.record import apply_profile
 from xpeft.profiles.store import Location, ProfileStore
 from xpeft.serve.cache import ProfileCache, RecordCache
 from xpeft.serve.combine import combine_profiles
 from xpeft.serve.config import ServeConfig
-from xpeft.serve.deployment import Coalescer, app_builder
+from xpeft.serve.deployment import app_builder
 from xpeft.serve.engine import ProfileEngine
+from xpeft.serve.local import Coalescer
 
 requests = pytest.importorskip("requests")
 
@@ -183,13 +185,41 @@ def test_calls_waiting_while_work_runs_are_merged_into_one_call():
     assert calls == [[1], [2, 3, 4, 5, 6, 7, 8, 9], [0]]
 
 
-def test_settings_from_strings_are_typed_and_unknown_ones_refused(monkeypatch):
-    cfg = ServeConfig.from_strings({"store": "/tmp/s", "num_cpus": "0.5", "max_batch_size": "16"})
-    assert (cfg.num_cpus, cfg.max_batch_size) == (0.5, 16)
-    with pytest.raises(ValueError, match="unknown serve settings"):
-        ServeConfig.from_strings({"store": "/tmp/s", "max_batch": "16"})
+def test_a_replica_submits_a_requests_rows_to_the_forward_in_one_call(store, backbone):
+    """The replica's classify (LocalServer, queued as ProfileServer is): 5 texts are one call of the forward
+    queue, so a request is never split into a lone first row and the rest."""
+    from xpeft.serve.api import ClassifyRequest
+    from xpeft.serve.local import LocalServer
+
+    engine = engine_for(store, backbone)
+    calls = []
+
+    def forward(items):
+        calls.append(len(items))
+        return engine.forward(items)
+
+    server = LocalServer(engine.cfg, engine, queued=True)
+    server.forward.work = forward
+    got = asyncio.run(server.classify(ClassifyRequest(profile_id="hard", texts=[*TEXTS, *TEXTS[:2]])))
+    assert len(got["predictions"]) == 5 and calls == [5]
+
+
+def test_settings_from_strings_are_typed_and_unknown_or_old_ones_refused_with_the_name_to_use(monkeypatch):
+    values = {"store": "/tmp/s", "cpus_per_actor": "0.5", "max_batch_size": "16", "preload": "false"}
+    cfg = from_strings(ServeConfig, {**values, "torch_threads": "2", "forward": "eager"})
+    assert (cfg.cpus_per_actor, cfg.max_batch_size, cfg.preload, cfg.torch_threads) == (0.5, 16, False, 2)
+    with pytest.raises(ValueError, match="unknown ServeConfig settings"):
+        from_strings(ServeConfig, {"store": "/tmp/s", "max_batch": "16"})
     with pytest.raises(ValueError, match="max_batch_size='lots' is not a valid int"):
-        ServeConfig.from_strings({"store": "/tmp/s", "max_batch_size": "lots"})
+        from_strings(ServeConfig, {"store": "/tmp/s", "max_batch_size": "lots"})
+    with pytest.raises(ValueError, match=r"forward='onnx' is not one of \['auto', 'ort', 'eager'\]"):
+        from_strings(ServeConfig, {"store": "/tmp/s", "forward": "onnx"})
+    with pytest.raises(ValueError, match="'batch_wait_timeout_s' was renamed 'batch_wait_s': use batch_wait_s="):
+        from_strings(ServeConfig, {"store": "/tmp/s", "batch_wait_timeout_s": "0.01"})
+    monkeypatch.setenv("XPEFT_NUM_CPUS", "1")  # an old name in a script's environment
+    with pytest.raises(ValueError, match="'num_cpus' was renamed 'cpus_per_actor'"):
+        app_builder({"store": "/tmp/s"})
+    monkeypatch.delenv("XPEFT_NUM_CPUS")
     monkeypatch.delenv("XPEFT_STORE", raising=False)
     with pytest.raises(ValueError, match="XPEFT_STORE"):
         app_builder({})
@@ -219,7 +249,7 @@ def server(store, backbone):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared one
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = dict(store=store.uri, backbone=backbone, num_cpus=0.5, cache_size=4, batch_wait_timeout_s=0.1, **LIMITS)
+    common = dict(store=store.uri, backbone=backbone, cpus_per_actor=0.5, cache_size=4, batch_wait_s=0.1, **LIMITS)
     serve.run(build_app(ServeConfig(**common, api_token=None)), name="xpeft", route_prefix="/")
     serve.run(build_app(ServeConfig(**common, api_token=TOKEN)), name="xpeft-auth", route_prefix="/secure")
     yield f"http://127.0.0.1:{port}"
@@ -252,7 +282,7 @@ def assert_matches(preds: list[dict], logits: torch.Tensor, problem_type: str = 
     assert len(preds) == len(logits)
     for pred, z in zip(preds, logits, strict=True):
         if problem_type == "regression":
-            assert abs(pred["score"] - float(z[0])) < 1e-5 and "probabilities" not in pred
+            assert abs(pred["value"] - float(z[0])) < 1e-5 and "probabilities" not in pred
         else:
             probs = torch.softmax(z, -1)
             assert torch.allclose(torch.tensor(pred["probabilities"]), probs, atol=1e-5)
@@ -390,7 +420,7 @@ def test_profile_info_has_config_metrics_and_size_in_bytes(server, store):
     info = requests.get(f"{server}/v1/profiles/hard", timeout=10).json()
     stored = store.get("hard")
     assert info["config"] == stored.config.to_dict() and info["metrics"] == stored.metrics
-    assert info["size_bytes"] == stored.record_bytes and info["servable"] is True
+    assert info["record_bytes"] == stored.record_bytes and info["servable"] is True
     alien = requests.get(f"{server}/v1/profiles/other-bank", timeout=10).json()
     assert alien["servable"] is False and OTHER_BANK.fingerprint in alien["problem"]
 
@@ -482,7 +512,7 @@ def test_a_replica_killed_mid_request_gets_a_json_503_with_retry_after_and_the_n
 
     from xpeft.serve.deployment import build_app
 
-    cfg = ServeConfig(store=store.uri, backbone=backbone, num_cpus=0.25, batch_wait_timeout_s=3.0, max_batch_size=64)
+    cfg = ServeConfig(store=store.uri, backbone=backbone, cpus_per_actor=0.25, batch_wait_s=3.0, max_batch_size=64)
     serve.run(build_app(cfg), name="xpeft-kill", route_prefix="/kill")
     url = f"{server}/kill/v1/classify"
     try:
@@ -525,7 +555,9 @@ def test_slow_clients_holding_half_sent_bodies_block_neither_a_normal_client_nor
 
     from xpeft.serve.deployment import build_app
 
-    cfg = ServeConfig(store=store.uri, backbone=backbone, num_cpus=0.25, max_ongoing_requests=2, max_queued_requests=2)
+    cfg = ServeConfig(
+        store=store.uri, backbone=backbone, cpus_per_actor=0.25, max_ongoing_requests=2, max_queued_requests=2
+    )
     serve.run(build_app(cfg), name="xpeft-slow", route_prefix="/slow")
     url, port = f"{server}/slow", int(server.rsplit(":", 1)[1])
     slow = [half_sent(port, "/slow/v1/classify") for _ in range(40)]
@@ -558,7 +590,7 @@ def test_while_a_replica_starts_healthz_answers_503_starting_with_what_it_waits_
 
     from xpeft.serve.deployment import build_app
 
-    cfg = ServeConfig(store=store.uri, backbone=backbone, num_cpus=0.25)
+    cfg = ServeConfig(store=store.uri, backbone=backbone, cpus_per_actor=0.25)
     deploying = threading.Thread(
         target=serve.run, args=(build_app(cfg),), kwargs={"name": "xpeft-late", "route_prefix": "/late"}
     )

@@ -79,7 +79,8 @@ def cmd_profiles_list(args: argparse.Namespace) -> None:
 
     store = ProfileStore(args.store)
     for s in store.summaries(args.offset, args.limit):
-        keys = ("profile_id", "error") if "error" in s else ("profile_id", "mode", "mask_type", "metrics", "size_bytes")
+        listed = ("profile_id", "mode", "mask_type", "metrics", "record_bytes")
+        keys = ("profile_id", "error") if "error" in s else listed
         print(json.dumps({k: s[k] for k in keys}))
     print(f"{len(store)} profiles in {args.store}", file=sys.stderr)
     for part, d in sorted(store.damaged().items()):  # the listing goes on; the damage is reported
@@ -269,9 +270,9 @@ def add_profiles(sub) -> None:
 def add_jobs(sub) -> None:
     from xpeft.jobs import JOBS
 
-    for name, (add, _, help_text) in JOBS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
+    for name, job in JOBS.items():
+        p = sub.add_parser(name, help=job.HELP, description=job.HELP)
+        job.arguments(p)
         p.set_defaults(job=name)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from xpeft.config import TrainConfig, XPeftConfig, option
+from xpeft.config import RandomBankFields, TrainConfig, XPeftConfig, option
 from xpeft.core.bank import load_bank, random_bank_for
 from xpeft.core.encoder import load_encoder
 from xpeft.core.model import XPeftModel
@@ -31,19 +31,19 @@ Report = Callable[[dict, XPeftModel, Any, Any, FitState], None]  # (metrics, mod
 
 
 @dataclass
-class FitConfig:
+class FitConfig(RandomBankFields):
     """One fit of one task or profile, on one process or W data-parallel workers."""
 
     xpeft: XPeftConfig = option(default=XPeftConfig(), help="the profile's mode, masks and head", no_flag=True)
     train: TrainConfig = option(default=TrainConfig(), help="the fit loop's settings", no_flag=True)
     task: str | None = option(None, "GLUE/SuperGLUE task (its official metric); none: a profile (accuracy, F1)")
-    backbone: str = option("minilm", "'minilm' (the bundled all-MiniLM-L6-v2), 'tiny', a local path or a hub name")
-    bank_path: str | None = option(None, "a saved bank (safetensors) instead of a random one", flag="--bank")
-    bank_seed: int = option(0, "seed of the random bank")
-    bank_scale: float = option(1.0, "scale of the random bank's adapters")
     num_workers: int = option(1, "data-parallel (DDP) workers; the global batch stays --batch-size")
     use_gpu: bool = option(False, "one GPU per worker (nccl); untested here: no GPU on the dev machine")
-    cpus_per_worker: float = option(1.0, "CPUs each worker reserves")
+    cpus_per_actor: float = option(
+        1.0,
+        "CPUs each worker (a Ray actor; in a search, each single-process trial) reserves",
+        renamed_from=("cpus_per_worker", "cpus_per_trial"),
+    )
     storage_path: str = option("runs/train", "where checkpoints go: <storage-path>/<name>/checkpoint_* (path or URI)")
     name: str | None = option(None, "run name; the same name and storage path resume that run")
     max_failures: int = option(2, "worker-group restarts from the latest checkpoint before the run fails")

@@ -45,7 +45,7 @@ class Profile:
         """Bytes of trained state stored for this profile: mask bits + every tensor (LN, head...)."""
         return len(self.mask_bits or b"") + self.tensor_bytes
 
-    def size_report(self) -> dict[str, int]:
+    def record_bytes_by_part(self) -> dict[str, int]:
         parts = {"mask_bits": len(self.mask_bits or b"")}
         for name, t in self.tensors.items():
             role = "head" if name.startswith("head.") else name.rsplit("_", 1)[0]
@@ -228,7 +228,7 @@ def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, to
 
 def summary(profile: Profile) -> dict[str, Any]:
     """What a listing shows of a profile: its config, metrics, labels and size in bytes, no tensors."""
-    sizes = profile.size_report()
+    sizes = profile.record_bytes_by_part()
     return {
         "profile_id": profile.profile_id,
         "mode": profile.config.mode,
@@ -238,8 +238,8 @@ def summary(profile: Profile) -> dict[str, Any]:
         "bank_fingerprint": profile.bank_fingerprint,
         "metrics": profile.metrics,
         "label_names": profile.label_names,
-        "size_bytes": sizes["total"],
-        "size_report": sizes,
+        "record_bytes": sizes["total"],
+        "record_bytes_by_part": sizes,
         "created": profile.created,
     }
 

@@ -5,7 +5,7 @@ and depth, then the request queue that /healthz never waits in). `make_api(serve
 `xpeft.serve.local.LocalServer`.
 
     POST /v1/classify           {"profile_id", "texts", optional "text_pairs"} → one prediction per text
-    GET  /v1/profiles/{id}      config, metrics, size in bytes, whether this server can serve it
+    GET  /v1/profiles/{id}      config, metrics, record_bytes, whether this server can serve it
     GET  /v1/profiles?offset&limit
     GET  /healthz               (no auth)
     GET  /docs, /redoc          the API's documentation, its assets served from here (no CDN: works offline)
@@ -85,8 +85,10 @@ class ClassifyRequest(BaseModel):
 class Prediction(BaseModel):
     label: int | None = Field(None, description="the most probable class (classification profiles)")
     label_name: str | None = Field(None, description="its name, when the profile stores label names")
-    probabilities: list[float] | None = Field(None, description="softmax over the profile's classes")
-    score: float | None = Field(None, description="the predicted value (regression profiles)")
+    probabilities: list[float] | None = Field(
+        None, description="the class distribution: softmax over the profile's classes (classification profiles)"
+    )
+    value: float | None = Field(None, description="the predicted value (regression profiles)")
 
 
 class ClassifyResponse(BaseModel):
@@ -103,8 +105,8 @@ class ProfileInfo(BaseModel):
     bank_fingerprint: str | None
     metrics: dict[str, Any]
     label_names: list[str] | None
-    size_bytes: int = Field(description="bytes stored for this profile: mask bits + every tensor")
-    size_report: dict[str, int]
+    record_bytes: int = Field(description="bytes stored for this profile: mask bits + every tensor")
+    record_bytes_by_part: dict[str, int] = Field(description="record_bytes by part (mask_bits, ln, head...) and total")
     created: float
     servable: bool = Field(description="whether this server's backbone and bank can serve it")
     problem: str | None = Field(None, description="why not, when it cannot")

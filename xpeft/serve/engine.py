@@ -8,7 +8,7 @@ the bank once (Â, B̂ per block) into an LRU cache of `CombinedProfile`s. Store
 LN, head), so a second, byte-bounded cache (`RecordCache`) keeps as many as `record_cache_mb` allows (filled
 on reads and, optionally, in the background at start): a request to any of them skips the store and pays only
 for the contraction. Both caches answer only for the stored version they were filled from. `forward` runs rows
-of any profiles as one `MultiProfileModel.forward_mixed` call (per-row adapters, one encoder pass).
+of any profiles as one forward (`xpeft.serve.forward`: per-row adapters, one encoder pass, every head at once).
 
 A background refresher moves the replica to the store's latest version every `staleness_s`: new profiles are
 found, a refit one is served in its new version, a deleted one is a 404. An unknown id is answered from the
@@ -53,9 +53,9 @@ class ProfileEngine:
     def __init__(self, cfg: ServeConfig, step=lambda what: None):
         """`step(what)` is told what the engine loads next (a replica's /healthz says it while it starts)."""
         self.cfg = cfg
-        threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
+        threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
         step(f"the store's id index ({cfg.store})")
         self.view = StoreView(cfg)
         self.store = self.view.store
@@ -237,7 +237,7 @@ class ProfileEngine:
         practice one; rows of different b cannot share a batched matmul; head_only rows join any)."""
         by_b: dict[int, list[int]] = {}
         for i, (c, _) in enumerate(items):
-            by_b.setdefault(c.A_hat.shape[1] if c.A_hat is not None else -1, []).append(i)
+            by_b.setdefault(c.b or -1, []).append(i)
         if -1 in by_b and len(by_b) > 1:
             head_only = by_b.pop(-1)
             by_b[next(iter(by_b))] += head_only
@@ -286,7 +286,7 @@ def serving_bank(cfg: ServeConfig, store: ProfileStore) -> AdapterBank | None:
 
 def predictions(c: CombinedProfile, logits: list[torch.Tensor]) -> list[dict[str, Any]]:
     if c.problem_type == "regression":
-        return [{"score": float(z[0])} for z in logits]
+        return [{"value": float(z[0])} for z in logits]
     out = []
     for z in logits:
         probs = torch.softmax(z, dim=-1)
