@@ -286,7 +286,7 @@ def _family(name: str):
 @pytest.mark.parametrize("family", ["roberta", "electra", "distilbert"])
 def test_any_bert_family_encoder_takes_an_x_peft_bank(family):
     encoder, target = _family(family)
-    model = XPeftModel(encoder, XPeftConfig(N=N, k=K, b=B, target=target), random_bank(L, N, B, D, target=target))
+    model = XPeftModel(encoder, XPeftConfig(N=N, k=K, b=B, target=target, head="cls"), random_bank(L, N, B, D, target=target))
     batch = tiny_batch()
     out = model(batch["input_ids"].clamp_max(99), batch["attention_mask"], labels=batch["labels"])
     out["loss"].backward()

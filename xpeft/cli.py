@@ -156,7 +156,13 @@ def add_params(sub) -> None:
     p.add_argument("--N", type=int, nargs="+", default=[100, 200, 400, 800], help="bank sizes N (default: Table 1's)")
     p.add_argument("--b", type=int, default=48, help="the adapters' bottleneck b (default 48)")
     p.add_argument("--num-labels", type=int, default=2, help="classes c of the head (default 2)")
-    p.add_argument("--head", choices=["pooler", "linear"], default="pooler", help="the head (default pooler)")
+    p.add_argument(
+        "--head",
+        choices=["pooler", "linear", "cls"],
+        default="pooler",
+        help="pooler (encoders with one), linear (mean-pool + classifier) or cls ([CLS] state + classifier); "
+        "default pooler",
+    )
     p.add_argument(
         "--shared-head",
         action="store_true",
@@ -175,7 +181,12 @@ def add_bank(sub) -> None:
     p.add_argument("--b", type=int, default=48, help="bottleneck b (default 48)")
     p.add_argument("--seed", type=int, default=0, help="the bank's seed (default 0)")
     p.add_argument("--scale", type=float, default=1.0, help="scale of the adapters (default 1)")
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"the linear the adapters wrap (default {DEFAULT_TARGET})")
+    p.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"the linear the adapters wrap: a meaning (value, query, attention_output, ffn_output) or its path "
+        f"inside a block (default {DEFAULT_TARGET})",
+    )
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.set_defaults(func=cmd_bank_random)
     p = bank.add_parser("info", help="print a bank's metadata, after verifying its fingerprint")
@@ -195,8 +206,8 @@ def add_bank(sub) -> None:
     p.add_argument(
         "--target",
         default=None,
-        help="the linear inside each block the bank adapts (e.g. attention.self.value); "
-        "default: the one linear every adapter adapts",
+        help="the linear inside each block the bank adapts (e.g. attention.self.value; with --backbone also a "
+        "meaning such as value); default: the one linear every adapter adapts",
     )
     p.add_argument(
         "--drop-other-targets",
