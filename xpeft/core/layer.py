@@ -65,7 +65,7 @@ class AdaptedLinear(nn.Module):
         if a is None:
             return out
         if a.per_row:
-            # x: R × T × d_in; each row r uses its own Â_r, B̂_r.
+            # x: R × T × d_in (a packed batch's P × W × d_in, unpacked to it); each row r uses its own Â_r, B̂_r.
             if a.packing is not None:
                 x = unpack(x, a.packing)
             h = torch.bmm(x, a.A_hat.transpose(1, 2))

@@ -6,9 +6,9 @@ decay, epochs over a DistributedSampler (one shard per rank; one rank without da
 step. Each batch keeps its random rows but not their padding: they are packed back to back into a few
 sequences (TrainConfig.packing, where the model's packed forward equals its padded one; else padded to the
 longest row), and the forward runs under bf16 autocast where the device has native bf16 (TrainConfig.bf16;
-xpeft.fit.batching). Hooks add what a caller needs at epoch boundaries: Ray Train's
-checkpoint and report, a test's injected failure. `FitState` is what a checkpoint keeps, so a fit resumes
-where it stopped and continues as the uninterrupted one would.
+both in xpeft.fit.batching). Hooks add what a caller needs at epoch boundaries: Ray Train's checkpoint and
+report, a test's injected failure. `FitState` is what a checkpoint keeps, so a fit resumes where it stopped
+and continues as the uninterrupted one would.
 
 Seeding: the fit owns the randomness of shuffling, dropout and the Gumbel noise, reseeded each epoch from
 (TrainConfig.seed, epoch, rank); the initial trainable tensors come from the seed the model was built with
