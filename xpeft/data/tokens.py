@@ -105,7 +105,8 @@ class Collator:
                 at = slice(start, start + n)
                 for k in keys:
                     seq[k][p, at] = rows[r][k]
-                mask = np.asarray(rows[r].get("attention_mask") or [1] * n, dtype=np.int64)
+                given = rows[r].get("attention_mask")
+                mask = np.ones(n, dtype=np.int64) if given is None else np.asarray(given, dtype=np.int64)
                 positions[p, at] = np.arange(n)
                 # A token the row masks out (none, from `tokenize`) is padding: no row token attends to it.
                 segments[p, at] = s * mask
