@@ -91,26 +91,30 @@ def random_batches(rows: list[dict], batch: int, count: int, seed: int) -> list[
     return out
 
 
-def rows_per_second(model, batches: list[list[dict]], batching: Batching, warmup: int, pad: int) -> float:
+def rows_per_second(
+    model, batches: list[list[dict]], batching: Batching, warmup: int, pad: int, clock=time.perf_counter
+) -> float:
     """Fit steps (collation included, as the loop's DataLoader collates in process) on `batches`; the first
     `warmup` untimed."""
     optimizer = make_optimizer(model, TCFG)
     scheduler = make_scheduler(optimizer, 10**6, 0.0)
     collate, device = batching.collator(pad), torch.device("cpu")
     autocast = partial(batching.autocast, device)
-    rows, start = 0, time.perf_counter()
+    rows, start = 0, clock()
     for i, rows_batch in enumerate(batches):
         if i == warmup:
-            rows, start = 0, time.perf_counter()
+            rows, start = 0, clock()
         train_step(model, to_device(collate(rows_batch), device), optimizer, scheduler, autocast)
         rows += len(rows_batch)
-    return rows / (time.perf_counter() - start)
+    return rows / (clock() - start)
 
 
-def encoder_limit(encoder, batches, batching: Batching, warmup: int, pad: int, backward: bool) -> float:
+def encoder_limit(
+    encoder, batches, batching: Batching, warmup: int, pad: int, backward: bool, clock=time.perf_counter
+) -> float:
     """Rows/s of the frozen encoder alone (no adapters, no head): the forward, or forward + backward to its
     embeddings (the backward an adapter in the first block needs)."""
-    collate, rows, start = batching.collator(pad), 0, time.perf_counter()
+    collate, rows, start = batching.collator(pad), 0, clock()
     for module in encoder.modules():  # a training forward leaves its adapters set (see xpeft.core.layer.adapters)
         if isinstance(module, AdaptedLinear):
             module.adapter = None
@@ -118,7 +122,7 @@ def encoder_limit(encoder, batches, batching: Batching, warmup: int, pad: int, b
     try:
         for i, rows_batch in enumerate(batches):
             if i == warmup:
-                rows, start = 0, time.perf_counter()
+                rows, start = 0, clock()
             batch = collate(rows_batch)
             packing = batch.pop("packing", None)
             with torch.set_grad_enabled(backward), batching.autocast(torch.device("cpu")):
@@ -133,7 +137,7 @@ def encoder_limit(encoder, batches, batching: Batching, warmup: int, pad: int, b
     finally:
         if hook is not None:
             hook.remove()
-    return rows / (time.perf_counter() - start)
+    return rows / (clock() - start)
 
 
 def padding_stats(batches: list[list[dict]], pack_length: int | None, pad: int) -> float:
@@ -157,6 +161,12 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--ratio-N", type=int, default=400, help="N of the x_peft / single_adapter ratio (default: 400)")
     ap.add_argument("--pack-lengths", type=int, nargs="*", default=[], help="also time these (default: none)")
     ap.add_argument("--per-token", type=int, nargs="*", default=[], help="per-token X-PEFT at these N (default: none)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="rows per CPU-second of this process instead of per wall second: steadier beside other work "
+        "(default: wall)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny random backbone, 2 steps: seconds (default: off)")
     args = ap.parse_args()
     if args.smoke:
@@ -174,6 +184,7 @@ def main() -> None:
     batches = random_batches(rows, args.batch_size, args.warmup + args.steps, args.seed)
     banks = {N: random_bank_for(encoder, XPeftConfig(N=N), seed=0) for N in {args.N, args.ratio_N, *args.per_token}}
     new_cfg = from_flags(args, TrainConfig, base=TCFG)
+    clock = time.process_time if args.cpu_time else time.perf_counter
 
     def model(name: str, N: int, cls=XPeftModel) -> XPeftModel:
         cfg = mode_config(name, N)
@@ -185,7 +196,7 @@ def main() -> None:
     print(
         f"backbone {args.backbone}, {len(rows)} SST-2 training rows ({mean:.1f} tokens a row), batch "
         f"{args.batch_size}, {args.threads} threads, fit step = forward + backward + AdamW, {args.steps} timed "
-        f"steps per mode and loop x {args.rounds} rounds"
+        f"steps per mode and loop x {args.rounds} rounds, {'CPU' if args.cpu_time else 'wall'} time"
     )
     print(f"old: {old.describe()}: {padding_stats(batches, None, pad):.1f} tokens a row")
     print(f"new: {new.describe()}: {padding_stats(batches, new.pack_length, pad):.1f} tokens a row")
@@ -198,7 +209,7 @@ def main() -> None:
         for name in modes:
             for loop, batching in loops.items():
                 speed.setdefault((name, loop), []).append(
-                    rows_per_second(model(name, args.N), batches, batching, args.warmup, pad)
+                    rows_per_second(model(name, args.N), batches, batching, args.warmup, pad, clock)
                 )
     print("\nfit step, rows/s (median over rounds):")
     for name in modes:
@@ -207,7 +218,7 @@ def main() -> None:
         print(f"{name:24s} old {o:7.1f}   new {n:7.1f}{extra}   new/old {n / o:.2f}")
     print("\nthe limit: the frozen encoder alone, rows/s (no adapters, no head, no optimiser):")
     for what, backward in (("forward", False), ("forward + backward", True)):
-        o, n = (encoder_limit(encoder, batches, b, args.warmup, pad, backward) for b in (old, new))
+        o, n = (encoder_limit(encoder, batches, b, args.warmup, pad, backward, clock) for b in (old, new))
         print(f"{what:24s} old {o:7.1f}   new {n:7.1f}   new/old {n / o:.2f}")
     ratio_modes = ["single_adapter", f"x_peft soft N={args.ratio_N}", f"x_peft hard N={args.ratio_N}"]
     ratio_modes += [f"x_peft per-token N={N}" for N in args.per_token]
@@ -217,7 +228,8 @@ def main() -> None:
             int(name.rsplit("=", 1)[-1]) if "=" in name else args.N,
             PerTokenXPeft if "per-token" in name else XPeftModel,
         )
-        seconds[name] = args.batch_size / rows_per_second(model(name, N, cls), batches, new, args.warmup, pad)
+        steps = rows_per_second(model(name, N, cls), batches, new, args.warmup, pad, clock)
+        seconds[name] = args.batch_size / steps
     print(f"\nx_peft / single_adapter step time (new loop), N = {args.ratio_N}:")
     for name in ratio_modes:
         print(
