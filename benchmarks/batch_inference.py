@@ -1,5 +1,5 @@
-"""Batch inference with Ray Data (`xpeft.jobs.run_batch`, ray_jobs/classify_batch.py) against the same engine's
-bare forward: rows/s of the whole job (read Parquet, score on the actor pool, write Parquet; starting the
+"""Batch inference with Ray Data (`xpeft.jobs.classify_batch.run_batch`, ray_jobs/classify_batch.py) against the same
+engine's bare forward: rows/s of the whole job (read Parquet, score on the actor pool, write Parquet; starting the
 actors included) over rows/s of `ProfileEngine.forward` alone on the same rows, in the same chunks, with the
 same threads, the profiles already combined and the texts already tokenized. Target: job >= 0.8 x bare.
 
@@ -26,7 +26,7 @@ import torch
 from serve_load import make_store
 
 from xpeft.data.dataset import SAMPLE_SOURCE, read_profile_source
-from xpeft.jobs import run_batch
+from xpeft.jobs.classify_batch import run_batch
 from xpeft.ray.cluster import init_ray
 from xpeft.serve.batch import BatchConfig, score_table
 from xpeft.serve.config import ServeConfig
@@ -89,8 +89,9 @@ def main() -> None:
     data = os.path.join(tmp.name, "texts.parquet")
     pq.write_table(table, data)
     serve = ServeConfig(
-        store=root, backbone=args.backbone, torch_threads=args.threads, num_cpus=args.threads,
-        max_batch_size=args.max_batch_size, cache_size=max(256, args.profiles),
+        store=root, backbone=args.backbone, torch_threads=args.threads,
+        cpus_per_actor=args.cpus_per_actor or args.threads, max_batch_size=args.max_batch_size,
+        cache_size=max(256, args.profiles),
     )  # fmt: skip
     torch.set_num_threads(args.threads)
     engine = ProfileEngine(serve)
@@ -103,7 +104,6 @@ def main() -> None:
     init_ray(num_cpus=os.cpu_count(), log_to_driver=False)
     cfg = BatchConfig(
         data=data, out=os.path.join(tmp.name, "scored"), num_actors=args.num_actors,
-        cpus_per_actor=args.cpus_per_actor or args.threads,
         batch_size=args.batch_size, progress=False, serve=serve,
     )  # fmt: skip
     start = time.perf_counter()

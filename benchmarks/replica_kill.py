@@ -6,7 +6,7 @@ until requests were served again.
     python benchmarks/replica_kill.py                                  # MiniLM, 20 profiles, 4 client threads
     python benchmarks/replica_kill.py --backbone tiny --profiles 5     # quicker (a tiny random BERT)
     python benchmarks/replica_kill.py --plain-proxy                    # Serve's own proxy answer, for comparison
-    python benchmarks/replica_kill.py --replicas 2                     # one of two killed
+    python benchmarks/replica_kill.py --num-replicas 2                 # one of two killed
 
 By default the proxy has xpeft.serve.proxy's middleware (a JSON 503 with Retry-After for a request no
 replica answered); --plain-proxy leaves Serve's proxy as it is. Bounded: it stops `--after-kill` seconds
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--kill-at", type=float, default=5.0, help="seconds of the stream before the kill")
     ap.add_argument("--after-kill", type=float, default=60.0, help="seconds of the stream after it, at most")
     ap.add_argument("--served-after", type=int, default=50, help="stop once this many were served after the kill")
-    ap.add_argument("--replicas", type=int, default=1, help="replicas (one is killed), 1/replicas CPU each")
+    ap.add_argument("--num-replicas", type=int, default=1, help="replicas (one is killed), 1/replicas CPU each")
     ap.add_argument("--plain-proxy", action="store_true", help="without xpeft.serve.proxy's middleware")
     args = ap.parse_args()
 
@@ -99,8 +99,10 @@ def main() -> None:
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        cpus = 1 / args.replicas  # on 2 cores: one for the proxy and the client, one for the replicas
-        cfg = ServeConfig(store=store.uri, backbone=backbone, num_replicas=args.replicas, num_cpus=cpus, api_token=None)
+        cpus = 1 / args.num_replicas  # on 2 cores: one for the proxy and the client, one for the replicas
+        cfg = ServeConfig(
+            store=store.uri, backbone=backbone, num_replicas=args.num_replicas, cpus_per_actor=cpus, api_token=None
+        )
         serve.run(build_app(cfg), name=app_name, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         assert requests.post(f"{url}/v1/classify", json={"profile_id": ids[0], "texts": ["warm up"]}).ok
@@ -146,7 +148,7 @@ def report(args, log: list, killed_at: float, pid: int, new: list[int]) -> None:
     print(f"\n`{' '.join([os.path.basename(sys.executable), *sys.argv])}`  ")
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs; proxy middleware: "
-        f"{'off (Serve as it is)' if args.plain_proxy else 'xpeft.serve.proxy'}; {args.replicas} replica(s), "
+        f"{'off (Serve as it is)' if args.plain_proxy else 'xpeft.serve.proxy'}; {args.num_replicas} replica(s), "
         f"{args.concurrency} client threads"
     )
     print(f"- requests: {len(log)} ({len(before)} answered before the kill), failed: {len(failed)}")

@@ -8,12 +8,18 @@ number of requests per scenario and a time limit; it stops by itself and shuts i
     python benchmarks/serve_load.py --payload 1x20 1x100 4x20            # the recorded run (BENCHMARKS.md)
     python benchmarks/serve_load.py --forwards ort --no-peer --requests 300 --time-limit 30   # quicker
     python benchmarks/serve_load.py --store /tmp/xpeft-load              # keep (and reuse) the 10,000 profiles
+    python benchmarks/serve_load.py --no-load --slow-clients 200         # the slow-clients scenario alone
+    python benchmarks/serve_load.py --smoke                              # a tiny random backbone: every stage, small
 
 For each server it prints the load table; then, per payload and scenario, the forward's ms a row inside the
 replica next to the same engine's forward alone (in this process, after the server is gone) at the batch
 sizes the replica formed (`replica/alone`), requests/s ort against eager, the CPU seconds the client, the
 Serve proxy, the replica and the rest of Ray used (/proc), unloaded latency (sequential single-text
 requests next to the one-row forward alone), and xpeft against the peer (requests/s, p50/p99, replica RSS).
+
+With --slow-clients N (harness/slow_clients.py): a normal client's requests/s and /healthz's latency without, then
+with, N connections holding half-sent bodies, behind xpeft.serve.proxy's middlewares as `xpeft serve` sets them
+up (installed before Ray starts: with the load stage too, it then runs behind them).
 
 The profiles are random (k-hot masks, LN affine, a 'linear' head): serving cost does not depend on how well
 a profile was fitted. They are written 8 a commit, as the farm flushes them (FarmConfig.flush_every).
@@ -35,6 +41,7 @@ import threading
 import time
 
 import torch
+from harness import slow_clients
 from serve_procs import cpu_by_role, memory_mb, replica_pids
 from serve_report import SCENARIOS, report
 
@@ -260,11 +267,11 @@ def xpeft_phase(args, root: str, port: int, forward: str, payloads: dict, hot: s
     cfg = ServeConfig(
         store=root,
         backbone=args.backbone,
-        num_cpus=args.num_cpus,
+        cpus_per_actor=args.cpus_per_actor,
         cache_size=args.cache_size,
         record_cache_mb=args.record_cache_mb,
         max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        batch_wait_s=args.batch_wait_s,
         forward=forward,
         onnx_cache=args.onnx_cache,
         api_token=None,
@@ -300,7 +307,7 @@ def peer_phase(args, store: ProfileStore, port: int, payloads: dict) -> dict:
     ids = serve_peer.write_adapters(store, root, args.peer_profiles, args.backbone)
     print(f"[peer] {len(ids)} PEFT adapters at {root} ({time.perf_counter() - start:.1f} s)")
     try:
-        app = serve_peer.peer_app(root, args.backbone, args.peer_models, args.num_cpus, args.max_batch_size)
+        app = serve_peer.peer_app(root, args.backbone, args.peer_models, args.cpus_per_actor, args.max_batch_size)
         url = deploy(app, "peft-peer", port)
         hot, rest = ids[0], random.Random(0).sample(ids[1:], len(ids) - 1)
         cold = list(itertools.islice(itertools.cycle(rest), args.requests * len(payloads) * args.rounds))
@@ -312,6 +319,38 @@ def peer_phase(args, store: ProfileStore, port: int, payloads: dict) -> dict:
         if tmp is not None:
             tmp.cleanup()
     return {"system": "PEFT + multiplexing", "forward": "eager", "runs": runs, "unloaded": lone, "memory": memory}
+
+
+def slow_clients_phase(args, root: str, port: int, hot: str) -> dict:
+    """The slow-clients scenario (harness/slow_clients.py) against the server with the first of --forwards."""
+    cfg = ServeConfig(
+        store=root, backbone=args.backbone, cpus_per_actor=args.cpus_per_actor, cache_size=args.cache_size,
+        record_cache_mb=args.record_cache_mb, max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_s, forward=args.forwards[0], onnx_cache=args.onnx_cache,
+        api_token=None,
+    )  # fmt: skip
+    ProfileEngine(dataclasses.replace(cfg, record_cache_mb=0))  # the encoder graph into the cache first
+    url = deploy(build_app(cfg), "xpeft-slow", port)
+    text = " ".join(random.Random(2).choices(WORDS, k=20))
+    try:
+        return slow_clients.scenario(url, port, "/", args.slow_clients, args.slow_seconds, hot, text)
+    finally:
+        undeploy("xpeft-slow")
+
+
+def smoke_settings(args) -> None:
+    """--smoke: a tiny random BERT (tests/tiny_backbone.py), a few profiles and requests, every stage."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tiny_backbone import make_tiny_backbone
+
+    args.smoke_dir = tempfile.TemporaryDirectory(prefix="xpeft-load-smoke-")
+    args.backbone = make_tiny_backbone(os.path.join(args.smoke_dir.name, "tiny-bert"))
+    args.profiles, args.requests, args.rounds, args.payload = 60, 8, 1, [(1, 20)]
+    args.N, args.k, args.b, args.num_labels = 20, 5, 4, 4
+    args.forwards, args.peer, args.unloaded, args.alone_reps, args.time_limit = ["eager"], False, 5, 1, 30
+    args.slow_clients, args.slow_seconds = args.slow_clients or 20, 3.0
 
 
 def parse_payload(text: str) -> tuple[int, int]:
@@ -368,9 +407,11 @@ def main() -> None:
     ap.add_argument("--peer-adapters", default=None, help="the peer's adapter directory (kept and reused)")
     ap.add_argument("--unloaded", type=int, default=200, help="sequential single-text requests (unloaded latency)")
     ap.add_argument("--alone-reps", type=int, default=3, help="timed forwards alone per batch size")
-    ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved by the replica (its compute threads)")
+    ap.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="CPUs reserved by the replica (its compute threads)"
+    )
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--batch-wait-timeout-s", type=float, default=DEFAULTS["batch_wait_timeout_s"].default)
+    ap.add_argument("--batch-wait-s", type=float, default=DEFAULTS["batch_wait_s"].default)
     ap.add_argument("--cache-size", type=int, default=256)
     ap.add_argument(
         "--record-cache-mb",
@@ -379,7 +420,18 @@ def main() -> None:
         help="stored records kept in memory (0: every miss of the combined cache reads the store)",
     )
     ap.add_argument("--onnx-cache", default=None, help=DEFAULTS["onnx_cache"].metadata["help"])
+    ap.add_argument(
+        "--slow-clients",
+        type=int,
+        default=0,
+        help="then a normal client beside this many connections holding half-sent bodies (0: skip; issue 23: 200)",
+    )
+    ap.add_argument("--slow-seconds", type=float, default=20.0, help="the normal client's seconds, each way")
+    ap.add_argument("--no-load", dest="load", action="store_false", help="skip the load stage (xpeft and the peer)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random backbone, a few requests: seconds")
     args = ap.parse_args()
+    if args.smoke:
+        smoke_settings(args)
     args.peer_models = args.peer_models or args.cache_size
     n = args.requests
     if n * len(args.payload) * args.rounds > args.profiles - 1:
@@ -388,6 +440,10 @@ def main() -> None:
         ap.error("--peer-profiles must not exceed --profiles: the peer serves the store's first profiles")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.slow_clients:
+        from xpeft.serve.proxy import install
+
+        install()  # before ray.init: the proxy reads each body (within XPEFT_BODY_TIMEOUT_S) before a replica
     import ray
     from ray import serve
 
@@ -410,20 +466,25 @@ def main() -> None:
         for per_request, words in args.payload
     }
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    phases = []
+    phases, slow = [], None
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for forward in args.forwards:
+        for forward in args.forwards if args.load else []:
             phases.append(xpeft_phase(args, root, port, forward, payloads, hot, cold))
-        if args.peer:
+        if args.peer and args.load:
             phases.append(peer_phase(args, store, port, payloads))
+        if args.slow_clients:
+            slow = slow_clients_phase(args, root, port, hot)
     finally:
         serve.shutdown()
         ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
-    report(args, phases)
+    if phases:
+        report(args, phases)
+    if slow is not None:
+        slow_clients.report(slow)
 
 
 if __name__ == "__main__":
