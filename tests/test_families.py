@@ -24,7 +24,7 @@ from xpeft.core.families import FAMILIES, MEANINGS, family_name, resolve_target,
 from xpeft.core.head import HeadWeights
 from xpeft.core.model import XPeftModel
 from xpeft.data.dataset import ProfileData
-from xpeft.fit.loop import Collator, tokenize
+from xpeft.data.tokens import Collator, tokenize
 from xpeft.fit.profile import ProfileFitter
 from xpeft.profiles.record import apply_profile, stored_mask_weights
 from xpeft.profiles.store import ProfileStore
