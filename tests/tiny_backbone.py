@@ -42,7 +42,7 @@ def make_tiny_backbone(path: str | os.PathLike, seed: int = 0) -> str:
 
 # family -> (its tiny config's class and settings, whether its tokenizer gives token type ids). DistilBERT and
 # ELECTRA get BERT-style tokenizers that do give type ids (as a BERT tokenizer would): DistilBERT's model takes
-# none, so the pipeline must leave them out; RoBERTa's and ModernBERT's tokenizers give none, as theirs do.
+# none, so the pipeline must leave them out; RoBERTa's, XLM-R's and ModernBERT's tokenizers give none, as theirs do.
 FAMILY_CONFIGS = {
     "modernbert": ("ModernBertConfig", {
         "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 48,
@@ -59,6 +59,10 @@ FAMILY_CONFIGS = {
         "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "max_position_embeddings": 128, "pad_token_id": 0,
     }, True),
     "roberta": ("RobertaConfig", {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+        "max_position_embeddings": 130, "type_vocab_size": 1, "pad_token_id": 0,
+    }, False),
+    "xlm-roberta": ("XLMRobertaConfig", {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
         "max_position_embeddings": 130, "type_vocab_size": 1, "pad_token_id": 0,
     }, False),
