@@ -2,7 +2,8 @@
 tiny_backbone.py), `xpeft params` counting what each family's model trains, the README's table of families
 being the mapping the code resolves with, and the clear refusals: a `pooler` head on an encoder without one, an
 ambiguous bare name, a meaning on a family xpeft does not know, an encoder-decoder or decoder-only checkpoint,
-a block list that cannot be found, a bank made for another architecture."""
+a block list that cannot be found, a bank made for another architecture; and the smoke run of the benchmark of
+their cost at real size (benchmarks/encoder_families.py)."""
 
 from __future__ import annotations
 
@@ -157,3 +158,17 @@ def test_a_bank_made_for_another_architecture_is_refused_naming_both():
         XPeftModel(tiny_family_encoder("modernbert"), XPeftConfig(N=8, k=2, b=4, head="cls"), bert_bank)
     with pytest.raises(ValueError, match=r"distilbert encoder's 'attention.v_lin'.*'attention.self.value'"):
         XPeftModel(tiny_family_encoder("distilbert"), XPeftConfig(N=8, k=2, b=4, head="cls"), bert_bank)
+
+
+def test_the_family_cost_benchmark_prints_a_row_of_fit_and_forward_costs_per_backbone():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "benchmarks/encoder_families.py", "--smoke"], cwd=README.parent,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in r.stdout.splitlines() if line[:2] == "| "}
+    for name in ("minilm", "bert-base", "modernbert-base", "deberta-v3-base"):
+        cells = rows[name]
+        assert len(cells) == 10 and all(float(c.strip(" |")) > 0 for c in cells[5:]), r.stdout
+    assert rows["modernbert-base"][4] == "padded, fp32", r.stdout  # its packed forward is not exact: the fit pads
