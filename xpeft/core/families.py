@@ -60,8 +60,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "distilbert": Family(
         "transformer.layer",
-        {"value": "attention.v_lin", "query": "attention.q_lin", "attention_output": "attention.out_lin",
-         "ffn_output": "ffn.lin2"},
+        {
+            "value": "attention.v_lin",
+            "query": "attention.q_lin",
+            "attention_output": "attention.out_lin",
+            "ffn_output": "ffn.lin2",
+        },
         pooler=False,
     ),  # fmt: skip
     "modernbert": Family(

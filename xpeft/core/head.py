@@ -5,9 +5,10 @@ head kind is added here and every path has it.
 'pooler' is the paper's head: BERT's pooler (dense + tanh on [CLS], initialised from the encoder's pretrained
 pooler; an encoder without one is refused it, `xpeft.core.model.encoder_pooler`) and a classifier (Table 4 counts
 d·d + d + d·c + c). 'linear' is a small head for the profile farm: mean-pooled tokens and a classifier (d·c + c).
-'cls' reads the first token's state, [CLS] (ModernBERT's `classifier_pooling="cls"`), into a classifier (d·c + c). A head's tensors are named as in `Head`'s state dict
-(`dense.weight`, `dense.bias`, `classifier.weight`, `classifier.bias`), which is also how profiles store them:
-one head's (`classifier.weight` c × d) for a batch of one profile, or one per row (R × c × d).
+'cls' reads the first token's state, [CLS] (ModernBERT's `classifier_pooling="cls"`), into a classifier (d·c + c). A
+head's tensors are named as in `Head`'s state dict (`dense.weight`, `dense.bias`, `classifier.weight`,
+`classifier.bias`), which is also how profiles store them: one head's (`classifier.weight` c × d) for a batch of one
+profile, or one per row (R × c × d).
 """
 
 from __future__ import annotations

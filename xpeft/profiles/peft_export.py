@@ -1,11 +1,11 @@
 """A profile as a PEFT LoRA folder: hand one profile to a plain PEFT stack.
 
 A profile's combined adapter is one low-rank pair per block (Â = Σ M_A·A_i, B̂ = Σ M_B·B_i, `xpeft.core.combine`),
-which is exactly a LoRA adapter of rank b when nothing sits between Â and B̂: written as `lora_A = Â`,
-`lora_B = B̂` (r = b, lora_alpha = b: scale 1), `PeftModel.from_pretrained(backbone, folder)` computes the
-profile's encoder. A profile on a part of a fused linear (ModernBERT's value rows of `attn.Wqkv`) is written as
-LoRA on the whole linear, its `lora_B` zero outside the part's rows: the same outputs. The head goes next to it as `head.safetensors` (its kind, classes and label names in the
-metadata), since a bare encoder has no place for it.
+which is exactly a LoRA adapter of rank b when nothing sits between Â and B̂: written as `lora_A = Â`, `lora_B = B̂`
+(r = b, lora_alpha = b: scale 1), `PeftModel.from_pretrained(backbone, folder)` computes the profile's encoder. A
+profile on a part of a fused linear (ModernBERT's value rows of `attn.Wqkv`) is written as LoRA on the whole linear,
+its `lora_B` zero outside the part's rows: the same outputs. The head goes next to it as `head.safetensors` (its
+kind, classes and label names in the metadata), since a bare encoder has no place for it.
 
 Which profiles can be written: x_peft profiles fitted without the LayerNorm after Â (`--no-layer-norm`), among
 them the mtl warm-start profiles (one-hot masks over their own adapter), and single_adapter profiles (their
