@@ -154,9 +154,10 @@ def family_encoder(name: str):
 
 
 # RoBERTa counts positions from padding_idx + 1, so positions from 0 are not its padded forward's; ModernBERT's
-# local attention windows and DeBERTa's relative positions do not take a packed batch's mask as is.
+# sliding-window layers take a packed mask without their window (known from its config, whatever the rows);
+# DeBERTa's relative positions do not take a packed mask.
 FAMILIES = {
-    "bert": None, "distilbert": None, "electra": None, "roberta": "differ", "modernbert": "differ",
+    "bert": None, "distilbert": None, "electra": None, "roberta": "differ", "modernbert": "sliding-window",
     "deberta": "fails",
 }  # fmt: skip
 
@@ -172,6 +173,18 @@ def test_a_fit_packs_the_families_whose_packed_forward_is_exact_and_pads_the_oth
         result = fit(model, rows, TrainConfig(epochs=1, batch_size=8))
     assert result.packed is (mismatch is None)
     assert ("padding batches, not packing" in caplog.text) is (mismatch is not None)
+
+
+def test_modernbert_pads_even_where_its_rows_are_shorter_than_its_attention_window():
+    """On rows within the window the packed and padded logits agree, so a comparison on a few short rows would
+    pack, and a later row longer than the window would attend past it: the window is refused from the config."""
+    from tiny_backbone import tiny_family_encoder
+
+    encoder, cfg = tiny_family_encoder("modernbert"), XPeftConfig(N=20, k=5, b=4, head="cls")
+    model = XPeftModel(encoder, cfg, random_bank_for(encoder, cfg, seed=7))
+    short = [{"input_ids": [7, 8, 9], "attention_mask": [1, 1, 1], "labels": 0}] * 4  # within the half-window 4
+    assert "sliding-window" in packing_mismatch(model, short)
+    assert not fit(model, short, TrainConfig(epochs=1, batch_size=4)).packed
 
 
 class NoPositions(torch.nn.Module):

@@ -160,6 +160,19 @@ def token_inputs(encoder: nn.Module) -> tuple[str, ...]:
     return (*names, "token_type_ids") if takes and (types or 0) >= 2 else names
 
 
+def unpackable(encoder: nn.Module) -> str | None:
+    """Why a packed batch (xpeft.core.packing: one block-diagonal 4D mask) cannot give this encoder's padded
+    results whatever the rows, known from its config (None: nothing known; the fit still compares the two on its
+    rows). ModernBERT's sliding-window layers build their window from a 2D mask and take a 4D mask as it is: a
+    packed row longer than the window would attend past it, so a check on short rows would pass and mislead."""
+    if "sliding_attention" in (getattr(encoder.config, "layer_types", None) or ()):
+        return (
+            f"the {family_name(encoder) or type(encoder).__name__} encoder's sliding-window attention layers take a "
+            "packed batch's mask as it is, without their window, so rows longer than the window would attend past it"
+        )
+    return None
+
+
 def check_encoder_config(config, name: str) -> None:
     """Refuse what is not an encoder before loading its weights: an encoder-decoder or a decoder-only model."""
     from transformers.models.auto.modeling_auto import (
