@@ -1,24 +1,34 @@
-"""Load test of the profile server on 127.0.0.1, with its forward in ONNX Runtime ('ort') and in torch
-('eager'), and of the peer a user would deploy instead (PEFT LoRA adapters behind `@serve.multiplexed`,
-benchmarks/serve_peer.py), one after another on the same cores, client and payloads. Scenarios: (a) every
-request to one profile, (b) every request to a different profile (xpeft: never requested before, among
-10,000 stored ones; the peer: a cycle over its 1,000 adapters, more than its LRU holds). Bounded: a fixed
-number of requests per scenario and a time limit; it stops by itself and shuts its Ray down.
+"""The serving harness: the profile server on 127.0.0.1 under load, against the peer a user would deploy
+instead, and a replica killed mid-stream. Every stage runs on one local Ray and stops by itself.
 
     python benchmarks/serve_load.py --payload 1x20 1x100 4x20            # the recorded run (BENCHMARKS.md)
     python benchmarks/serve_load.py --forwards ort --no-peer --requests 300 --time-limit 30   # quicker
     python benchmarks/serve_load.py --store /tmp/xpeft-load              # keep (and reuse) the 10,000 profiles
+    python benchmarks/serve_load.py --stages kill --concurrency 8        # a replica killed (docs/serving.md)
+    python benchmarks/serve_load.py --smoke                              # every stage, tiny: seconds
 
-For each server it prints the load table; then, per payload and scenario, the forward's ms a row inside the
-replica next to the same engine's forward alone (in this process, after the server is gone) at the batch
-sizes the replica formed (`replica/alone`), requests/s ort against eager, the CPU seconds the client, the
-Serve proxy, the replica and the rest of Ray used (/proc), unloaded latency (sequential single-text
-requests next to the one-row forward alone), and xpeft against the peer (requests/s, p50/p99, replica RSS).
+Stage `load`: the server with its forward in ONNX Runtime ('ort') and in torch ('eager'), then the peer (PEFT
+LoRA adapters behind `@serve.multiplexed`, harness/peer.py), one after another on the same cores, client and
+payloads. Scenarios: (a) every request to one profile, (b) every request to a different profile (xpeft: never
+requested before, among the stored ones; the peer: a cycle over its adapters, more than its LRU holds), a
+fixed number of requests each, within a time limit. For each server it prints the load table; then, per
+payload and scenario, the forward's ms a row inside the replica next to the same engine's forward alone (in
+this process, after the server is gone) at the batch sizes the replica formed (`replica/alone`), requests/s
+ort against eager, the CPU seconds the client, the Serve proxy, the replica and the rest of Ray used (/proc),
+unloaded latency (sequential single-text requests next to the one-row forward alone), and xpeft against the
+peer (requests/s, p50/p99, replica RSS). In (b) the combined cache holds far fewer than the profiles, so every
+request reads its profile from the store (or the record cache) and combines it with the bank: the cost that
+mixed-profile serving adds.
 
-The profiles are random (k-hot masks, LN affine, a 'linear' head): serving cost does not depend on how well
-a profile was fitted. They are written 8 a commit, as the farm flushes them (FarmConfig.flush_every).
-In (b) the cache holds far fewer than the profiles, so every request reads its profile from the store (or
-the record cache) and combines it with the bank: the cost that mixed-profile serving adds.
+Stage `kill`: a steady stream of classify requests from --concurrency threads; after --kill-at seconds the
+replica process (one of --replicas) gets SIGKILL. It reports how many requests failed and how (status,
+Content-Type, Retry-After, body), and how long until requests were served again. The proxy has
+xpeft.serve.proxy's middleware (a JSON 503 with Retry-After for a request no replica answered), as `xpeft
+serve` sets it up, unless --plain-proxy; it is installed when Ray starts, so with both stages the load stage
+runs behind it too.
+
+The server's settings are ServeConfig's flags (as `xpeft serve` takes them); N, k, b and the classes of the
+random profiles XPeftConfig's.
 """
 
 from __future__ import annotations
@@ -28,115 +38,97 @@ import dataclasses
 import itertools
 import os
 import random
-import socket
+import signal
 import statistics
 import tempfile
 import threading
 import time
 
-import torch
-from serve_procs import cpu_by_role, memory_mb, replica_pids
-from serve_report import SCENARIOS, report
+from harness.common import SMOKE_HELP, WORDS, free_port, make_store, smoke_backbone
+from harness.procs import cpu_by_role, memory_mb, replica_pids
+from harness.report import SCENARIOS, kill_report, report
 
 from xpeft.config import XPeftConfig
-from xpeft.core.bank import random_bank_for
-from xpeft.core.encoder import load_encoder
-from xpeft.core.masks import khot, pack_bits
-from xpeft.profiles.record import Profile
-from xpeft.profiles.store import ProfileStore
+from xpeft.flags import add_flags, from_flags
 from xpeft.serve.config import ServeConfig
-from xpeft.serve.deployment import build_app
 from xpeft.serve.engine import ProfileEngine
 
-WORDS = (
-    "the a new old big small good bad great awful movie film story news politics sports music art travel food "
-    "health business school science tech style culture love fun game team vote election money market trip "
-    "recipe city world people week year report study season police court family home life"
-).split()
-DEFAULTS = {f.name: f for f in dataclasses.fields(ServeConfig)}
-FLUSH_EVERY = 8  # FarmConfig.flush_every: profiles per store write (one commit) as the farm writes them
+STAGES = ("load", "kill")
+NOT_FLAGS = ("store", "bank_path", "bank_fingerprint", "forward")  # the harness makes the store; --forwards
 
 
-def make_store(root: str, n: int, backbone: str, N: int, k: int, b: int, num_labels: int) -> ProfileStore:
-    """A store with `n` random hard-mask profiles on one random bank (reused when it already has them)."""
-    store = ProfileStore(root)
-    if len(store) >= n and store.bank_fingerprints():
-        return store
-    cfg = XPeftConfig(N=N, k=k, b=b, head="linear", num_labels=num_labels)
-    bank = random_bank_for(load_encoder(backbone), cfg, seed=0)
-    L, d = bank.L, bank.d_in
-    store.save_bank(bank)
-    g = torch.Generator().manual_seed(0)
-    batch = []
-    for i in range(n):
-        masks = [khot(torch.randn(L, N, generator=g), cfg.top_k) for _ in range(2)]
-        tensors = {
-            "ln_weight": 1 + 0.1 * torch.randn(L, b, generator=g),
-            "ln_bias": 0.1 * torch.randn(L, b, generator=g),
-            "head.classifier.weight": torch.randn(num_labels, d, generator=g) / d**0.5,
-            "head.classifier.bias": torch.zeros(num_labels),
-        }
-        batch.append(
-            Profile(
-                f"p{i:05d}",
-                cfg,
-                tensors,
-                mask_bits=pack_bits(masks[0]) + pack_bits(masks[1]),
-                bank_fingerprint=bank.fingerprint,
-                metrics={"accuracy": 0.5},
-            )
-        )
-        if len(batch) == FLUSH_EVERY:
-            store.write(batch)
-            batch = []
-    store.write(batch)
-    return store
+class Client:
+    """Threads that POST /v1/classify, each one request at a time, taking (profile_id, texts) from a function
+    until it returns None or `stop()`; `log` holds every answer as (sent, answered, status, headers, body),
+    status None for a request that got no HTTP answer. With `header`, each request also names its profile
+    there (the peer's multiplexed model id)."""
 
+    def __init__(self, url: str, header: str = ""):
+        self.url, self.header = url, header
+        self.log: list[tuple] = []
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []  # a client thread's own failure, raised by stop()
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def start(self, next_request, concurrency: int) -> Client:
+        self.threads = [
+            threading.Thread(target=self._run, args=(next_request,), daemon=True) for _ in range(concurrency)
+        ]
+        for t in self.threads:
+            t.start()
+        return self
 
+    def _run(self, next_request) -> None:
+        try:
+            self._send(next_request)
+        except BaseException as e:  # raised in the caller's thread by stop(): a dead client is not a slow server
+            self.errors.append(e)
 
-def run_load(
-    url: str, profile_ids: list[str], texts: list[list[str]], concurrency: int, time_limit: float, header: str = ""
-) -> dict:
-    """Send request i (profile_ids[i], texts[i]) from `concurrency` threads until all are sent or time is up;
-    with `header`, each request also names its profile in that header (the peer's multiplexed model id)."""
-    import requests
+    def _send(self, next_request) -> None:
+        import requests
 
-    latencies: list[float] = []
-    failures: list[str] = []
-    next_i = iter(range(len(profile_ids)))
-    lock = threading.Lock()
-    deadline = time.perf_counter() + time_limit
-
-    def worker() -> None:
         session = requests.Session()
-        while time.perf_counter() < deadline:
-            with lock:
-                i = next(next_i, None)
-            if i is None:
+        while not self.stopped.is_set():
+            with self.lock:
+                req = next_request()
+            if req is None:
                 return
-            body = {"profile_id": profile_ids[i], "texts": texts[i]}
+            pid, texts = req
+            headers = {self.header: pid} if self.header else None
             start = time.perf_counter()
-            headers = {header: profile_ids[i]} if header else None
-            r = session.post(f"{url}/v1/classify", json=body, headers=headers, timeout=60)
-            elapsed = time.perf_counter() - start
-            with lock:
-                if r.status_code == 200:
-                    latencies.append(elapsed)
-                else:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
+            try:
+                r = session.post(f"{self.url}/v1/classify", json={"profile_id": pid, "texts": texts},
+                                 headers=headers, timeout=120)  # fmt: skip
+                entry = (start, time.perf_counter(), r.status_code, dict(r.headers), r.text[:300])
+            except requests.RequestException as e:
+                entry = (start, time.perf_counter(), None, {}, f"{type(e).__name__}: {e}"[:300])
+                session = requests.Session()
+            with self.lock:
+                self.log.append(entry)
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    def stop(self, after_s: float = 0.0) -> list[tuple]:
+        """Wait up to `after_s` for the requests to run out, then stop sending; the log once the requests in
+        flight are answered."""
+        deadline = time.perf_counter() + after_s
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.perf_counter()))
+        self.stopped.set()
+        for t in self.threads:
+            t.join(130)
+        if self.errors:
+            raise RuntimeError("a client thread failed") from self.errors[0]
+        return self.log
+
+
+def run_load(url: str, profile_ids: list[str], texts: list[list[str]], concurrency: int, time_limit: float,
+             header: str = "") -> dict:  # fmt: skip
+    """Send request i (profile_ids[i], texts[i]) from `concurrency` threads until all are sent or time is up."""
+    todo = iter(zip(profile_ids, texts, strict=True))
     start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    log = Client(url, header).start(lambda: next(todo, None), concurrency).stop(after_s=time_limit)
     wall = time.perf_counter() - start
+    latencies = [end - sent for sent, end, status, _, _ in log if status == 200]
+    failures = [f"{status} {body[:200]}" for _, _, status, _, body in log if status != 200]
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
     return {
         "requests": len(latencies),
@@ -184,7 +176,7 @@ def scenarios(url: str, args, payloads: dict, hot: str, cold: list[str], header:
     results = []
     cold_ids = iter(cold)
     for payload, (_, _, texts) in payloads.items():
-        warm = run_load(url, [hot] * 32, texts[:32], args.concurrency, args.time_limit, header)
+        warm = run_load(url, [hot] * len(texts[:32]), texts[:32], args.concurrency, args.time_limit, header)
         if warm["failed"]:
             raise RuntimeError(f"the warm-up failed: {warm['first_failure']}")
         for round_ in range(args.rounds):
@@ -212,11 +204,11 @@ def deploy(app, name: str, port: int) -> str:
 
 
 def undeploy(name: str) -> dict:
-    """Memory of the app's replica, then the app deleted and its replica gone (so what follows runs alone)."""
+    """Memory of the app's (first) replica, then the app deleted and its replicas gone (so what follows runs
+    alone)."""
     from ray import serve
 
-    (pid,) = replica_pids()
-    memory = memory_mb(pid)
+    memory = memory_mb(replica_pids()[0])
     serve.delete(name)
     deadline = time.perf_counter() + 60
     while replica_pids() and time.perf_counter() < deadline:
@@ -256,19 +248,14 @@ def alone_timings(engine: ProfileEngine, args, runs: list[dict], payloads: dict,
     return out
 
 
+def server_config(args, root: str, **overrides) -> ServeConfig:
+    return from_flags(args, ServeConfig, store=root, api_token=None, **overrides)
+
+
 def xpeft_phase(args, root: str, port: int, forward: str, payloads: dict, hot: str, cold: list[str]) -> dict:
-    cfg = ServeConfig(
-        store=root,
-        backbone=args.backbone,
-        num_cpus=args.num_cpus,
-        cache_size=args.cache_size,
-        record_cache_mb=args.record_cache_mb,
-        max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
-        forward=forward,
-        onnx_cache=args.onnx_cache,
-        api_token=None,
-    )
+    from xpeft.serve.deployment import build_app
+
+    cfg = server_config(args, root, forward=forward)
     start = time.perf_counter()
     # Built first, so the replica finds the encoder graph in the cache: it starts without exporting.
     local = ProfileEngine(dataclasses.replace(cfg, record_cache_mb=0))
@@ -289,29 +276,72 @@ def xpeft_phase(args, root: str, port: int, forward: str, payloads: dict, hot: s
             "one_row_s": one_row, "memory": memory, "alone": alone}  # fmt: skip
 
 
-def peer_phase(args, store: ProfileStore, port: int, payloads: dict) -> dict:
+def peer_phase(args, store, port: int, payloads: dict) -> dict:
     import ray.cloudpickle
-    import serve_peer
+    from harness import peer
 
-    ray.cloudpickle.register_pickle_by_value(serve_peer)  # benchmarks/ is not importable in the workers
+    ray.cloudpickle.register_pickle_by_value(peer)  # benchmarks/ is not importable in the workers
     tmp = tempfile.TemporaryDirectory(prefix="xpeft-peer-") if args.peer_adapters is None else None
     root = args.peer_adapters or tmp.name
     start = time.perf_counter()
-    ids = serve_peer.write_adapters(store, root, args.peer_profiles, args.backbone)
+    ids = peer.write_adapters(store, root, args.peer_profiles, args.backbone)
     print(f"[peer] {len(ids)} PEFT adapters at {root} ({time.perf_counter() - start:.1f} s)")
     try:
-        app = serve_peer.peer_app(root, args.backbone, args.peer_models, args.num_cpus, args.max_batch_size)
+        app = peer.peer_app(root, args.backbone, args.peer_models, args.num_cpus, args.max_batch_size)
         url = deploy(app, "peft-peer", port)
         hot, rest = ids[0], random.Random(0).sample(ids[1:], len(ids) - 1)
         cold = list(itertools.islice(itertools.cycle(rest), args.requests * len(payloads) * args.rounds))
-        runs = scenarios(url, args, payloads, hot, cold, serve_peer.MODEL_ID_HEADER)
+        runs = scenarios(url, args, payloads, hot, cold, peer.MODEL_ID_HEADER)
         text = " ".join(random.Random(1).choices(WORDS, k=20))
-        lone = unloaded(url, args, hot, text, serve_peer.MODEL_ID_HEADER)
+        lone = unloaded(url, args, hot, text, peer.MODEL_ID_HEADER)
         memory = undeploy("peft-peer")
     finally:
         if tmp is not None:
             tmp.cleanup()
     return {"system": "PEFT + multiplexing", "forward": "eager", "runs": runs, "unloaded": lone, "memory": memory}
+
+
+def load_stage(args, store, port: int) -> None:
+    rng = random.Random(0)
+    ids = store.ids()
+    hot, cold = ids[0], rng.sample(ids[1:], args.requests * len(args.payload) * args.rounds)  # (b): never twice
+    payloads = {
+        f"{per_request} × {words} words": (
+            per_request,
+            words,
+            [[" ".join(rng.choices(WORDS, k=words)) for _ in range(per_request)] for _ in range(args.requests)],
+        )
+        for per_request, words in args.payload
+    }
+    phases = [xpeft_phase(args, store.uri, port, forward, payloads, hot, cold) for forward in args.forwards]
+    if args.peer:
+        phases.append(peer_phase(args, store, port, payloads))
+    report(args, phases)
+
+
+def kill_stage(args, store, port: int) -> None:
+    from xpeft.serve.deployment import build_app
+
+    ids, rng = store.ids(), random.Random(0)
+    url = deploy(build_app(server_config(args, store.uri, forward=args.forwards[0])), "xpeft-kill", port)
+    warm = run_load(url, ids[:1], [["warm up"]], 1, args.time_limit)
+    if warm["failed"]:
+        raise RuntimeError(f"the warm-up failed: {warm['first_failure']}")
+    pid = replica_pids()[0]
+    texts = lambda: [" ".join(rng.choices(WORDS, k=12))]  # noqa: E731
+    client = Client(url).start(lambda: (rng.choice(ids), texts()), args.kill_concurrency)
+    time.sleep(args.kill_at)
+    killed_at = time.perf_counter()
+    os.kill(pid, signal.SIGKILL)
+    print(f"kill -9 {pid} (the replica) after {args.kill_at:.0f} s of requests", flush=True)
+    while time.perf_counter() - killed_at < args.after_kill:
+        with client.lock:
+            served = sum(1 for e in client.log if e[2] == 200 and e[0] > killed_at)
+        if served >= args.served_after:
+            break
+        time.sleep(0.2)
+    log = client.stop()
+    kill_report(args, log, killed_at, pid, replica_pids())
 
 
 def parse_payload(text: str) -> tuple[int, int]:
@@ -320,110 +350,118 @@ def parse_payload(text: str) -> tuple[int, int]:
     return int(texts), int(words)
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profiles", type=int, default=10_000)
-    ap.add_argument("--backbone", default="minilm")
-    ap.add_argument("--N", type=int, default=100)
-    ap.add_argument("--k", type=int, default=None, help="default: half the bank (N/2)")
-    ap.add_argument("--b", type=int, default=48)
-    ap.add_argument("--num-labels", type=int, default=15)
-    ap.add_argument("--store", default=None, help="default: a temporary directory, removed afterwards")
-    ap.add_argument("--requests", type=int, default=600, help="requests per scenario, payload and round")
-    ap.add_argument(
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="default: load (--smoke: every stage)")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+    ap.add_argument("--profiles", type=int, default=10_000, help="random profiles in the store (default: 10000)")
+    ap.add_argument("--store", default=None, help="the store, kept and reused (default: a temporary directory)")
+    ap.add_argument("--concurrency", type=int, default=None, help="client threads (default: 16; stage kill: 4)")
+    ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario and payload (default: 60)")
+    group = ap.add_argument_group("the profiles (XPeftConfig)")
+    add_flags(group, XPeftConfig, only=("N", "k", "b", "num_labels"), defaults=XPeftConfig(num_labels=15))
+    add_flags(ap.add_argument_group("the server (ServeConfig, as `xpeft serve` takes it)"), ServeConfig, skip=NOT_FLAGS)
+    load = ap.add_argument_group("stage load")
+    load.add_argument("--requests", type=int, default=600, help="requests a scenario, payload and round (default: 600)")
+    load.add_argument(
         "--rounds",
         type=int,
         default=3,
-        help="(a) then (b), this many times per payload: alternating spreads a shared machine's drift over both",
+        help="(a) then (b), this many times per payload: alternating spreads a machine's drift over both (default: 3)",
     )
-    ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario and payload")
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument(
+    load.add_argument(
         "--payload",
         nargs="+",
-        default=["1x20"],
+        default=[(1, 20)],
         type=parse_payload,
-        help="TEXTSxWORDS per request, one or more (e.g. 1x20 1x100 4x20)",
+        help="TEXTSxWORDS per request, one or more (e.g. 1x20 1x100 4x20; default: 1x20)",
     )
-    ap.add_argument(
+    load.add_argument(
         "--forwards",
         nargs="+",
         choices=["ort", "eager"],
         default=["ort", "eager"],
-        help="the xpeft servers to run, one after another (ServeConfig.forward)",
+        help="the xpeft servers, one after another (ServeConfig.forward; stage kill runs the first)",
     )
-    ap.add_argument(
+    load.add_argument(
         "--peer",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="then the PEFT LoRA + @serve.multiplexed peer on the same payloads (benchmarks/serve_peer.py)",
+        help="then the PEFT LoRA + @serve.multiplexed peer on the same payloads (harness/peer.py)",
     )
-    ap.add_argument("--peer-profiles", type=int, default=1000, help="the store's first profiles, as PEFT adapters")
-    ap.add_argument(
+    load.add_argument("--peer-profiles", type=int, default=1000, help="the store's first profiles, as PEFT adapters")
+    load.add_argument(
         "--peer-models",
         type=int,
         default=None,
         help="the peer's max_num_models_per_replica (default: --cache-size, the combined profiles xpeft keeps)",
     )
-    ap.add_argument("--peer-adapters", default=None, help="the peer's adapter directory (kept and reused)")
-    ap.add_argument("--unloaded", type=int, default=200, help="sequential single-text requests (unloaded latency)")
-    ap.add_argument("--alone-reps", type=int, default=3, help="timed forwards alone per batch size")
-    ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved by the replica (its compute threads)")
-    ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--batch-wait-timeout-s", type=float, default=DEFAULTS["batch_wait_timeout_s"].default)
-    ap.add_argument("--cache-size", type=int, default=256)
-    ap.add_argument(
-        "--record-cache-mb",
-        type=float,
-        default=DEFAULTS["record_cache_mb"].default,
-        help="stored records kept in memory (0: every miss of the combined cache reads the store)",
-    )
-    ap.add_argument("--onnx-cache", default=None, help=DEFAULTS["onnx_cache"].metadata["help"])
-    args = ap.parse_args()
+    load.add_argument("--peer-adapters", default=None, help="the peer's adapter directory (kept and reused)")
+    load.add_argument("--unloaded", type=int, default=200, help="sequential single-text requests (unloaded latency)")
+    load.add_argument("--alone-reps", type=int, default=3, help="timed forwards alone per batch size")
+    kill = ap.add_argument_group("stage kill")
+    kill.add_argument("--kill-at", type=float, default=5.0, help="seconds of the stream before the kill")
+    kill.add_argument("--after-kill", type=float, default=60.0, help="seconds of the stream after it, at most")
+    kill.add_argument("--served-after", type=int, default=50, help="stop once this many were served after the kill")
+    kill.add_argument("--plain-proxy", action="store_true", help="without xpeft.serve.proxy's middleware")
+    return ap
+
+
+SMOKE = {  # sizes only: the flags that choose what runs (stages, payloads, forwards, peer, proxy) are kept
+    **{"requests": 4, "rounds": 1, "time_limit": 60.0, "unloaded": 3, "alone_reps": 1, "peer_profiles": 4},
+    **{"N": 8, "k": None, "b": 4, "num_labels": 3, "store": None, "peer_adapters": None},
+    **{"kill_at": 1.0, "after_kill": 5.0, "served_after": 2},
+}
+
+
+def settle(ap: argparse.ArgumentParser, args, tmp: str) -> None:
+    """Defaults that depend on other flags, the smoke setting's sizes, and the refusals."""
+    args.stages = args.stages or (list(STAGES) if args.smoke else ["load"])
+    if args.smoke:
+        vars(args).update(SMOKE, backbone=smoke_backbone(tmp), concurrency=min(args.concurrency or 2, 2))
+        args.profiles = args.requests * len(args.payload) * args.rounds + args.peer_profiles
+        args.onnx_cache = args.onnx_cache or os.path.join(tmp, "onnx")
+    args.kill_concurrency = args.concurrency or 4
+    args.concurrency = args.concurrency or 16
     args.peer_models = args.peer_models or args.cache_size
-    n = args.requests
-    if n * len(args.payload) * args.rounds > args.profiles - 1:
+    if "load" in args.stages and args.requests * len(args.payload) * args.rounds > args.profiles - 1:
         ap.error("(b) never sends two requests to one profile: need requests × payloads × rounds < profiles")
-    if args.peer and args.peer_profiles > args.profiles:
+    if "load" in args.stages and args.peer and args.peer_profiles > args.profiles:
         ap.error("--peer-profiles must not exceed --profiles: the peer serves the store's first profiles")
+
+
+def main() -> None:
+    ap = arguments()
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory(prefix="xpeft-load-")
+    settle(ap, args, tmp.name)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "kill" in args.stages and not args.plain_proxy:
+        from xpeft.serve.proxy import install
+
+        install()  # before ray.init: the proxy process inherits the environment
     import ray
     from ray import serve
 
-    tmp = tempfile.TemporaryDirectory(prefix="xpeft-load-") if args.store is None else None
-    root = args.store or tmp.name
-    t0 = time.perf_counter()
-    store = make_store(root, args.profiles, args.backbone, args.N, args.k, args.b, args.num_labels)
-    print(
-        f"store: {len(store)} profiles in {store.stats()['parts']} parts at {root} ({time.perf_counter() - t0:.1f} s)"
-    )
-    rng = random.Random(0)
-    ids = store.ids()
-    hot, cold = ids[0], rng.sample(ids[1:], n * len(args.payload) * args.rounds)  # (b): never twice a server
-    payloads = {
-        f"{per_request} × {words} words": (
-            per_request,
-            words,
-            [[" ".join(rng.choices(WORDS, k=words)) for _ in range(per_request)] for _ in range(n)],
-        )
-        for per_request, words in args.payload
-    }
+    root = args.store or os.path.join(tmp.name, "store")
+    start = time.perf_counter()
+    cfg = from_flags(args, XPeftConfig)
+    store = make_store(root, args.profiles, args.backbone, cfg)
+    print(f"store: {len(store)} profiles in {store.stats()['parts']} parts at {root} "
+          f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    phases = []
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for forward in args.forwards:
-            phases.append(xpeft_phase(args, root, port, forward, payloads, hot, cold))
-        if args.peer:
-            phases.append(peer_phase(args, store, port, payloads))
+        if "load" in args.stages:
+            load_stage(args, store, port)
+        if "kill" in args.stages:
+            kill_stage(args, store, port)
     finally:
         serve.shutdown()
         ray.shutdown()
-        if tmp is not None:
-            tmp.cleanup()
-    report(args, phases)
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

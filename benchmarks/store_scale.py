@@ -1,15 +1,12 @@
 """The profile store at scale: writes from 2 processes, open-to-ready, lookups, staleness, compaction, memory.
 
-    python benchmarks/store_scale.py --profiles 1000000                 # the new store alone (local disk)
-    python benchmarks/store_scale.py --profiles 100000                  # and today's Parquet layout beside it
+    python benchmarks/store_scale.py --profiles 1000000                 # local disk
     python benchmarks/store_scale.py --profiles 100000 --s3             # on moto_server (S3 API) on 127.0.0.1
-    python benchmarks/store_scale.py --profiles 20000                   # a smoke run
+    python benchmarks/store_scale.py --smoke                            # a few hundred profiles: seconds
 
 Records are hard mtl profiles with a shared head as the farm writes them (MiniLM, N=100, k=50, b=48: 156 bytes
-of mask bits + the LN affine, 2,460 bytes a record; random content). Phases, each store in turn:
-  build     the store of --profiles profiles. New store: bulk appends (what `xpeft profiles migrate` does);
-            old layout (--compare-old, the default up to 100,000): one Parquet file of 8 per write, as the farm
-            flushes them (FarmConfig.flush_every), via a copy of the old store (benchmarks/old_store.py)
+of mask bits + the LN affine, 2,460 bytes a record; random content). Phases:
+  build     the store of --profiles profiles: bulk appends (what `xpeft profiles migrate` does)
   write     2 writer processes at once, each --writer-batches writes of 8 (half new ids, half refits of
             stored ids), through ProfileStore.write; then checks nothing was lost and the newest version won
   read      a fresh process: open-to-ready (the store opened and its index built), --lookups random stored
@@ -17,8 +14,9 @@ of mask bits + the LN affine, 2,460 bytes a record; random content). Phases, eac
   visible   a process polling refresh() every 50 ms; this one refits an id / deletes one, 5 times each: seconds
             from the write's start until the poller serves the new version / a 404 (a server adds at most its
             staleness_s on top)
-  compact   `xpeft profiles compact` (new store: rewrite + cleanup; deleted bytes gone), bytes before and after
-The last line, for the new store: `<n> profiles: ready <s> s, lookup p99 <ms> ms, unknown p99 <ms> ms`.
+  compact   `xpeft profiles compact` (rewrite + cleanup; deleted bytes gone), bytes before and after
+The last line: `<n> profiles: ready <s> s, lookup p99 <ms> ms, unknown p99 <ms> ms`. (The Parquet layout the
+store replaced was measured beside it with benchmarks/old_store.py and --compare-old at commit 1210ec9.)
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from old_store import OldProfileStore  # noqa: E402
+from harness.common import SMOKE_HELP, machine  # noqa: E402
 
 from xpeft.config import XPeftConfig  # noqa: E402
 from xpeft.profiles.record import Profile, from_row, to_row  # noqa: E402
@@ -106,10 +104,6 @@ def profiles(ids: list[str], version: int) -> list[Profile]:
     return [from_row(r) for r in make_rows(ids, version).to_pylist()]
 
 
-def open_store(kind: str, uri: str):
-    return ProfileStore(uri) if kind == "new" else OldProfileStore(uri)
-
-
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1000, q)) if xs else float("nan")
 
@@ -122,24 +116,19 @@ def rss_mb() -> float:
 # --- phases ---------------------------------------------------------------------------------------------
 
 
-def build(kind: str, uri: str, n: int) -> float:
+def build(uri: str, n: int) -> float:
     start = time.perf_counter()
-    if kind == "new":
-        batches = (
-            b
-            for s in range(0, n, 20_000)
-            for b in make_rows([pid(i) for i in range(s, min(n, s + 20_000))], seed=s).to_batches()
-        )
-        ProfileStore(uri).table.bulk_load(batches, SCHEMA)
-    else:
-        old = OldProfileStore(uri)
-        for s in range(0, n, 8):
-            old.write(profiles([pid(i) for i in range(s, min(n, s + 8))], 0))
+    batches = (
+        b
+        for s in range(0, n, 20_000)
+        for b in make_rows([pid(i) for i in range(s, min(n, s + 20_000))], seed=s).to_batches()
+    )
+    ProfileStore(uri).table.bulk_load(batches, SCHEMA)
     return time.perf_counter() - start
 
 
-def _writer(kind: str, uri: str, n: int, w: int, batches: int, q) -> None:
-    store, rng = open_store(kind, uri), random.Random(w)
+def _writer(uri: str, n: int, w: int, batches: int, q) -> None:
+    store, rng = ProfileStore(uri), random.Random(w)
     new, refits, seconds = [], {}, []
     for b in range(batches):
         ids = [pid(NEW_BASE + w * 1_000_000 + b * 4 + j) for j in range(4)]
@@ -154,10 +143,10 @@ def _writer(kind: str, uri: str, n: int, w: int, batches: int, q) -> None:
     q.put((new, refits, seconds))
 
 
-def write(kind: str, uri: str, n: int, batches: int) -> dict:
+def write(uri: str, n: int, batches: int) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(kind, uri, n, w, batches, q)) for w in (1, 2)]
+    procs = [ctx.Process(target=_writer, args=(uri, n, w, batches, q)) for w in (1, 2)]
     start = time.perf_counter()
     for p in procs:
         p.start()
@@ -170,7 +159,7 @@ def write(kind: str, uri: str, n: int, batches: int) -> dict:
     for _, refits, _ in out:
         for i, cv in refits.items():
             newest[i] = max(newest.get(i, cv), cv)
-    store = open_store(kind, uri)
+    store = ProfileStore(uri)
     lost = [i for i in new if i not in store]
     sample = random.Random(0).sample(sorted(newest), min(300, len(newest)))
     stale = [i for i in sample if store.get(i).metrics["version"] != newest[i][1]]
@@ -186,9 +175,9 @@ def write(kind: str, uri: str, n: int, batches: int) -> dict:
     }
 
 
-def _reader(kind: str, uri: str, n: int, lookups: int, unknown: int, q) -> None:
+def _reader(uri: str, n: int, lookups: int, unknown: int, q) -> None:
     start = time.perf_counter()
-    store = open_store(kind, uri)
+    store = ProfileStore(uri)
     len(store)  # the index: ready to answer after this
     ready = time.perf_counter() - start
     rng, hits, misses = random.Random(1), [], []
@@ -212,8 +201,8 @@ def _reader(kind: str, uri: str, n: int, lookups: int, unknown: int, q) -> None:
     )
 
 
-def _poller(kind: str, uri: str, inbox, outbox) -> None:
-    store = open_store(kind, uri)
+def _poller(uri: str, inbox, outbox) -> None:
+    store = ProfileStore(uri)
     len(store)
     outbox.put("ready")
     while (event := inbox.get()) is not None:
@@ -228,28 +217,27 @@ def _poller(kind: str, uri: str, inbox, outbox) -> None:
             time.sleep(0.05)
 
 
-def visible(kind: str, uri: str, n: int, events: int = 5) -> dict:
+def visible(uri: str, n: int, events: int = 5) -> dict:
     ctx = mp.get_context("spawn")
     inbox, outbox = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_poller, args=(kind, uri, inbox, outbox))
+    proc = ctx.Process(target=_poller, args=(uri, inbox, outbox))
     proc.start()
     assert outbox.get(timeout=3600) == "ready"
-    store, out = open_store(kind, uri), {"upsert": [], "delete": []}
+    store, out = ProfileStore(uri), {"upsert": [], "delete": []}
     for e in range(events):
         i = pid(e * 7919 % n)
         inbox.put(("upsert", i, 900_000 + e, time.time()))
         store.write(profiles([i], 900_000 + e))
         out["upsert"].append(outbox.get(timeout=600))
-        if kind == "new":  # the old layout cannot delete
-            i = pid((e * 7919 + 1) % n)
-            inbox.put(("delete", i, None, time.time()))
-            store.delete([i])
-            out["delete"].append(outbox.get(timeout=600))
+        i = pid((e * 7919 + 1) % n)
+        inbox.put(("delete", i, None, time.time()))
+        store.delete([i])
+        out["delete"].append(outbox.get(timeout=600))
     inbox.put(None)
     proc.join(60)
     return {
         "upsert_visible_s": float(np.median(out["upsert"])),
-        "delete_404_s": float(np.median(out["delete"])) if out["delete"] else float("nan"),
+        "delete_404_s": float(np.median(out["delete"])),
     }
 
 
@@ -260,9 +248,7 @@ def stored_bytes(uri: str, s3) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(uri) for f in fs)
 
 
-def compact(kind: str, uri: str, s3) -> dict:
-    if kind != "new":
-        return {"compact_s": float("nan"), "gb_before": stored_bytes(uri, s3) / 1e9, "gb_after": float("nan")}
+def compact(uri: str, s3) -> dict:
     before = stored_bytes(uri, s3)
     start = time.perf_counter()
     ProfileStore(uri).compact()
@@ -283,19 +269,16 @@ def in_process(target, *args):
     return out
 
 
-def measure(kind: str, uri: str, args, s3) -> dict:
-    print(f"[{kind}] building {args.profiles} profiles at {uri} ...", flush=True)
-    r = {
-        "store": "Lance table (this code)" if kind == "new" else "Parquet files (old layout)",
-        "build_s": build(kind, uri, args.profiles),
-    }
-    print(f"[{kind}] built in {r['build_s']:.1f} s; 2 writers ...", flush=True)
-    r.update(write(kind, uri, args.profiles, args.writer_batches))
-    print(f"[{kind}] reading ...", flush=True)
-    r.update(in_process(_reader, kind, uri, args.profiles, args.lookups, args.unknown))
-    r.update(visible(kind, uri, args.profiles))
-    print(f"[{kind}] compacting ...", flush=True)
-    r.update(compact(kind, uri, s3))
+def measure(uri: str, args, s3) -> dict:
+    print(f"building {args.profiles} profiles at {uri} ...", flush=True)
+    r = {"store": "Lance table", "build_s": build(uri, args.profiles)}
+    print(f"built in {r['build_s']:.1f} s; 2 writers ...", flush=True)
+    r.update(write(uri, args.profiles, args.writer_batches))
+    print("reading ...", flush=True)
+    r.update(in_process(_reader, uri, args.profiles, args.lookups, args.unknown))
+    r.update(visible(uri, args.profiles))
+    print("compacting ...", flush=True)
+    r.update(compact(uri, s3))
     return r
 
 
@@ -354,26 +337,23 @@ def cell(r: dict, key: str, fmt: str | None) -> str:
     return special[key] if fmt is None else ("n/a" if r[key] != r[key] else fmt.format(r[key]))
 
 
+SMOKE = {"profiles": 300, "writer_batches": 3, "lookups": 30, "unknown": 30}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--profiles", type=int, default=100_000, help="profiles in the store (default 100,000)")
     ap.add_argument("--s3", action="store_true", help="on moto_server (an S3 API) on 127.0.0.1 instead of disk")
-    ap.add_argument(
-        "--compare-old",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also measure today's Parquet layout (default: on up to 100,000 profiles, local disk)",
-    )
     ap.add_argument("--writer-batches", type=int, default=None, help="writes of 8 per writer (150; 20 on S3)")
     ap.add_argument("--lookups", type=int, default=None, help="stored-id lookups (3000; 200 on S3)")
     ap.add_argument("--unknown", type=int, default=1500, help="unknown-id lookups (default 1500)")
     ap.add_argument("--dir", default=None, help="where the local stores go (default: a temp dir, removed after)")
     args = ap.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     args.writer_batches = args.writer_batches or (20 if args.s3 else 150)
     args.lookups = args.lookups or (200 if args.s3 else 3000)
-    compare_old = args.compare_old if args.compare_old is not None else (args.profiles <= 100_000 and not args.s3)
-    if compare_old and args.s3:
-        ap.error("--compare-old runs on local disk only")
     torch.set_num_threads(1)
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
@@ -382,29 +362,25 @@ def main() -> None:
     try:
         if args.s3:
             moto, url, s3 = start_moto()
-            uris = {"new": f"s3://bench/store?endpoint={url}"}
+            uri = f"s3://bench/store?endpoint={url}"
         else:
-            uris = {"new": f"{tmp}/new"}
-        if compare_old:
-            uris["old"] = f"{tmp}/old"
-        results = [measure(kind, uri, args, s3) for kind, uri in uris.items()]
+            uri = f"{tmp}/store"
+        r = measure(uri, args, s3)
     finally:
         if moto is not None:
             moto.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
     where = "moto S3 on 127.0.0.1" if args.s3 else "local disk"
     print(
-        f"\n{args.profiles:,} profiles, {where}, {os.cpu_count()} CPUs; {2 * args.writer_batches} writes of 8 "
+        f"\n{args.profiles:,} profiles, {where}, {machine()}; {2 * args.writer_batches} writes of 8 "
         f"from 2 processes, {args.lookups} lookups, {args.unknown} unknown ids\n"
     )
     print("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
-    for r in results:
-        print("| " + " | ".join(cell(r, key, fmt) for key, _, fmt in COLUMNS) + " |")
-    new = results[0]
+    print("| " + " | ".join(cell(r, key, fmt) for key, _, fmt in COLUMNS) + " |")
     print(
-        f"\n{args.profiles} profiles: ready {new['ready_s']:.2f} s, lookup p99 {new['lookup_p99_ms']:.2f} ms, "
-        f"unknown p99 {new['unknown_p99_ms']:.3f} ms"
+        f"\n{args.profiles} profiles: ready {r['ready_s']:.2f} s, lookup p99 {r['lookup_p99_ms']:.2f} ms, "
+        f"unknown p99 {r['unknown_p99_ms']:.3f} ms"
     )
 
 
