@@ -19,6 +19,7 @@ import os
 import random
 import tempfile
 import time
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,6 +36,8 @@ from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine
 
 SMOKE = {"rows": 48, "profiles": 4, "batch_size": 16, "max_batch_size": 8, "N": 8, "k": None, "b": 4, "store": None}
+SMOKE_ALSO = ("backbone",)
+ONE_THREAD = types.SimpleNamespace(torch_threads=1)
 
 
 def texts_table(rows: int, profiles: int, seed: int = 0) -> pa.Table:
@@ -79,8 +82,8 @@ def arguments() -> argparse.ArgumentParser:
               defaults=XPeftConfig(num_labels=15))  # fmt: skip
     add_flags(ap.add_argument_group("the job (BatchConfig)"), BatchConfig,
               only=("num_actors", "cpus_per_actor", "batch_size"))  # fmt: skip
-    add_flags(ap.add_argument_group("the engine (ServeConfig)"), ServeConfig,
-              only=("backbone", "torch_threads", "max_batch_size"))  # fmt: skip
+    engine = ap.add_argument_group("the engine (ServeConfig; one torch thread by default, as the bare forward's)")
+    add_flags(engine, ServeConfig, only=("backbone", "torch_threads", "max_batch_size"), defaults=ONE_THREAD)
     return ap
 
 
@@ -89,7 +92,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="xpeft-batch-")
     if args.smoke:
         vars(args).update(SMOKE, backbone=smoke_backbone(tmp.name))
-    threads = args.torch_threads or max(1, int(args.cpus_per_actor))
+    threads = args.torch_threads
     root = args.store or os.path.join(tmp.name, "store")
     make_store(root, args.profiles, args.backbone, from_flags(args, XPeftConfig))
     table = texts_table(args.rows, args.profiles)

@@ -407,11 +407,13 @@ def arguments() -> argparse.ArgumentParser:
     return ap
 
 
-SMOKE = {  # sizes only: the flags that choose what runs (stages, payloads, forwards, peer, proxy) are kept
+SMOKE = {  # sizes only (two payloads: the tables' loops over them): what runs (stages, forwards, peer, proxy) is kept
     **{"requests": 4, "rounds": 1, "time_limit": 60.0, "unloaded": 3, "alone_reps": 1, "peer_profiles": 4},
+    **{"payload": [(1, 8), (2, 8)]},
     **{"N": 8, "k": None, "b": 4, "num_labels": 3, "store": None, "peer_adapters": None},
     **{"kill_at": 1.0, "after_kill": 5.0, "served_after": 2},
 }
+SMOKE_ALSO = ("backbone", "profiles", "concurrency")  # also set by the smoke setting (settle)
 
 
 def settle(ap: argparse.ArgumentParser, args, tmp: str) -> None:
@@ -420,7 +422,8 @@ def settle(ap: argparse.ArgumentParser, args, tmp: str) -> None:
     if args.smoke:
         vars(args).update(SMOKE, backbone=smoke_backbone(tmp), concurrency=min(args.concurrency or 2, 2))
         args.profiles = args.requests * len(args.payload) * args.rounds + args.peer_profiles
-        args.onnx_cache = args.onnx_cache or os.path.join(tmp, "onnx")
+        if not (args.onnx_cache or os.environ.get("XPEFT_ONNX_CACHE")):  # never ~/.cache for a smoke run
+            args.onnx_cache = os.path.join(tmp, "onnx")
     args.kill_concurrency = args.concurrency or 4
     args.concurrency = args.concurrency or 16
     args.peer_models = args.peer_models or args.cache_size

@@ -340,7 +340,7 @@ def cell(r: dict, key: str, fmt: str | None) -> str:
 SMOKE = {"profiles": 300, "writer_batches": 3, "lookups": 30, "unknown": 30}
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--profiles", type=int, default=100_000, help="profiles in the store (default 100,000)")
@@ -349,7 +349,11 @@ def main() -> None:
     ap.add_argument("--lookups", type=int, default=None, help="stored-id lookups (3000; 200 on S3)")
     ap.add_argument("--unknown", type=int, default=1500, help="unknown-id lookups (default 1500)")
     ap.add_argument("--dir", default=None, help="where the local stores go (default: a temp dir, removed after)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = arguments().parse_args()
     if args.smoke:
         vars(args).update(SMOKE)
     args.writer_batches = args.writer_batches or (20 if args.s3 else 150)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 from conftest import shared_data_dir
-from test_benchmarks import PENDING
+from test_benchmarks import PENDING, assert_ran, run_smoke
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -415,6 +415,24 @@ def pending(block: Block) -> list[str]:
     return sorted(name for name in PENDING if f"benchmarks/{name}" in progs)
 
 
+def benchmark_calls(block: Block) -> list[tuple[str, list[str]]] | None:
+    """A block of nothing but `python benchmarks/NAME.py ...` lines, appended --smoke: (NAME.py, args) each, run
+    through tests/test_benchmarks.py's run_smoke (the same run once, however many commands make it); None for
+    any other block, which runs as a bash script."""
+    if block.append != ["--smoke"]:
+        return None
+    calls = []
+    for tokens in commands(block.code):
+        found = invocations(tokens)
+        if len(found) != 1 or not Path(tokens[0]).name.startswith("python") or len(tokens) != 2 + len(found[0][1]):
+            return None
+        (prog, args), *_ = found
+        if not prog[0].startswith("benchmarks/"):
+            return None
+        calls.append((prog[0].removeprefix("benchmarks/"), args))
+    return calls or None
+
+
 def run_params() -> list:
     params = []
     for b in all_blocks():
@@ -441,6 +459,10 @@ def test_runnable_doc_blocks_exit_0(block, scratch):
         "TOKENIZERS_PARALLELISM": "false",
     }
     env.pop("RAY_ADDRESS", None)
+    if benchmark_calls(block) is not None:
+        for script, args in benchmark_calls(block):
+            assert_ran(run_smoke(script, args))
+        return
     if block.needs == "shared-data":
         env["XPEFT_DATA_DIR"] = str(shared_data_dir())  # skips, saying why, where it is absent
     script = "set -euo pipefail\n" + with_appended_flags(block.code, block.append)
