@@ -41,9 +41,9 @@ import random
 import signal
 import statistics
 import tempfile
-import threading
 import time
 
+from harness.client import Client, run_load
 from harness.common import SMOKE_HELP, WORDS, free_port, make_store, smoke_backbone
 from harness.procs import cpu_by_role, memory_mb, replica_pids
 from harness.report import SCENARIOS, kill_report, report
@@ -55,91 +55,6 @@ from xpeft.serve.engine import ProfileEngine
 
 STAGES = ("load", "kill")
 NOT_FLAGS = ("store", "bank_path", "bank_fingerprint", "forward")  # the harness makes the store; --forwards
-
-
-class Client:
-    """Threads that POST /v1/classify, each one request at a time, taking (profile_id, texts) from a function
-    until it returns None or `stop()`; `log` holds every answer as (sent, answered, status, headers, body),
-    status None for a request that got no HTTP answer. With `header`, each request also names its profile
-    there (the peer's multiplexed model id)."""
-
-    def __init__(self, url: str, header: str = ""):
-        self.url, self.header = url, header
-        self.log: list[tuple] = []
-        self.lock, self.stopped = threading.Lock(), threading.Event()
-        self.threads: list[threading.Thread] = []
-        self.errors: list[BaseException] = []  # a client thread's own failure, raised by stop()
-
-    def start(self, next_request, concurrency: int) -> Client:
-        self.threads = [
-            threading.Thread(target=self._run, args=(next_request,), daemon=True) for _ in range(concurrency)
-        ]
-        for t in self.threads:
-            t.start()
-        return self
-
-    def _run(self, next_request) -> None:
-        try:
-            self._send(next_request)
-        except BaseException as e:  # raised in the caller's thread by stop(): a dead client is not a slow server
-            self.errors.append(e)
-
-    def _send(self, next_request) -> None:
-        import requests
-
-        session = requests.Session()
-        while not self.stopped.is_set():
-            with self.lock:
-                req = next_request()
-            if req is None:
-                return
-            pid, texts = req
-            headers = {self.header: pid} if self.header else None
-            start = time.perf_counter()
-            try:
-                r = session.post(f"{self.url}/v1/classify", json={"profile_id": pid, "texts": texts},
-                                 headers=headers, timeout=120)  # fmt: skip
-                entry = (start, time.perf_counter(), r.status_code, dict(r.headers), r.text[:300])
-            except requests.RequestException as e:
-                entry = (start, time.perf_counter(), None, {}, f"{type(e).__name__}: {e}"[:300])
-                session = requests.Session()
-            with self.lock:
-                self.log.append(entry)
-
-    def stop(self, after_s: float = 0.0) -> list[tuple]:
-        """Wait up to `after_s` for the requests to run out, then stop sending; the log once the requests in
-        flight are answered."""
-        deadline = time.perf_counter() + after_s
-        for t in self.threads:
-            t.join(max(0.0, deadline - time.perf_counter()))
-        self.stopped.set()
-        for t in self.threads:
-            t.join(130)
-        if self.errors:
-            raise RuntimeError("a client thread failed") from self.errors[0]
-        return self.log
-
-
-def run_load(url: str, profile_ids: list[str], texts: list[list[str]], concurrency: int, time_limit: float,
-             header: str = "") -> dict:  # fmt: skip
-    """Send request i (profile_ids[i], texts[i]) from `concurrency` threads until all are sent or time is up."""
-    todo = iter(zip(profile_ids, texts, strict=True))
-    start = time.perf_counter()
-    log = Client(url, header).start(lambda: next(todo, None), concurrency).stop(after_s=time_limit)
-    wall = time.perf_counter() - start
-    latencies = [end - sent for sent, end, status, _, _ in log if status == 200]
-    failures = [f"{status} {body[:200]}" for _, _, status, _, body in log if status != 200]
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    return {
-        "requests": len(latencies),
-        "failed": len(failures),
-        "seconds": wall,
-        "rps": len(latencies) / wall,
-        "p50_ms": 1000 * q[49],
-        "p99_ms": 1000 * q[98],
-        "latencies": latencies,
-        "first_failure": failures[0] if failures else None,
-    }
 
 
 def healthz(url: str) -> dict:
@@ -340,8 +255,8 @@ def kill_stage(args, store, port: int) -> None:
         if served >= args.served_after:
             break
         time.sleep(0.2)
-    log = client.stop()
-    kill_report(args, log, killed_at, pid, replica_pids())
+    log = client.stop(drain_s=args.drain_s)
+    kill_report(args, log, killed_at, pid, replica_pids(), client.unanswered)
 
 
 def parse_payload(text: str) -> tuple[int, int]:
@@ -404,6 +319,9 @@ def arguments() -> argparse.ArgumentParser:
     kill.add_argument("--after-kill", type=float, default=60.0, help="seconds of the stream after it, at most")
     kill.add_argument("--served-after", type=int, default=50, help="stop once this many were served after the kill")
     kill.add_argument("--plain-proxy", action="store_true", help="without xpeft.serve.proxy's middleware")
+    kill.add_argument(
+        "--drain-s", type=float, default=130.0, help="then seconds to wait for the requests still in flight"
+    )
     return ap
 
 
@@ -411,7 +329,7 @@ SMOKE = {  # sizes only (two payloads: the tables' loops over them): what runs (
     **{"requests": 4, "rounds": 1, "time_limit": 60.0, "unloaded": 3, "alone_reps": 1, "peer_profiles": 4},
     **{"payload": [(1, 8), (2, 8)]},
     **{"N": 8, "k": None, "b": 4, "num_labels": 3, "store": None, "peer_adapters": None},
-    **{"kill_at": 1.0, "after_kill": 5.0, "served_after": 2},
+    **{"kill_at": 1.0, "after_kill": 5.0, "served_after": 2, "drain_s": 1.0},
 }
 SMOKE_ALSO = ("backbone", "profiles", "concurrency")  # also set by the smoke setting (settle)
 

@@ -9,6 +9,7 @@ the very run `store_scale.py --smoke` makes."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -60,12 +61,26 @@ def smoke_key(script: str, args: list[str]) -> tuple:
     return (script, repr(sorted((k, v) for k, v in parsed.items() if k not in replaced)))
 
 
+@functools.cache
+def script_help(script: str) -> tuple[int, str]:
+    """`python SCRIPT --help` (a path from the repository root): exit status and text. Shared with test_docs."""
+    r = subprocess.run(
+        [sys.executable, script, "--help"], cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=120
+    )
+    return r.returncode, r.stdout + r.stderr
+
+
 def run_smoke(script: str, args: list[str] = ()) -> subprocess.CompletedProcess:
-    """`python benchmarks/<script> ARGS --smoke` from the repository root, once per distinct smoke run."""
+    """`python benchmarks/<script> ARGS --smoke` from the repository root, once per distinct smoke run. A script
+    whose --help has no --smoke fails without a run: argparse would refuse the flag anyway."""
+    command = [sys.executable, f"benchmarks/{script}", *args, "--smoke"]
+    code, text = script_help(f"benchmarks/{script}")
+    if code != 0 or "--smoke" not in text:
+        return subprocess.CompletedProcess(command, 2, "", f"benchmarks/{script} has no --smoke setting:\n{text}")
     key = smoke_key(script, list(args))
     if key not in _RUNS:
         _RUNS[key] = subprocess.run(
-            [sys.executable, f"benchmarks/{script}", *args, "--smoke"],
+            command,
             cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
         )  # fmt: skip
     return _RUNS[key]

@@ -34,7 +34,6 @@ ray_jobs script must exit 0.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
 import re
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import pytest
 from conftest import shared_data_dir
-from test_benchmarks import PENDING, assert_ran, run_smoke
+from test_benchmarks import PENDING, assert_ran, run_smoke, script_help
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -179,19 +178,6 @@ def xpeft_help(path: tuple[str, ...]) -> tuple[int, str]:
         except SystemExit as e:
             code = e.code or 0
     return code, buf.getvalue()
-
-
-@functools.cache
-def script_help(script: str) -> tuple[int, str]:
-    r = subprocess.run(
-        [sys.executable, script, "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
-    return r.returncode, r.stdout + r.stderr
 
 
 def xpeft_subcommands() -> list[tuple[str, ...]]:

@@ -215,9 +215,10 @@ def waits(entries: list) -> str:
     return f"{max(e[1] - e[0] for e in entries):.1f} s" if entries else "-"
 
 
-def kill_report(args, log: list, killed_at: float, pid: int, new: list[int]) -> None:
+def kill_report(args, log: list, killed_at: float, pid: int, new: list[int], unanswered: int = 0) -> None:
     """What the clients saw around the kill: failures by kind, the requests in flight, the time to be served
-    again. `log` entries are (sent, answered, status, headers, body)."""
+    again. `log` entries are (sent, answered, status, headers, body); `unanswered` requests were still in flight
+    when the run stopped waiting (--drain-s)."""
     before = [e for e in log if e[1] < killed_at]
     failed = [e for e in log if e[2] != 200]
     served_after = sorted(e[1] for e in log if e[2] == 200 and e[0] >= killed_at)
@@ -244,4 +245,6 @@ def kill_report(args, log: list, killed_at: float, pid: int, new: list[int]) -> 
         print(f"- requests sent after the kill: {len(after)} served, waiting at most {waits(after)}")
     else:
         print(f"- not served again within {args.after_kill:.0f} s of the kill")
+    if unanswered:
+        print(f"- still unanswered {args.drain_s:g} s after the stream stopped: {unanswered}")
     print(f"- replica process {pid} → {new or 'none'}")
