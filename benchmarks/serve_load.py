@@ -5,7 +5,7 @@ instead, and a replica killed mid-stream. Every stage runs on one local Ray and 
     python benchmarks/serve_load.py --forwards ort --no-peer --requests 300 --time-limit 30   # quicker
     python benchmarks/serve_load.py --store /tmp/xpeft-load              # keep (and reuse) the 10,000 profiles
     python benchmarks/serve_load.py --stages kill --concurrency 8        # a replica killed (docs/serving.md)
-    python benchmarks/serve_load.py --smoke                              # every stage, tiny: seconds
+    python benchmarks/serve_load.py --stages load kill --smoke           # every stage, tiny: seconds
 
 Stage `load`: the server with its forward in ONNX Runtime ('ort') and in torch ('eager'), then the peer (PEFT
 LoRA adapters behind `@serve.multiplexed`, harness/peer.py), one after another on the same cores, client and
@@ -267,7 +267,7 @@ def parse_payload(text: str) -> tuple[int, int]:
 
 def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="default: load (--smoke: every stage)")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="default: load")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--profiles", type=int, default=10_000, help="random profiles in the store (default: 10000)")
     ap.add_argument("--store", default=None, help="the store, kept and reused (default: a temporary directory)")
@@ -329,14 +329,15 @@ SMOKE = {  # sizes only (two payloads: the tables' loops over them): what runs (
     **{"requests": 4, "rounds": 1, "time_limit": 60.0, "unloaded": 3, "alone_reps": 1, "peer_profiles": 4},
     **{"payload": [(1, 8), (2, 8)]},
     **{"N": 8, "k": None, "b": 4, "num_labels": 3, "store": None, "peer_adapters": None},
-    **{"kill_at": 1.0, "after_kill": 5.0, "served_after": 2, "drain_s": 1.0},
+    **{"num_replicas": 1, "num_cpus": 1.0},  # one replica is killed either way
+    **{"kill_at": 1.0, "after_kill": 2.0, "served_after": 2, "drain_s": 1.0},
 }
 SMOKE_ALSO = ("backbone", "profiles", "concurrency")  # also set by the smoke setting (settle)
 
 
 def settle(ap: argparse.ArgumentParser, args, tmp: str) -> None:
     """Defaults that depend on other flags, the smoke setting's sizes, and the refusals."""
-    args.stages = args.stages or (list(STAGES) if args.smoke else ["load"])
+    args.stages = args.stages or ["load"]
     if args.smoke:
         vars(args).update(SMOKE, backbone=smoke_backbone(tmp), concurrency=min(args.concurrency or 2, 2))
         args.profiles = args.requests * len(args.payload) * args.rounds + args.peer_profiles
