@@ -29,7 +29,7 @@ from harness.common import SMOKE_HELP, machine, make_store, smoke_backbone
 from xpeft.config import XPeftConfig
 from xpeft.data.dataset import SAMPLE_SOURCE, read_profile_source
 from xpeft.flags import add_flags, from_flags
-from xpeft.jobs import run_batch
+from xpeft.jobs.classify_batch import run_batch
 from xpeft.ray.cluster import init_ray
 from xpeft.serve.batch import BatchConfig, score_table
 from xpeft.serve.config import ServeConfig
@@ -80,10 +80,10 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--rows", type=int, default=20_000, help="rows of the table scored (default: 20000)")
     add_flags(ap.add_argument_group("the profiles (XPeftConfig)"), XPeftConfig, only=("N", "k", "b", "num_labels"),
               defaults=XPeftConfig(num_labels=15))  # fmt: skip
-    add_flags(ap.add_argument_group("the job (BatchConfig)"), BatchConfig,
-              only=("num_actors", "cpus_per_actor", "batch_size"))  # fmt: skip
+    add_flags(ap.add_argument_group("the job (BatchConfig)"), BatchConfig, only=("num_actors", "batch_size"))
     engine = ap.add_argument_group("the engine (ServeConfig; one torch thread by default, as the bare forward's)")
-    add_flags(engine, ServeConfig, only=("backbone", "torch_threads", "max_batch_size"), defaults=ONE_THREAD)
+    add_flags(engine, ServeConfig, only=("backbone", "cpus_per_actor", "torch_threads", "max_batch_size"),
+              defaults=ONE_THREAD)  # fmt: skip
     return ap
 
 
@@ -98,8 +98,7 @@ def main() -> None:
     table = texts_table(args.rows, args.profiles)
     data = os.path.join(tmp.name, "texts.parquet")
     pq.write_table(table, data)
-    serve = from_flags(args, ServeConfig, store=root, torch_threads=threads, num_cpus=threads,
-                       cache_size=max(256, args.profiles))  # fmt: skip
+    serve = from_flags(args, ServeConfig, store=root, cache_size=max(256, args.profiles))
     torch.set_num_threads(threads)
     engine = ProfileEngine(serve)
     bare = bare_forward_rows_per_s(engine, table, args.batch_size)

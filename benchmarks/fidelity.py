@@ -1,441 +1,185 @@
-"""Fidelity at full size (issue 16): hard masks against soft ones and the baselines, every choice made on
-validation data carved from the training set, the dev sets scored once.
+"""Are profiles as good as adapters? The one quality harness (issues 24 and 25): X-PEFT's masks against
+single_adapter and head_only, every choice made on validation data, the dev sets and holdouts scored once.
 
-    python benchmarks/fidelity.py study --out results/fidelity    # why hard trails soft, on SST-2 (validation)
-    python benchmarks/fidelity.py grid --out results/fidelity     # full training sets, whole dev sets
-    python benchmarks/fidelity.py news --out results/fidelity     # news Figure 4, recipe chosen on validation
-    python benchmarks/fidelity.py report --out results/fidelity   # fidelity.md from what has finished
+    python benchmarks/fidelity.py parity   # the new fit loop against the old: SST-2 16k, 3 seeds, validation
+    python benchmarks/fidelity.py study    # closing the hard-mask gap: variants on SST-2, validation
+    python benchmarks/fidelity.py grid     # Table 2 at full size: full training sets, whole dev sets
+    python benchmarks/fidelity.py news     # Figure 4 on the news profiles, with one global model beside them
+    python benchmarks/fidelity.py report   # <out>/fidelity.md (and figure5.png, figure7.png) from what finished
+    python benchmarks/fidelity.py grid --plan              # the runs and their estimated CPU time; fits nothing
+    python benchmarks/fidelity.py study --smoke --out /tmp/f   # seconds: tiny backbone, synthetic rows
+    python benchmarks/fidelity.py --smoke  # every stage so, into a fresh temporary folder (never the results)
+    benchmarks/run_quality.sh              # every stage in order, committing results/fidelity/*.jsonl after each
 
-Every stage is resumable: each finished run appends one JSON line to <out>/<stage>.jsonl, and a rerun skips
-the runs already there (kill it any time; it picks up where it was). Runs go two at a time on Ray actors with
-one torch thread each (`--workers`); on a shared machine nothing else should be timed meanwhile.
+Every stage is resumable: each finished run appends one JSON line to <out>/<stage>.jsonl (`run`: task, mode,
+mask_type, N, seed and the rest of its settings; `score`: the task's official metric; rows/s, seconds, the
+resolved recipe), and a rerun skips the runs already there (kill it any time). A run that crashes is recorded
+as failed with its error, the stage goes on, and the next run of the stage tries it again. A run's identity
+includes its resolved recipe, so a changed TASK_TRAIN makes the grid's runs new runs (the report shows the
+latest of each).
 
-- study: SST-2, a validation split of --val rows carved from train (seed 0), fits on --train rows of the rest;
-  variants of the hard-mask recipe (temperature and noise annealing, k, logit init, mask learning rate,
-  epochs) beside soft masks and single_adapter, all scored on the validation split only.
-- grid: SST-2 (67K), CoLA, MRPC, STS-B, RTE, CB on their full training sets, --epochs (3) epochs, whole dev
-  sets; head_only, single_adapter, soft and hard (k = 50) at N = 100, and N = 400 on SST-2; 3 seeds on the
-  small tasks. The recipe is xpeft.fit.recipes.TASK_TRAIN (the study's choice), fixed before the grid runs.
-- news: the news profiles' Figure 4: the farm's mask learning rate and k (soft and hard) are chosen on a
-  validation split carved from each profile's training part (the mtl warm start fitted on the warm profiles'
-  carved parts too), with the farm's own fit (ProfileFitter, fit_mtl). The holdouts are then scored once, by
-  the main job with the chosen flags (BENCHMARKS.md gives the commands).
+- parity: SST-2, --val-rows carved from a seeded shuffle of the training set, --train-rows of the rest; 2
+  epochs, batch 32; single_adapter, x_peft soft and hard (k = 50) at N = 100; the old loop (padded random
+  batches, fp32: `packing=False, bf16="off"`) and the new (the TrainConfig defaults); seeds 0, 1, 2.
+- study: the same data; the variants of STUDY in harness/fidelity_runs.py (epochs, mask lr and warm-up, tau /
+  nu annealing, N = 400, k, mask init, LN), hard masks first, beside soft and single_adapter at the same settings.
+- grid: SST-2 (67,349 rows), CoLA, MRPC, STS-B, RTE, full training sets, --grid-epochs; head_only,
+  single_adapter, soft and hard (k = 50) at N = 100, soft and hard at N = 400 on SST-2; seed 0, and seeds 0,
+  1, 2 on RTE and MRPC. Recipe: xpeft.fit.recipes.TASK_TRAIN (write the study's winner there first).
+- news: see harness/fidelity_news.py (validation phase, then the holdouts with each row's chosen recipe).
+
+Runs go one at a time in this process (--workers 1, --threads torch threads: best for long fits on a small
+machine) or --workers at a time on Ray actors of one CPU each. TrainConfig flags (--max-steps, --max-length,
+...) override every run's recipe: quick checks on real data with --limit and --max-steps, into a scratch --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
-import time
-from dataclasses import dataclass, field
+import sys
+import tempfile
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the companions below, however this is started
 
-from xpeft.config import XPeftConfig
-from xpeft.fit.recipes import TASK_TRAIN
+from harness.fidelity_news import NEWS, ROWS, news_data, run_news  # noqa: E402
+from harness.fidelity_report import report  # noqa: E402
+from harness.fidelity_runs import GLUE5, PLANS, SMOKE_TRAIN, HarnessConfig, Run, run_stage  # noqa: E402
+
+from xpeft.config import TrainConfig  # noqa: E402
+from xpeft.fit.recipes import FARM_TRAIN, TASK_TRAIN  # noqa: E402
+from xpeft.flags import add_flags, from_flags  # noqa: E402
 
 log = logging.getLogger("fidelity")
+STAGES = ("parity", "study", "grid", "news", "report")
+DEFAULT_OUT = "results/fidelity"
+SMOKE = ("backbone", "threads", "out", "max_steps", "max_length")  # what --smoke replaces (tests/test_benchmarks.py)
+# TrainConfig fields a command line may override in every run (packing and bf16 once the fit loop has them).
+OVERRIDABLE = ("max_steps", "max_length", "log_every", "gradient_checkpointing", "packing", "bf16")
 
-# Table 2 / 3 of the paper (bert-base-uncased): the modes the grid runs.
-PAPER = {
-    "x_peft 100 (soft)": {"cola": 0.40, "sst2": 0.90, "mrpc": 0.78, "stsb": 0.79, "rte": 0.58, "cb": 0.64},
-    "x_peft 100 (hard)": {"cola": 0.39, "sst2": 0.87, "mrpc": 0.76, "stsb": 0.76, "rte": 0.61, "cb": 0.68},
-    "x_peft 400 (soft)": {"sst2": 0.90},
-    "x_peft 400 (hard)": {"sst2": 0.89},
-    "head_only": {"cola": 0.31, "sst2": 0.85, "mrpc": 0.76, "stsb": 0.72, "rte": 0.59, "cb": 0.71},
-    "single_adapter": {"cola": 0.43, "sst2": 0.91, "mrpc": 0.76, "stsb": 0.85, "rte": 0.60, "cb": 0.68},
-}
-SMALL_TASKS = ("cola", "mrpc", "stsb", "rte", "cb")
+# --- --plan: sizes and estimated CPU time ---------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Run:
-    """One fit: a task, a mode, the config and recipe overrides, the seed, and what it is scored on."""
-
-    stage: str
-    task: str
-    mode: str
-    mask_type: str | None = None
-    N: int | None = None
-    seed: int = 42
-    xpeft: tuple = ()  # (key, value) overrides of XPeftConfig
-    train: tuple = ()  # (key, value) overrides of the recipe
-    name: str = ""  # the study's variant name
-
-    @property
-    def key(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @property
-    def row(self) -> str:
-        return f"x_peft {self.N} ({self.mask_type})" if self.mode == "x_peft" else self.mode
+SIZES = {"sst2": (67349, 872), "cola": (8551, 1043), "mrpc": (3668, 408), "stsb": (5749, 1500), "rte": (2490, 277)}
+# Mean tokens a row (bundled MiniLM tokenizer, 3,000 training rows of each; news: a profile's text): a run's
+# rows/s is taken as SST-2's scaled by SST-2's tokens over the task's (the step's cost follows the tokens).
+TOKENS = {"sst2": 13.3, "cola": 11.4, "mrpc": 53.3, "stsb": 27.7, "rte": 66.6, "news": 35.6}
+NEW_RATES, OLD_RATE = (250.0, 150.0), 68.0  # rows/s on SST-2 rows: the new loop (a range), the old
 
 
-# --- the stages' plans --------------------------------------------------------------------------------------
-
-STUDY = [  # (variant, mode, mask type, XPeftConfig overrides, TrainConfig overrides)
-    ("soft", "x_peft", "soft", {}, {}),
-    ("single_adapter", "single_adapter", None, {}, {}),
-    ("hard", "x_peft", "hard", {}, {}),
-    ("hard, tau 1 -> 0.1", "x_peft", "hard", {}, {"tau_final": 0.1}),
-    ("hard, nu 1 -> 0", "x_peft", "hard", {}, {"nu_final": 0.0}),
-    ("hard, tau 1 -> 0.1, nu 1 -> 0", "x_peft", "hard", {}, {"tau_final": 0.1, "nu_final": 0.0}),
-    ("hard, tau 2", "x_peft", "hard", {"tau": 2.0}, {}),
-    ("hard, k 25", "x_peft", "hard", {"k": 25}, {}),
-    ("hard, k 75", "x_peft", "hard", {"k": 75}, {}),
-    ("hard, logits init N(0, 0.1)", "x_peft", "hard", {"mask_init": 0.1}, {}),
-    ("hard, mask lr 1", "x_peft", "hard", {}, {"mask_lr": 1.0}),
-    ("hard, mask lr 0.1", "x_peft", "hard", {}, {"mask_lr": 0.1}),
-    ("hard, LN lr 0.1", "x_peft", "hard", {}, {"ln_lr": 0.1}),
-    ("hard, 4 epochs", "x_peft", "hard", {}, {"epochs": 4}),
-    ("soft, 4 epochs", "x_peft", "soft", {}, {"epochs": 4}),
-]
+def seconds(rows: float, scored: float, tokens: float, rate: float) -> float:
+    """Fitting `rows` and scoring `scored` (a forward is about a third of a training step) at `rate` SST-2 rows/s."""
+    per_row = tokens / TOKENS["sst2"] / rate
+    return (rows + scored / 3) * per_row
 
 
-def plan_study(args) -> list[Run]:
-    return [
-        Run("study", "sst2", mode, mt, 100 if mode == "x_peft" else None, 42, tuple(x.items()), tuple(t.items()), name)
-        for name, mode, mt, x, t in STUDY
-    ]
-
-
-def plan_grid(args) -> list[Run]:
-    modes = [
-        ("head_only", None, None),
-        ("single_adapter", None, None),
-        ("x_peft", "soft", 100),
-        ("x_peft", "hard", 100),
-    ]
-    runs = [Run("grid", "sst2", m, mt, n) for m, mt, n in modes]
-    runs += [Run("grid", "sst2", "x_peft", mt, 400) for mt in ("soft", "hard")]
-    runs += [Run("grid", t, m, mt, n, seed) for t in SMALL_TASKS for seed in (42, 1, 2) for m, mt, n in modes]
-    return [r for r in runs if not args.tasks or r.task in args.tasks]
-
-
-# --- one run ------------------------------------------------------------------------------------------------
-
-
-class Runner:
-    """Fits runs one by one on one loaded encoder (copied per run: x_peft wraps its linears in place)."""
-
-    def __init__(self, args_dict: dict):
-        import torch
-
-        from xpeft.core.encoder import load_encoder, load_tokenizer
-
-        torch.set_num_threads(args_dict["threads"])
-        self.args = argparse.Namespace(**args_dict)
-        self.tokenizer, self.encoder = load_tokenizer("minilm"), load_encoder("minilm")
-        self.cache: dict = {}
-
-    def data(self, run: Run):
-        """(train rows, rows it is scored on): a validation split carved from train (study), or the dev set."""
-        from xpeft.data.tasks import get_task, load_task
-        from xpeft.fit.loop import tokenize
-
-        key = (run.stage, run.task)
-        if key not in self.cache:
-            a, spec = self.args, get_task(run.task)
-            train = load_task(run.task, "train", a.data_dir).shuffle(seed=0)
-            if run.stage == "study":
-                scored = train.select(range(a.val))
-                train = train.select(range(a.val, min(len(train), a.val + a.train)))
-            else:
-                scored = load_task(run.task, spec.eval_split, a.data_dir)
-            self.cache[key] = (tokenize(train, self.tokenizer, 128), tokenize(scored, self.tokenizer, 128))
-        return self.cache[key]
-
-    def fit(self, run: Run) -> dict:
-        import copy
-
-        from xpeft.core.bank import random_bank_for
-        from xpeft.core.model import XPeftModel
-        from xpeft.fit.loop import fit
-        from xpeft.fit.task import for_task, metric_fn, score_of
-
-        train_rows, scored_rows = self.data(run)
-        xcfg = XPeftConfig(mode=run.mode, mask_type=run.mask_type or "hard", N=run.N or 100, b=48, **dict(run.xpeft))
-        xcfg = for_task(xcfg, run.task)
-        tcfg = dataclasses.replace(TASK_TRAIN, **{"epochs": self.args.epochs, "seed": run.seed, **dict(run.train)})
-        encoder = copy.deepcopy(self.encoder)
-        bank = random_bank_for(encoder, xcfg, seed=run.seed) if run.mode == "x_peft" else None
-        model = XPeftModel(encoder, xcfg, bank, seed=run.seed)
-        start = time.perf_counter()
-        result = fit(model, train_rows, tcfg, eval_rows=scored_rows, metric_fn=metric_fn(run.task))
-        return {
-            "key": run.key,
-            "run": dataclasses.asdict(run),
-            "score": score_of(run.task, result.metrics),
-            "metrics": result.metrics,
-            "final_loss": float(np.mean(result.losses[-50:])),
-            "steps": result.steps,
-            "n_train": len(train_rows),
-            "n_scored": len(scored_rows),
-            "seconds": time.perf_counter() - start,
-            "recipe": tcfg.to_dict(),
-        }
-
-
-def run_all(args, runs: list[Run], path: str) -> None:
-    """Fit every run not in `path` yet (two at a time on Ray actors), appending each result as it finishes."""
-    done = {json.loads(line)["key"] for line in open(path)} if os.path.exists(path) else set()
-    todo = [r for r in runs if r.key not in done]
-    log.info("%d runs, %d done, %d to go", len(runs), len(done), len(todo))
-    if not todo:
-        return
-    import ray
-    from ray.util import ActorPool
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-    opts = {k: getattr(args, k) for k in ("threads", "data_dir", "epochs", "train", "val")}
-    actors = [ray.remote(num_cpus=1)(Runner).remote(opts) for _ in range(args.workers)]
-    for i, r in enumerate(ActorPool(actors).map_unordered(lambda a, run: a.fit.remote(run), todo), 1):
-        with open(path, "a") as f:
-            f.write(json.dumps(r) + "\n")
-        log.info(
-            "[%d/%d] %s %s: %.4f in %.0f s",
-            i,
-            len(todo),
-            r["run"]["task"],
-            r["run"]["name"] or Run(**r["run"]).row,
-            r["score"],
-            r["seconds"],
-        )
-    ray.shutdown()
-
-
-# --- news: Figure 4 with the farm's recipe chosen on validation data ----------------------------------------
-
-NEWS_VARIANTS = [  # (variant, mask type, k as a fraction of N, TrainConfig overrides) over FARM_TRAIN
-    ("hard, mask lr 0.1", "hard", 0.5, {"mask_lr": 0.1}),
-    ("hard, mask lr 0.3", "hard", 0.5, {"mask_lr": 0.3}),
-    ("hard, mask lr 1", "hard", 0.5, {"mask_lr": 1.0}),
-    ("hard, k N/4", "hard", 0.25, {}),
-    ("hard, k 3N/4", "hard", 0.75, {}),
-    ("soft, mask lr 0.1", "soft", None, {"mask_lr": 0.1}),
-    ("soft, mask lr 0.3", "soft", None, {"mask_lr": 0.3}),
-    ("soft, mask lr 1", "soft", None, {"mask_lr": 1.0}),
-]
-
-
-def carve(d, fraction: float = 0.25, seed: int = 0):
-    """A profile's training part split again: a validation part of `fraction` (at least 1 row) and the rest
-    to fit on; the holdout (d.test) is never looked at."""
-    from xpeft.data.dataset import ProfileData
-
-    rows = list(d.train)
-    order = np.random.default_rng([seed, len(rows), sum(map(ord, d.profile_id))]).permutation(len(rows))
-    n_val = max(1, round(fraction * len(rows))) if len(rows) >= 3 else 0
-    val = [rows[i] for i in order[:n_val]]
-    return ProfileData(d.profile_id, [rows[i] for i in order[n_val:]], val)
-
-
-class NewsRunner:
-    """Fits mask profiles of the news data on one learned bank and shared head (what a farm actor does)."""
-
-    def __init__(self, threads: int, bank_obj: dict, head: dict, labels: int):
-        import torch
-
-        from xpeft.core.bank import bank_from_object
-        from xpeft.core.encoder import load_encoder, load_tokenizer
-
-        torch.set_num_threads(threads)
-        self.encoder, self.tokenizer = load_encoder("minilm"), load_tokenizer("minilm")
-        self.bank, self.head, self.labels = bank_from_object(bank_obj), head, labels
-
-    def fit(self, variant: tuple, data) -> dict:
-        from xpeft.fit.profile import BadProfileData, ProfileFitter
-        from xpeft.fit.recipes import FARM_TRAIN
-
-        name, mask_type, k_frac, train = variant
-        k = max(1, int(k_frac * self.bank.N)) if k_frac else None
-        xcfg = XPeftConfig(head="linear", mask_type=mask_type, N=self.bank.N, k=k, num_labels=self.labels)
-        fitter = ProfileFitter(
-            self.encoder, self.tokenizer, self.bank, xcfg, dataclasses.replace(FARM_TRAIN, **train), self.head, "shared"
-        )
-        try:
-            m = fitter.fit(data).profile.metrics
-        except BadProfileData as e:
-            return {"variant": name, "profile_id": data.profile_id, "skipped": str(e)}
-        return {"variant": name, "profile_id": data.profile_id, "accuracy": m["accuracy"], "f1": m["f1"]}
-
-
-def news_validation(args) -> None:
-    """The mtl warm start on the warm profiles' carved training parts, then every variant on the other
-    profiles' carved training parts, scored on their validation parts; one JSON line per (variant, profile)."""
-    import ray
-    from ray.util import ActorPool
-
-    from xpeft.core.bank import bank_to_object, load_bank, save_bank
-    from xpeft.core.encoder import load_encoder, load_tokenizer
-    from xpeft.data.dataset import profile_datas
-    from xpeft.data.profiles import load_news_profiles
-    from xpeft.fit.profile import ProfileFitter
-    from xpeft.fit.recipes import FARM_TRAIN
-    from xpeft.fit.warm_start import fit_mtl
-    from xpeft.ray.farm import FarmConfig, split_warm
-
-    path = os.path.join(args.out, "news_validation.jsonl")
-    done = {(r["variant"], r["profile_id"]) for r in load(path)}
-    dataset = profile_datas(load_news_profiles(args.data_dir))
-    warm, rest = split_warm(FarmConfig(store="-", setting="mtl", train=FARM_TRAIN), dataset.profiles)
-    todo = [(v, carve(d)) for v in NEWS_VARIANTS for d in rest if (v[0], d.profile_id) not in done]
-    log.info(
-        "news validation: %d warm-start profiles, %d mask profiles, %d fits to go", len(warm), len(rest), len(todo)
-    )
-    if not todo:
-        return
-    bank_path, head_path = (os.path.join(args.out, f"news_validation_{n}.safetensors") for n in ("bank", "head"))
-    if not os.path.exists(head_path):
-        import torch
-        from safetensors.torch import save_file
-
-        torch.set_num_threads(args.workers)
-        xcfg = XPeftConfig(mode="single_adapter", head="linear", num_labels=dataset.labels.num_labels)
-        fitter = ProfileFitter(load_encoder("minilm"), load_tokenizer("minilm"), None, xcfg, FARM_TRAIN)
-        bank, head, _ = fit_mtl(fitter, [carve(d) for d in warm])
-        save_bank(bank, bank_path)
-        save_file(head, head_path)
-    from safetensors.torch import load_file
-
-    saved = {"bank": bank_to_object(load_bank(bank_path)), "head": load_file(head_path)}
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-    Actor = ray.remote(num_cpus=1)(NewsRunner)
-    actors = [
-        Actor.remote(args.threads, saved["bank"], saved["head"], dataset.labels.num_labels) for _ in range(args.workers)
-    ]
-    for i, r in enumerate(ActorPool(actors).map_unordered(lambda a, item: a.fit.remote(*item), todo), 1):
-        with open(path, "a") as f:
-            f.write(json.dumps(r) + "\n")
-        if i % 20 == 0:
-            log.info("[%d/%d] news validation fits", i, len(todo))
-    ray.shutdown()
-
-
-def news_table(rows: list[dict]) -> list[str]:
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        if "accuracy" in r:
-            by.setdefault(r["variant"], []).append(r)
-    out = ["| variant | mean validation accuracy | mean validation macro-F1 | profiles |", "|---|---|---|---|"]
-    for name, rs in sorted(by.items(), key=lambda kv: -np.mean([r["accuracy"] for r in kv[1]])):
-        acc, f1 = np.mean([r["accuracy"] for r in rs]), np.mean([r["f1"] for r in rs])
-        out.append(f"| {name} | {acc:.4f} | {f1:.4f} | {len(rs)} |")
+def estimate_glue(runs: list[Run], cfg: HarnessConfig) -> list[tuple[float, float, float, float]]:
+    """(rows trained, rows scored, hours at the fast and at the slow rate) of each run."""
+    out = []
+    for run in runs:
+        train = dict(run.train)
+        n = run.train_rows or SIZES[run.task][0]
+        epochs = train.get("epochs", TASK_TRAIN.epochs)
+        scored = run.val_rows or SIZES[run.task][1]
+        rates = (OLD_RATE, OLD_RATE) if train.get("packing") is False else NEW_RATES
+        hours = [seconds(n * epochs, scored, TOKENS[run.task], r) / 3600 for r in rates]
+        out.append((n * epochs, scored, *hours))
     return out
 
 
-# --- the report ---------------------------------------------------------------------------------------------
+def estimate_news(cfg: HarnessConfig) -> tuple[list[tuple[float, float, float, float]], int]:
+    """The news stage's parts (the sa and mtl warm starts, then each variant on validation, each row on the
+    holdouts) as (rows trained, rows scored, hours fast, hours slow), and its number of fits (~1 s each besides
+    its rows: building and scoring a small model)."""
+    warm, rest, _, _ = news_data(cfg)
+    rows = {"warm": sum(len(d.train) for d in warm), "rest": sum(len(d.train) for d in rest)}
+    rows["global"] = rows["warm"] + rows["rest"]
+    parts, fits = [], 0
+    for share, scored, todo in (
+        (0.75, 0.25 * rows["rest"], [(row, t) for row, _, _, t in NEWS]),  # validation: carved parts
+        (1.0, sum(len(d.test) for d in rest), [(row, {}) for row in ROWS]),  # holdouts, the chosen recipes
+    ):
+        parts.append((2 * rows["warm"] * share * FARM_TRAIN.epochs, 0))  # the sa and mtl warm starts
+        fits += len(warm) + 1
+        for row, t in todo:
+            parts.append(
+                (rows["global" if row == "global" else "rest"] * share * t.get("epochs", FARM_TRAIN.epochs), scored)
+            )
+            fits += 1 if row == "global" else len(rest)
+    hours = [[(seconds(n, s, TOKENS["news"], r) + fits / len(parts)) / 3600 for r in NEW_RATES] for n, s in parts]
+    return [(n, s, *h) for (n, s), h in zip(parts, hours, strict=True)], fits
 
 
-def load(path: str) -> list[dict]:
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-
-
-def study_table(rows: list[dict]) -> list[str]:
-    out = ["| variant | validation accuracy | final train loss | steps | seconds |", "|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: -r["score"]):
-        out.append(
-            f"| {r['run']['name']} | {r['score']:.4f} | {r['final_loss']:.4f} | {r['steps']} | {r['seconds']:.0f} |"
-        )
-    return out
-
-
-@dataclass
-class Cell:
-    scores: list[float] = field(default_factory=list)
-
-    def text(self) -> str:
-        if not self.scores:
-            return "–"
-        m = float(np.mean(self.scores))
-        return f"{m:.3f} ± {np.std(self.scores):.3f} ({len(self.scores)})" if len(self.scores) > 1 else f"{m:.3f}"
-
-
-def grid_table(rows: list[dict]) -> tuple[list[str], dict]:
-    tasks = [t for t in ("sst2", *SMALL_TASKS) if any(r["run"]["task"] == t for r in rows)]
-    cells: dict[tuple[str, str], Cell] = {}
-    for r in rows:
-        run = Run(
-            **{**r["run"], "xpeft": tuple(map(tuple, r["run"]["xpeft"])), "train": tuple(map(tuple, r["run"]["train"]))}
-        )
-        cells.setdefault((run.row, run.task), Cell()).scores.append(r["score"])
-    out = ["| mode | " + " | ".join(f"{t} (ours / paper)" for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for row in PAPER:
-        cs = [f"{cells.get((row, t), Cell()).text()} / {PAPER[row].get(t, float('nan')):.2f}" for t in tasks]
-        out.append(f"| {row} | " + " | ".join(cs) + " |")
-    means = {k: float(np.mean(c.scores)) for k, c in cells.items() if c.scores}
-    return out, means
-
-
-def grid_goals(means: dict) -> list[str]:
-    """The issue's goals, checked: x_peft's best >= head_only where the task learns, within 2 points of
-    single_adapter on >= 4 of the 5 full-size GLUE tasks, hard within 1 point of soft on full SST-2."""
-    lines = []
-    glue = [t for t in ("sst2", "cola", "mrpc", "stsb", "rte") if ("single_adapter", t) in means]
-    near = 0
-    for t in glue:
-        best = max(v for (row, task), v in means.items() if task == t and row.startswith("x_peft"))
-        ho, sa = means.get(("head_only", t)), means[("single_adapter", t)]
-        near += best >= sa - 0.02
-        lines.append(f"- {t}: x_peft best {best:.3f}, head_only {ho:.3f}, single_adapter {sa:.3f}")
-    lines.append(
-        f"- x_peft's best within 2 points of single_adapter on {near} of {len(glue)} GLUE tasks (goal: >= 4 of 5)"
+def print_plan(stage: str, cfg: HarnessConfig) -> None:
+    try:
+        parts, fits = estimate_news(cfg) if stage == "news" else (estimate_glue(PLANS[stage](cfg), cfg), 0)
+    except FileNotFoundError as e:
+        print(f"{stage:7s} cannot be sized: {e}")
+        return
+    rows, scored = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    fast, slow = sum(p[2] for p in parts), sum(p[3] for p in parts)
+    what = f"{fits} fits" if stage == "news" else f"{len(parts)} runs"
+    print(
+        f"{stage:7s} {what:>9s}  {rows / 1e6:6.2f} M rows trained  {scored / 1e3:7.1f} k rows scored  "
+        f"~{fast:.1f}-{slow:.1f} h (one run at a time, 2 torch threads: the new loop at {NEW_RATES[0]:.0f}-"
+        f"{NEW_RATES[1]:.0f}, the old at {OLD_RATE:.0f} SST-2 rows/s, scaled by tokens a row)"
     )
-    if ("x_peft 100 (hard)", "sst2") in means and ("x_peft 100 (soft)", "sst2") in means:
-        gap = means[("x_peft 100 (soft)", "sst2")] - means[("x_peft 100 (hard)", "sst2")]
-        lines.append(f"- SST-2 full: hard {gap * 100:+.1f} points below soft (goal: within 1)")
-    return lines
+    if stage != "news":
+        for run in PLANS[stage](cfg):
+            data = f"{run.train_rows or 'all'} rows, scored on " + (
+                f"{run.val_rows} validation" if run.val_rows else "dev"
+            )
+            print(f"    {run.task} {run.name or run.row} seed {run.seed} {dict(run.xpeft)} {dict(run.train)} ({data})")
 
 
-def report(args) -> str:
-    lines = ["# Fidelity at full size (benchmarks/fidelity.py)", ""]
-    study = load(os.path.join(args.out, "study.jsonl"))
-    if study:
-        lines += ["## Hard vs soft on SST-2 (validation split carved from train)", "", *study_table(study), ""]
-    news = load(os.path.join(args.out, "news_validation.jsonl"))
-    if news:
-        lines += [
-            "## News profiles: the farm's recipe on validation splits of the training parts",
-            "",
-            *news_table(news),
-            "",
-        ]
-    grid = load(os.path.join(args.out, "grid.jsonl"))
-    if grid:
-        table, means = grid_table(grid)
-        lines += ["## Full training sets, dev sets (mean ± std over seeds (n))", "", *table, "", *grid_goals(means), ""]
-    path = os.path.join(args.out, "fidelity.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+# --- the command ---------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["study", "grid", "news", "report"])
-    ap.add_argument("--out", default="results/fidelity", help="where the .jsonl results and fidelity.md go")
-    ap.add_argument("--data-dir", default=None, help="GLUE/SuperGLUE files (default ../shared/data)")
-    ap.add_argument("--tasks", nargs="*", default=None, help="grid: only these tasks")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs per fit (the study's variants may override)")
-    ap.add_argument("--train", type=int, default=20000, help="study: training rows (after the validation split)")
-    ap.add_argument("--val", type=int, default=2000, help="study: validation rows carved from SST-2's train")
-    ap.add_argument("--workers", type=int, default=2, help="runs at a time (Ray actors, one CPU each)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    args = ap.parse_args()
+    ap.add_argument("stage", nargs="?", choices=STAGES, help="the stage to run (with --smoke alone: every stage)")
+    add_flags(ap, HarnessConfig)
+    group = ap.add_argument_group("every run's recipe (over TASK_TRAIN / FARM_TRAIN)")
+    add_flags(group, TrainConfig, only=OVERRIDABLE, unset=True)
+    return ap
+
+
+def parse(argv: list[str] | None) -> tuple[list[str], HarnessConfig, dict]:
+    """(the stages to run, the harness's settings, the TrainConfig overrides of every run)."""
+    ap = arguments()
+    args = ap.parse_args(argv)
+    cfg = from_flags(args, HarnessConfig)
+    if args.stage is None and not cfg.smoke:
+        ap.error(f"name a stage ({', '.join(STAGES)}); only --smoke runs them all")
+    if set(cfg.tasks or ()) - set(GLUE5):
+        ap.error(f"--tasks: the grid's tasks are {', '.join(GLUE5)}; got {', '.join(cfg.tasks)}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if cfg.smoke:  # never into the results: a fresh folder unless --out says where
+        out = cfg.out or tempfile.mkdtemp(prefix="fidelity-smoke-")
+        cfg = dataclasses.replace(cfg, backbone="tiny", threads=1, out=out)
+        overrides = {**SMOKE_TRAIN, **overrides}
+    stages = [args.stage] if args.stage else list(STAGES)
+    return stages, dataclasses.replace(cfg, out=cfg.out or DEFAULT_OUT), overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    stages, cfg, overrides = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.makedirs(args.out, exist_ok=True)
-    if args.stage == "news":
-        news_validation(args)
-    elif args.stage != "report":
-        runs = plan_study(args) if args.stage == "study" else plan_grid(args)
-        run_all(args, runs, os.path.join(args.out, f"{args.stage}.jsonl"))
-    print(open(report(args)).read())
+    if cfg.plan:
+        for s in STAGES[:-1] if stages[-1] == "report" else stages:
+            print_plan(s, cfg)
+        return
+    os.makedirs(cfg.out, exist_ok=True)
+    for stage in stages:
+        if stage == "news":
+            run_news(cfg, overrides)
+        elif stage != "report":
+            run_stage(stage, cfg, overrides)
+    path = report(cfg.out)
+    print(open(path).read())
+    log.info("report: %s", path)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ instead, and a replica killed mid-stream. Every stage runs on one local Ray and 
     python benchmarks/serve_load.py --forwards ort --no-peer --requests 300 --time-limit 30   # quicker
     python benchmarks/serve_load.py --store /tmp/xpeft-load              # keep (and reuse) the 10,000 profiles
     python benchmarks/serve_load.py --stages kill --concurrency 8        # a replica killed (docs/serving.md)
-    python benchmarks/serve_load.py --stages load kill --smoke           # every stage, tiny: seconds
+    python benchmarks/serve_load.py --stages slow --slow-clients 200     # slow clients beside a normal one
+    python benchmarks/serve_load.py --stages load kill slow --smoke      # every stage, tiny: seconds
 
 Stage `load`: the server with its forward in ONNX Runtime ('ort') and in torch ('eager'), then the peer (PEFT
 LoRA adapters behind `@serve.multiplexed`, harness/peer.py), one after another on the same cores, client and
@@ -21,11 +22,15 @@ request reads its profile from the store (or the record cache) and combines it w
 mixed-profile serving adds.
 
 Stage `kill`: a steady stream of classify requests from --concurrency threads; after --kill-at seconds the
-replica process (one of --replicas) gets SIGKILL. It reports how many requests failed and how (status,
+replica process (one of --num-replicas) gets SIGKILL. It reports how many requests failed and how (status,
 Content-Type, Retry-After, body), and how long until requests were served again. The proxy has
 xpeft.serve.proxy's middleware (a JSON 503 with Retry-After for a request no replica answered), as `xpeft
 serve` sets it up, unless --plain-proxy; it is installed when Ray starts, so with both stages the load stage
 runs behind it too.
+
+Stage `slow` (harness/slow_clients.py): a normal client's requests/s and /healthz's latency without, then with,
+--slow-clients connections holding half-sent bodies, behind the same middleware (the proxy reads each body,
+within XPEFT_BODY_TIMEOUT_S, before a replica is picked).
 
 The server's settings are ServeConfig's flags (as `xpeft serve` takes them); N, k, b and the classes of the
 random profiles XPeftConfig's.
@@ -43,6 +48,7 @@ import statistics
 import tempfile
 import time
 
+from harness import slow_clients
 from harness.client import Client, run_load
 from harness.common import SMOKE_HELP, WORDS, free_port, make_store, smoke_backbone
 from harness.procs import cpu_by_role, memory_mb, replica_pids
@@ -53,7 +59,7 @@ from xpeft.flags import add_flags, from_flags
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine
 
-STAGES = ("load", "kill")
+STAGES = ("load", "kill", "slow")
 NOT_FLAGS = ("store", "bank_path", "bank_fingerprint", "forward")  # the harness makes the store; --forwards
 
 
@@ -202,7 +208,7 @@ def peer_phase(args, store, port: int, payloads: dict) -> dict:
     ids = peer.write_adapters(store, root, args.peer_profiles, args.backbone)
     print(f"[peer] {len(ids)} PEFT adapters at {root} ({time.perf_counter() - start:.1f} s)")
     try:
-        app = peer.peer_app(root, args.backbone, args.peer_models, args.num_cpus, args.max_batch_size)
+        app = peer.peer_app(root, args.backbone, args.peer_models, args.cpus_per_actor, args.max_batch_size)
         url = deploy(app, "peft-peer", port)
         hot, rest = ids[0], random.Random(0).sample(ids[1:], len(ids) - 1)
         cold = list(itertools.islice(itertools.cycle(rest), args.requests * len(payloads) * args.rounds))
@@ -257,6 +263,21 @@ def kill_stage(args, store, port: int) -> None:
         time.sleep(0.2)
     log = client.stop(drain_s=args.drain_s)
     kill_report(args, log, killed_at, pid, replica_pids(), client.unanswered)
+
+
+def slow_stage(args, store, port: int) -> None:
+    """The slow-clients scenario (harness/slow_clients.py) against the server with the first of --forwards."""
+    from xpeft.serve.deployment import build_app
+
+    cfg = server_config(args, store.uri, forward=args.forwards[0])
+    ProfileEngine(dataclasses.replace(cfg, record_cache_mb=0))  # the encoder graph into the cache first
+    url = deploy(build_app(cfg), "xpeft-slow", port)
+    text = " ".join(random.Random(2).choices(WORDS, k=20))
+    try:
+        result = slow_clients.scenario(url, port, "/", args.slow_clients, args.slow_seconds, store.ids()[0], text)
+    finally:
+        undeploy("xpeft-slow")
+    slow_clients.report(result)
 
 
 def parse_payload(text: str) -> tuple[int, int]:
@@ -322,6 +343,11 @@ def arguments() -> argparse.ArgumentParser:
     kill.add_argument(
         "--drain-s", type=float, default=130.0, help="then seconds to wait for the requests still in flight"
     )
+    slow = ap.add_argument_group("stage slow")
+    slow.add_argument(
+        "--slow-clients", type=int, default=200, help="connections holding half-sent bodies (issue 23: 200)"
+    )
+    slow.add_argument("--slow-seconds", type=float, default=20.0, help="the normal client's seconds, each way")
     return ap
 
 
@@ -329,8 +355,9 @@ SMOKE = {  # sizes only (two payloads: the tables' loops over them): what runs (
     **{"requests": 4, "rounds": 1, "time_limit": 60.0, "unloaded": 3, "alone_reps": 1, "peer_profiles": 4},
     **{"payload": [(1, 8), (2, 8)]},
     **{"N": 8, "k": None, "b": 4, "num_labels": 3, "store": None, "peer_adapters": None},
-    **{"num_replicas": 1, "num_cpus": 1.0},  # one replica is killed either way
+    **{"num_replicas": 1, "cpus_per_actor": 1.0},  # one replica is killed either way
     **{"kill_at": 1.0, "after_kill": 2.0, "served_after": 2, "drain_s": 1.0},
+    **{"slow_clients": 20, "slow_seconds": 3.0},
 }
 SMOKE_ALSO = ("backbone", "profiles", "concurrency")  # also set by the smoke setting (settle)
 
@@ -359,7 +386,7 @@ def main() -> None:
     settle(ap, args, tmp.name)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if "kill" in args.stages and not args.plain_proxy:
+    if {"kill", "slow"} & set(args.stages) and not args.plain_proxy:
         from xpeft.serve.proxy import install
 
         install()  # before ray.init: the proxy process inherits the environment
@@ -380,6 +407,8 @@ def main() -> None:
             load_stage(args, store, port)
         if "kill" in args.stages:
             kill_stage(args, store, port)
+        if "slow" in args.stages:
+            slow_stage(args, store, port)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -2,7 +2,8 @@
 
     python benchmarks/store_scale.py --profiles 1000000                 # local disk
     python benchmarks/store_scale.py --profiles 100000 --s3             # on moto_server (S3 API) on 127.0.0.1
-    python benchmarks/store_scale.py --smoke                            # a few hundred profiles: seconds
+    python benchmarks/store_scale.py --profiles 1000000 --upserts 10000 # and lookups after 10,000 single writes
+    python benchmarks/store_scale.py --smoke                            # seconds: every phase, a few hundred
 
 Records are hard mtl profiles with a shared head as the farm writes them (MiniLM, N=100, k=50, b=48: 156 bytes
 of mask bits + the LN affine, 2,460 bytes a record; random content). Phases:
@@ -15,14 +16,18 @@ of mask bits + the LN affine, 2,460 bytes a record; random content). Phases:
             from the write's start until the poller serves the new version / a 404 (a server adds at most its
             staleness_s on top)
   compact   `xpeft profiles compact` (rewrite + cleanup; deleted bytes gone), bytes before and after
-The last line: `<n> profiles: ready <s> s, lookup p99 <ms> ms, unknown p99 <ms> ms`. (The Parquet layout the
-store replaced was measured beside it with benchmarks/old_store.py and --compare-old at commit 1210ec9.)
+  upserts   (with --upserts U) lookups in a fresh process on the freshly compacted store, then after U
+            single-profile upserts (half new ids, half refits, one ProfileStore.write each, as a trickle of fits
+            lands) without a compaction, then after compacting again: parts, segments of the id index, ready s,
+            lookup and unknown-id p50/p99
+The last line: `<n> profiles: ready <s> s, lookup p99 <ms> ms, unknown p99 <ms> ms`; with --upserts, also
+`after <U> single upserts: lookup p99 <ms> ms (compacted: <ms> ms)`. (The Parquet layout the store replaced
+was measured beside it with benchmarks/old_store.py and --compare-old at commit 1210ec9.)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import random
@@ -47,6 +52,7 @@ from harness.common import SMOKE_HELP, machine  # noqa: E402
 from xpeft.config import XPeftConfig  # noqa: E402
 from xpeft.profiles.record import Profile, from_row, to_row  # noqa: E402
 from xpeft.profiles.store import SCHEMA, ProfileStore  # noqa: E402
+from xpeft.profiles.writes import KEY  # noqa: E402
 
 L, N, K, B, LABELS = 6, 100, 50, 48, 15
 NEW_BASE = 50_000_000  # ids the writers add: u5xxxxxxx
@@ -57,47 +63,29 @@ def pid(i: int) -> str:
     return f"u{i:08d}"
 
 
-def _template() -> dict:
-    cfg = XPeftConfig(N=N, k=K, b=B, head="linear", num_labels=LABELS)
-    p = Profile(
-        "x",
-        cfg,
-        {"ln_weight": torch.zeros(L, B), "ln_bias": torch.zeros(L, B)},
-        mask_bits=bytes(2 * ((N + 7) // 8) * L),
-        head_id="mtl-" + "cd" * 8,
-        bank_fingerprint="ab" * 32,
-        label_names=[f"class-{c}" for c in range(LABELS)],
-    )
-    return to_row(p)
-
-
-TEMPLATE = _template()
-
-
-def _fixed_binary(blob: np.ndarray) -> pa.Array:
-    n, w = blob.shape
-    offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * w).tobytes())
-    return pa.Array.from_buffers(pa.binary(), n, [None, offsets, pa.py_buffer(blob.tobytes())])
+CFG = XPeftConfig(N=N, k=K, b=B, head="linear", num_labels=LABELS)
+LABEL_NAMES = [f"class-{c}" for c in range(LABELS)]
 
 
 def make_rows(ids: list[str], version: int = 0, seed: int | None = None) -> pa.Table:
-    """Rows of the store's schema for `ids`: random masks and LN, `version` in the metrics."""
+    """Rows of the store's schema for `ids`, as the store writes them (to_row: with each record's fingerprint):
+    random masks and LN, `version` in the metrics."""
     n, rng = len(ids), np.random.default_rng(seed)
-    masks = rng.integers(0, 256, (n, len(TEMPLATE["mask_bits"])), dtype=np.uint8)
-    blob = np.tile(np.frombuffer(TEMPLATE["tensors"], np.uint8), (n, 1))
-    data = 2 * L * B * 4
-    blob[:, -data:] = rng.standard_normal((n, data // 4), dtype=np.float32).view(np.uint8)
-    metrics = [json.dumps({"accuracy": 0.5, "version": version, "n_test": 30}) for _ in range(n)]
+    masks = rng.integers(0, 256, (n, 2 * ((N + 7) // 8) * L), dtype=np.uint8)
+    ln = torch.from_numpy(rng.standard_normal((n, 2, L, B), dtype=np.float32))
     now = time.time()
-    cols = {
-        **{k: pa.array([v] * n, SCHEMA.field(k).type) for k, v in TEMPLATE.items()},
-        "profile_id": pa.array(ids, pa.string()),
-        "mask_bits": _fixed_binary(masks),
-        "tensors": _fixed_binary(blob),
-        "metrics": pa.array(metrics),
-        "created": pa.array(np.full(n, now) + np.arange(n) * 1e-6),
-    }
-    return pa.table([cols[name] for name in SCHEMA.names], schema=SCHEMA)
+    rows = [
+        to_row(
+            Profile(
+                ids[i], CFG, {"ln_weight": ln[i, 0], "ln_bias": ln[i, 1]}, mask_bits=masks[i].tobytes(),
+                head_id="mtl-" + "cd" * 8, bank_fingerprint="ab" * 32,
+                metrics={"accuracy": 0.5, "version": version, "n_test": 30}, label_names=LABEL_NAMES,
+                created=now + i * 1e-6,
+            )
+        )
+        for i in range(n)
+    ]  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def profiles(ids: list[str], version: int) -> list[Profile]:
@@ -175,14 +163,16 @@ def write(uri: str, n: int, batches: int) -> dict:
     }
 
 
-def _reader(uri: str, n: int, lookups: int, unknown: int, q) -> None:
+def _reader(uri: str, n: int, lookups: int, unknown: int, recent: tuple[str, ...], q) -> None:
+    """A fresh process: open-to-ready, then `lookups` random stored ids (half of them among `recent`, when given)
+    and `unknown` ids never stored."""
     start = time.perf_counter()
     store = ProfileStore(uri)
     len(store)  # the index: ready to answer after this
     ready = time.perf_counter() - start
     rng, hits, misses = random.Random(1), [], []
     for _ in range(lookups):
-        i = pid(rng.randrange(n))
+        i = rng.choice(recent) if recent and rng.random() < 0.5 else pid(rng.randrange(n))
         t = time.perf_counter()
         assert store.get(i).profile_id == i
         hits.append(time.perf_counter() - t)
@@ -195,10 +185,18 @@ def _reader(uri: str, n: int, lookups: int, unknown: int, q) -> None:
             "ready_s": ready,
             "lookup_p50_ms": pct(hits, 50),
             "lookup_p99_ms": pct(hits, 99),
+            "unknown_p50_ms": pct(misses, 50),
             "unknown_p99_ms": pct(misses, 99),
             "rss_mb": rss_mb(),
+            **table_shape(store),
         }
     )
+
+
+def table_shape(store: ProfileStore) -> dict:
+    """Parts of the profile table and segments of its id index."""
+    found = [d for d in store.table._dataset().describe_indices() if list(d.field_names) == [KEY]]
+    return {"parts": store.stats()["parts"], "index_segments": len(found[0].segments) if found else 0}
 
 
 def _poller(uri: str, inbox, outbox) -> None:
@@ -259,6 +257,35 @@ def compact(uri: str, s3) -> dict:
     }
 
 
+def small_writes(uri: str, args) -> list[dict]:
+    """The store's lookups freshly compacted, after `args.upserts` single-profile upserts (half new ids, half
+    refits; no compaction between), and compacted again; each read in a fresh process."""
+    store = ProfileStore(uri)
+    store.compact()
+    n, rows = args.profiles, []
+    written: list[str] = []
+    r = in_process(_reader, uri, n, args.lookups, args.unknown, ())
+    rows.append({"state": "freshly compacted", **r})
+    rng, seconds = random.Random(7), []
+    print(f"[upserts] {args.upserts} single-profile upserts ...", flush=True)
+    for u in range(args.upserts):
+        i = pid(NEW_BASE + 3_000_000 + u) if u % 2 == 0 else pid(rng.randrange(n))
+        batch = profiles([i], 800_000 + u)
+        start = time.perf_counter()
+        store.write(batch)
+        seconds.append(time.perf_counter() - start)
+        written.append(i)
+    r = in_process(_reader, uri, n, args.lookups, args.unknown, tuple(written))
+    rows.append({"state": f"after {args.upserts:,} single upserts", "upsert_p50_ms": pct(seconds, 50),
+                 "upsert_p99_ms": pct(seconds, 99), **r})  # fmt: skip
+    start = time.perf_counter()
+    store.compact()
+    compact_s = time.perf_counter() - start
+    r = in_process(_reader, uri, n, args.lookups, args.unknown, tuple(written))
+    rows.append({"state": f"compacted again ({compact_s:.1f} s)", **r})
+    return rows
+
+
 def in_process(target, *args):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -275,7 +302,7 @@ def measure(uri: str, args, s3) -> dict:
     print(f"built in {r['build_s']:.1f} s; 2 writers ...", flush=True)
     r.update(write(uri, args.profiles, args.writer_batches))
     print("reading ...", flush=True)
-    r.update(in_process(_reader, uri, args.profiles, args.lookups, args.unknown))
+    r.update(in_process(_reader, uri, args.profiles, args.lookups, args.unknown, ()))
     r.update(visible(uri, args.profiles))
     print("compacting ...", flush=True)
     r.update(compact(uri, s3))
@@ -337,7 +364,7 @@ def cell(r: dict, key: str, fmt: str | None) -> str:
     return special[key] if fmt is None else ("n/a" if r[key] != r[key] else fmt.format(r[key]))
 
 
-SMOKE = {"profiles": 300, "writer_batches": 3, "lookups": 30, "unknown": 30}
+SMOKE = {"profiles": 300, "writer_batches": 3, "lookups": 30, "unknown": 30, "upserts": 40}  # every phase
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -349,6 +376,9 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--lookups", type=int, default=None, help="stored-id lookups (3000; 200 on S3)")
     ap.add_argument("--unknown", type=int, default=1500, help="unknown-id lookups (default 1500)")
     ap.add_argument("--dir", default=None, help="where the local stores go (default: a temp dir, removed after)")
+    ap.add_argument(
+        "--upserts", type=int, default=0, help="then lookups after this many single-profile upserts (0: skip)"
+    )
     return ap
 
 
@@ -369,7 +399,8 @@ def main() -> None:
             uri = f"s3://bench/store?endpoint={url}"
         else:
             uri = f"{tmp}/store"
-        r = measure(uri, args, s3)
+        new = measure(uri, args, s3)
+        trickle = small_writes(uri, args) if args.upserts else []
     finally:
         if moto is not None:
             moto.terminate()
@@ -381,11 +412,25 @@ def main() -> None:
     )
     print("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
-    print("| " + " | ".join(cell(r, key, fmt) for key, _, fmt in COLUMNS) + " |")
+    print("| " + " | ".join(cell(new, key, fmt) for key, _, fmt in COLUMNS) + " |")
+    if trickle:
+        print(f"\nlookups of the new store, {args.lookups} of stored ids (after the upserts, half of them among "
+              f"the ids they wrote) and {args.unknown} unknown, each in a fresh process:\n")  # fmt: skip
+        print("| state | parts | id-index segments | upsert p50/p99 ms | ready s | lookup p50/p99 ms "
+              "| unknown p50/p99 ms |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
+        for r in trickle:
+            upsert = f"{r['upsert_p50_ms']:.0f}/{r['upsert_p99_ms']:.0f}" if "upsert_p50_ms" in r else "–"
+            print(f"| {r['state']} | {r['parts']} | {r['index_segments']} | {upsert} | {r['ready_s']:.2f} | "
+                  f"{r['lookup_p50_ms']:.2f}/{r['lookup_p99_ms']:.2f} | "
+                  f"{r['unknown_p50_ms']:.3f}/{r['unknown_p99_ms']:.3f} |")  # fmt: skip
     print(
-        f"\n{args.profiles} profiles: ready {r['ready_s']:.2f} s, lookup p99 {r['lookup_p99_ms']:.2f} ms, "
-        f"unknown p99 {r['unknown_p99_ms']:.3f} ms"
+        f"\n{args.profiles} profiles: ready {new['ready_s']:.2f} s, lookup p99 {new['lookup_p99_ms']:.2f} ms, "
+        f"unknown p99 {new['unknown_p99_ms']:.3f} ms"
     )
+    if trickle:
+        print(f"after {args.upserts} single upserts: lookup p99 {trickle[1]['lookup_p99_ms']:.2f} ms "
+              f"(freshly compacted: {trickle[0]['lookup_p99_ms']:.2f} ms)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@
         --store s3://bucket/xpeft-store --out s3://bucket/scored/ --num-actors 8
 
 The table has columns text, profile_id (optional id, text_pair); the output is the same rows with label,
-label_name, score, scores, profile_created and error (rows that could not be scored say why there). Without
+label_name, probabilities, value, profile_created and error (rows that could not be scored say why there). Without
 RAY_ADDRESS it starts an embedded local Ray; under `ray job submit` it joins the cluster. The job is
-xpeft.jobs' (also `xpeft classify-batch`); this script only calls it.
+xpeft.jobs.classify_batch's (also `xpeft classify-batch`); this script only calls it.
 """
 
 import os

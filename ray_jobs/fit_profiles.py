@@ -6,7 +6,7 @@
         --store s3://bucket/xpeft-store
 
 Without RAY_ADDRESS it starts an embedded local Ray; under `ray job submit` it joins the cluster.
-The job is xpeft.jobs' (also `xpeft fit-profiles`); this script only calls it.
+The job is xpeft.jobs.fit_profiles's (also `xpeft fit-profiles`); this script only calls it.
 """
 
 import os

@@ -12,7 +12,7 @@ flags override either. The global batch stays the same whatever --num-workers is
 --name and --storage-path resumes that run from its latest checkpoint.
 
 Without RAY_ADDRESS it starts an embedded local Ray; under `ray job submit` it joins the cluster.
-The job is xpeft.jobs' (also `xpeft fit-task`); this script only calls it.
+The job is xpeft.jobs.fit_task's (also `xpeft fit-task`); this script only calls it.
 """
 
 import os

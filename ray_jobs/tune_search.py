@@ -12,7 +12,7 @@ Each trial is a single-process fit, or a Ray Train run over --num-workers worker
 The best config goes to <storage-path>/<name>/best.json and, with --store, its profile to the store.
 
 Without RAY_ADDRESS it starts an embedded local Ray; under `ray job submit` it joins the cluster.
-The job is xpeft.jobs' (also `xpeft tune`); this script only calls it.
+The job is xpeft.jobs.tune's (also `xpeft tune`); this script only calls it.
 """
 
 import os

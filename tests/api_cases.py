@@ -150,6 +150,14 @@ BAD = [
         422,
         "fitted on text pairs: send text_pairs",
     ),
+    (
+        "JSON nested 4,000 deep",  # json.loads would recurse until it failed: a 400 "is it UTF-8?" before
+        "post",
+        "/v1/classify",
+        b'{"profile_id": "hard", "texts": ' + b"[" * 4000 + b"]" * 4000 + b"}",  # within max_body_bytes
+        422,
+        "nests more than 32 arrays or objects deep",
+    ),
     ("an unknown route", "get", "/v2/classify", None, 404, "the routes are"),
     ("a method the route does not take", "get", "/v1/classify", None, 405, "takes POST"),
 ]

@@ -40,6 +40,16 @@ def truncate(path: str) -> None:
     os.truncate(path, os.path.getsize(path) // 2)
 
 
+def flip(path: str, offset: int) -> bytes:
+    """Flip the lowest bit of the byte at `offset` (a float's lowest mantissa bit where it lands on one: the value
+    stays finite, the file the same size); returns the file's bytes before, to restore it."""
+    good = open(path, "rb").read()
+    data = bytearray(good)
+    data[offset] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    return good
+
+
 def write_profiles(root: str, writer: int, batches: int, table_options: dict) -> None:
     """A writer process: new profiles of its own, and refits of ids both writers share."""
     store = ProfileStore(root, **table_options)

@@ -6,8 +6,10 @@ offline docs."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
+import time
 from collections import Counter
 
 import pytest
@@ -85,10 +87,8 @@ def test_with_auth_on_any_request_is_answered_as_documented_with_the_token_and_r
         # Without a token, or with a wrong one, by turns.
         without = case.call(headers={"Authorization": "Bearer not-the-token"} if i % 2 else None)
         case.validate_response(without, checks=CHECKS)
-        if case.operation.path.startswith("/v1/"):
-            # Refused before anything else is looked at, but a body that cannot be read at all (read first).
-            unreadable = without.status_code in (400, 413, 415) and "body" in without.text
-            assert without.status_code == 401 or unreadable or "not valid JSON" in without.text, without.text
+        if case.operation.path.startswith("/v1/"):  # refused before anything else is looked at, the body too
+            assert without.status_code == 401, without.text
         if i % 20 == 0:
             still_served(client, token)
 
@@ -147,7 +147,7 @@ def test_a_profile_fitted_on_pairs_is_served_pairs_and_one_of_single_texts_singl
 def test_every_error_status_the_api_answers_is_in_its_openapi_schema(app):
     schema = app.openapi()
     documented = {code for op in schema["paths"]["/v1/classify"].values() for code in op["responses"]}
-    assert {"400", "401", "404", "409", "413", "415", "422"} <= documented
+    assert {"400", "401", "404", "408", "409", "413", "415", "422", "503"} <= documented
     invalid = schema["components"]["schemas"]["Invalid"]
     assert set(invalid["properties"]) == {"detail", "errors"} and invalid["required"] == ["detail"]
 
@@ -206,3 +206,121 @@ def test_a_request_no_replica_answered_gets_a_json_503_with_retry_after(app):
 def test_an_answer_passes_the_proxy_middleware_untouched():
     r = proxied(replica_answered).get("/healthz")
     assert (r.status_code, r.text, "retry-after" in r.headers) == (200, "ok", False)
+
+
+# --- the order of refusals, slow and greedy clients (xpeft.serve.limits) ---------------------------------------
+
+
+def test_without_the_token_a_bad_body_is_refused_401_before_422(servers):
+    with TestClient(make_api(servers["secure"])) as secure:
+        bad = b'{"profile_id": "hard", "texts": ['
+        assert send(secure, "post", "/v1/classify", bad).status_code == 401
+        assert send(secure, "post", "/v1/classify", bad, {"Authorization": f"Bearer {TOKEN}"}).status_code == 422
+
+
+def asgi_client(app, timeout: float = 30):
+    import httpx2 as httpx  # the client TestClient uses
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=timeout)
+
+
+def test_a_slow_client_sending_half_a_body_gets_408_naming_the_limit_and_the_next_request_is_served(servers):
+    server = LocalServer(dataclasses.replace(servers["open"].cfg, body_timeout_s=0.5), servers["open"].engine)
+
+    async def half_a_body():
+        yield b'{"profile_id": "soft", "te'
+        await asyncio.sleep(5)  # ... and waits
+        yield b'xts": ["x"]}'
+
+    async def main():
+        async with asgi_client(make_api(server)) as client:
+            start = time.perf_counter()
+            r = await client.post("/v1/classify", content=half_a_body(), headers=JSON)
+            waited = time.perf_counter() - start
+            return r, waited, await client.post("/v1/classify", json=GOOD)
+
+    r, waited, next_one = asyncio.run(main())
+    assert r.status_code == 408 and "ServeConfig.body_timeout_s" in r.json()["detail"] and waited < 4, (r.text, waited)
+    assert next_one.status_code == 200
+
+
+class HeldServer(LocalServer):
+    """A server whose classify waits for `release`: requests pile up in its queue."""
+
+    release: asyncio.Event
+
+    async def classify(self, request):
+        await self.release.wait()
+        return await super().classify(request)
+
+
+def test_a_full_queue_is_a_json_503_with_retry_after_and_healthz_is_answered_outside_it(servers):
+    cfg = dataclasses.replace(servers["open"].cfg, max_ongoing_requests=1, max_queued_requests=1)
+    server = HeldServer(cfg, servers["open"].engine)
+
+    async def main():
+        server.release = asyncio.Event()
+        async with asgi_client(make_api(server)) as client:
+            held = [asyncio.create_task(client.post("/v1/classify", json=GOOD)) for _ in range(2)]
+            await asyncio.sleep(0.3)  # one in progress, one waiting: the queue is full
+            refused = await client.post("/v1/classify", json=GOOD)
+            health = await asyncio.wait_for(client.get("/healthz"), 10)  # not behind the held requests
+            server.release.set()
+            return refused, health, await asyncio.gather(*held)
+
+    refused, health, held = asyncio.run(main())
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1, refused.text
+    assert "max_queued_requests" in refused.json()["detail"]
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert [r.status_code for r in held] == [200, 200]
+
+
+# --- the Serve proxy's middlewares: the body before a replica, /healthz within a deadline -----------------------
+
+
+def test_a_slow_client_is_answered_408_by_the_proxy_before_any_replica_is_asked():
+    from xpeft.serve.limits import BodyLimits
+
+    asked = []
+
+    async def replica(scope, receive, send):
+        asked.append(scope["path"])
+        await replica_answered(scope, receive, send)
+
+    app = BodyLimits(
+        replica, max_bytes=1000, timeout_s=0.5, size_limit="XPEFT_MAX_BODY_BYTES", time_limit="XPEFT_BODY_TIMEOUT_S"
+    )
+
+    async def half_a_body():
+        yield b'{"profile_id": "so'
+        await asyncio.sleep(5)
+        yield b'ft"}'
+
+    async def main():
+        async with asgi_client(app) as client:
+            return await client.post("/v1/classify", content=half_a_body(), headers=JSON), await client.get("/healthz")
+
+    slow, health = asyncio.run(main())
+    assert slow.status_code == 408 and "XPEFT_BODY_TIMEOUT_S" in slow.json()["detail"]
+    assert asked == ["/healthz"]  # the slow request never reached a replica
+
+
+async def proxy_not_found(scope, receive, send):  # Serve's proxy before the app is deployed
+    await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"Path '/healthz' not found."})
+
+
+async def no_answer(scope, receive, send):  # a replica that is starting: the request waits in Serve's router
+    await asyncio.sleep(60)
+
+
+@pytest.mark.parametrize(
+    "app,status", [(proxy_not_found, "starting"), (no_answer, "unavailable")], ids=["not deployed", "no answer"]
+)
+def test_healthz_is_answered_503_within_its_deadline_while_no_replica_can_answer(app, status):
+    from xpeft.serve.proxy import HealthWithin
+
+    start = time.perf_counter()
+    r = TestClient(HealthWithin(app, deadline_s=0.5)).get("/healthz")
+    assert r.status_code == 503 and r.json()["status"] == status and int(r.headers["retry-after"]) >= 1, r.text
+    assert time.perf_counter() - start < 5

@@ -83,11 +83,11 @@ def assert_scored_as_in_process(scored: pa.Table, store: ProfileStore, backbone:
         for r, z in zip(mine, logits, strict=True):
             assert r["profile_created"] == created
             if BY_NAME[pid].config.get("problem_type") == "regression":
-                assert r["label"] is None and abs(r["score"] - float(z[0])) < 1e-5
+                assert r["label"] is None and r["probabilities"] is None and abs(r["value"] - float(z[0])) < 1e-5
                 continue
             probs = torch.softmax(z, -1)
-            assert torch.allclose(torch.tensor(r["scores"]), probs, atol=1e-5), (pid, r["id"])
-            assert r["label"] == int(probs.argmax()) and abs(r["score"] - float(probs.max())) < 1e-5
+            assert torch.allclose(torch.tensor(r["probabilities"]), probs, atol=1e-5), (pid, r["id"])
+            assert r["label"] == int(probs.argmax()) and r["value"] is None
     assert {r["label_name"] for r in rows if r["profile_id"] == "hard" and r["error"] is None} <= {"neg", "neu", "pos"}
 
 
@@ -98,7 +98,7 @@ def assert_bad_rows_carry_their_error(scored: pa.Table) -> None:
         if r["profile_id"] == "nope":
             assert "profile 'nope' is not in the store" in r["error"] and r["label"] is None
         elif r["profile_id"] == "other-bank":
-            assert "fitted on bank" in r["error"] and r["scores"] is None
+            assert "fitted on bank" in r["error"] and r["probabilities"] is None
         elif r["id"] not in (3, 4, 5):
             assert r["error"] is None, r
 
@@ -126,7 +126,8 @@ def test_a_pool_that_would_leave_ray_data_no_cpu_is_refused_with_the_fix(tmp_pat
     serve = ServeConfig(store=str(tmp_path))
     with pytest.raises(ValueError, match=r"2 actors x 1 CPUs reserve 2 of the cluster's 2 CPUs.*--cpus-per-actor 0\.5"):
         check_pool(BatchConfig(data="t.parquet", out="o", num_actors=2, serve=serve), 2.0)
-    check_pool(BatchConfig(data="t.parquet", out="o", num_actors=2, cpus_per_actor=0.5, serve=serve), 2.0)
+    half = ServeConfig(store=str(tmp_path), cpus_per_actor=0.5)
+    check_pool(BatchConfig(data="t.parquet", out="o", num_actors=2, serve=half), 2.0)
     check_pool(BatchConfig(data="t.parquet", out="o", num_actors=1, serve=serve), 2.0)
 
 
@@ -134,15 +135,15 @@ def test_a_pool_that_would_leave_ray_data_no_cpu_is_refused_with_the_fix(tmp_pat
 def test_the_ray_data_job_scores_every_row_and_writes_the_bad_ones_with_their_error(
     store, backbone, tmp_path, local_ray
 ):
-    from xpeft.jobs import run_batch
+    from xpeft.jobs.classify_batch import run_batch
 
     table = texts_table()
     (tmp_path / "in").mkdir()
     pq.write_table(table.slice(0, 150), tmp_path / "in" / "part-0.parquet")  # two files: blocks for two actors
     pq.write_table(table.slice(150), tmp_path / "in" / "part-1.parquet")
-    serve = ServeConfig(store=store.uri, backbone=backbone, torch_threads=1, num_cpus=0.5, max_batch_size=16)
+    serve = ServeConfig(store=store.uri, backbone=backbone, torch_threads=1, cpus_per_actor=0.5, max_batch_size=16)
     cfg = BatchConfig(
-        data=str(tmp_path / "in"), out=str(tmp_path / "scored"), num_actors=2, cpus_per_actor=0.5, batch_size=64,
+        data=str(tmp_path / "in"), out=str(tmp_path / "scored"), num_actors=2, batch_size=64,
         progress=False, serve=serve,
     )  # fmt: skip
     result = run_batch(cfg)  # its rows/s: benchmarks/batch_inference.py

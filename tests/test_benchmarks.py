@@ -24,10 +24,6 @@ SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
 # one flips its test to a failure until its line goes.
 PENDING = {
     "step_time.py": "smoke setting lands with the fitloop branch",
-    "fidelity.py": "smoke setting lands with the quality branch",
-    "quality_study.py": "absorbed into fidelity.py on the quality branch",
-    "reproduce_glue.py": "absorbed into fidelity.py on the quality branch",
-    "news_figure4.py": "absorbed into fidelity.py on the quality branch",
 }
 TIMEOUT_S = 600  # a smoke run takes seconds on an idle machine; this only stops a hang
 _RUNS: dict[tuple, subprocess.CompletedProcess] = {}

@@ -1,7 +1,8 @@
 """The replica's forward (xpeft.serve.forward): ONNX Runtime gives the eager model's logits within 1e-4 on
-batches mixing every mode and head of the case table; its graph is exported once per backbone, found again by
-its key and verified before it is loaded; its heads take a fixed number of torch ops whatever the batch; and
-a lone request is not held back for a batch that nobody joins."""
+batches mixing every mode and head of the case table (both run one per-row encoder, `encode_rows`, and one
+head, `row_heads`); a mixed batch is one encoder pass; its graph is exported once per backbone, found again by
+its key and verified before it is loaded; either forward takes a fixed number of torch ops whatever the batch;
+and a lone request is not held back for a batch that nobody joins."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import logging
 import random
 
+import numpy as np
 import pytest
 import torch
 from cases import BANK, CASES, SHARED_HEAD_ID, fitted_profile, shared_head_state
@@ -64,7 +66,8 @@ def profile_rows(engine, n: int) -> list:
     return list(zip(engine.load_profiles(names), engine.tokenize(texts(n), None), strict=True))
 
 
-def test_the_ort_forward_runs_a_fixed_number_of_torch_ops_whatever_the_rows_and_profiles(engines):
+@pytest.mark.parametrize("forward", ["ort", "eager"])
+def test_a_forward_runs_a_fixed_number_of_torch_ops_whatever_the_rows_and_profiles(engines, forward):
     """Every torch op beside a busy event loop may wait for the GIL: the count must not grow with the batch."""
     from torch.overrides import TorchFunctionMode
 
@@ -75,7 +78,7 @@ def test_the_ort_forward_runs_a_fixed_number_of_torch_ops_whatever_the_rows_and_
             Count.calls += 1
             return func(*args, **(kwargs or {}))
 
-    eng = engines["ort"]
+    eng = engines[forward]
     counts = {}
     for n in (len(CASES), 2 * len(CASES), 40):  # every mode and head in each; the cases once, twice, 3.3 times
         items = profile_rows(eng, n)
@@ -86,6 +89,50 @@ def test_the_ort_forward_runs_a_fixed_number_of_torch_ops_whatever_the_rows_and_
             eng.forward_rows(batch, rows)
         counts[n] = Count.calls
     assert len(set(counts.values())) == 1, counts
+
+
+def test_a_batch_mixing_every_mode_runs_the_encoder_once(engines):
+    """Rows with and without the LayerNorm after Â, single_adapter and head_only rows: one encoder pass."""
+    eng = engines["eager"]
+    items = profile_rows(eng, len(CASES))
+    passes = []
+    hook = eng.model.encoder.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        eng.forward(items)
+    finally:
+        hook.remove()
+    assert {c.ln_weight is None for c, _ in items} == {True, False} and len(passes) == 1
+
+
+def test_the_torch_gather_a_gpu_uses_stacks_the_same_inputs_as_the_numpy_one(engines):
+    """RowAdapters gathers with numpy on CPU and with torch on a GPU (untested here: no GPU): the same rule."""
+    from xpeft.core.multiprofile import ROW_INPUTS, RowAdapters
+
+    model = engines["eager"].model
+    rows = [c for c, _ in profile_rows(engines["eager"], len(CASES))]
+    on_cpu, as_on_gpu = (RowAdapters(model.L, model.d_in, model.d_out) for _ in range(2))
+    as_on_gpu.numpy = False  # the GPU's branch, on CPU tensors
+    a, b = on_cpu.gather(rows), as_on_gpu.gather(rows)
+    assert isinstance(a["A_hat"], np.ndarray) and isinstance(b["A_hat"], torch.Tensor)
+    for name in ROW_INPUTS:
+        assert torch.equal(torch.as_tensor(a[name]), b[name]), name
+    assert a["use_ln"].tolist() == [c.ln_weight is not None for c in rows]
+
+
+def test_each_row_gets_its_own_heads_logits_from_the_heads_stacked(engines):
+    """`row_heads` over rows of pooler and linear heads with 2 to 4 classes equals each head on its row alone."""
+    from xpeft.core.head import row_heads
+
+    eng = engines["eager"]
+    combined = eng.load_profiles([c.name for c in CASES])
+    heads, keys = [c.head for c in combined], [c.head_key for c in combined]
+    assert {h.kind for h in heads} == {"pooler", "linear"} and len({h.num_labels for h in heads}) > 2
+    hidden = torch.randn(len(heads), 7, eng.d)
+    mask = torch.ones(len(heads), 7, dtype=torch.long)
+    mask[::2, 4:] = 0
+    for i, got in enumerate(row_heads(hidden, mask, heads, keys)):
+        want = heads[i](hidden[i : i + 1], mask[i : i + 1])[0]
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), (keys[i], (got - want).abs().max())
 
 
 def ort_forward(cache, encoder=None) -> OrtForward:
@@ -133,7 +180,7 @@ def test_a_serve_config_names_the_forwards_it_accepts():
 def test_a_lone_call_is_not_held_for_a_batch_nobody_joins(monkeypatch):
     """The wait for company is asked for, not imposed: the coalescer's only wait is `wait_s`, and with the default
     0 a lone call goes straight to the work. Counted, not timed (asyncio.sleep records what it was asked)."""
-    from xpeft.serve.deployment import Coalescer
+    from xpeft.serve.local import Coalescer
 
     waits: list[float] = []
 

@@ -158,7 +158,7 @@ def test_a_fitted_profile_serves_its_classes_by_name(name, labels, classes, prob
     logits = engine.forward([(combined, row) for row in engine.tokenize(texts, None)])
     answer = predictions(combined, logits)
     if problem == "regression":
-        assert all(set(a) == {"score"} for a in answer)
+        assert all(set(a) == {"value"} for a in answer)
     else:
         assert all(a["label_name"] == classes[a["label"]] and len(a["probabilities"]) == len(classes) for a in answer)
 

@@ -102,4 +102,4 @@ def test_a_profile_stores_the_bytes_the_accounting_says(case):
         cfg.mode, cfg.mask_type, N, B, Dims(d=D, L=L), c=cfg.num_labels, head=cfg.head, shared_head=case.shared_head,
         layer_norm=cfg.layer_norm, masks=cfg.masks,
     )  # fmt: skip
-    assert profile.record_bytes == want["total"], (profile.size_report(), want)
+    assert profile.record_bytes == want["total"], (profile.record_bytes_by_part(), want)

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from xpeft.cli import main as xpeft
 from xpeft.config import XPeftConfig
 from xpeft.core.bank import load_bank
+from xpeft.core.head import HeadWeights
 from xpeft.core.model import XPeftModel
-from xpeft.core.multiprofile import HeadWeights
 from xpeft.core.peft_bank import bank_from_peft, read_peft_adapter
 from xpeft.fit.warm_start import bank_member_profile
 from xpeft.profiles.peft_export import HEAD_FILE, export_peft, why_not_lora

@@ -26,7 +26,7 @@ def test_hard_profile_stores_its_masks_in_2_ceil_N_over_8_times_L_bytes():
     _, profile = fitted_profile("hard", "p1")
     assert len(profile.mask_bits) == 2 * mask_bytes(N, L) == 2 * 3 * 2
     assert "mask_logits_A" not in profile.tensors
-    sizes = profile.size_report()
+    sizes = profile.record_bytes_by_part()
     assert sizes["mask_bits"] == 12
     assert sizes["ln"] == 2 * B * L * 4  # the LN affine after Â, stored beside the bits
     assert sizes["total"] == profile.record_bytes == 12 + sizes["ln"] + sizes["head"]

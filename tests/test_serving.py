@@ -35,13 +35,15 @@ from conftest import API_CASES
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.core.model import XPeftModel
 from xpeft.fit.loop import Collator, tokenize
+from xpeft.flags import from_strings
 from xpeft.profiles.record import apply_profile
 from xpeft.profiles.store import Location, ProfileStore
 from xpeft.serve.cache import ProfileCache, RecordCache
 from xpeft.serve.combine import combine_profiles
 from xpeft.serve.config import ServeConfig
-from xpeft.serve.deployment import Coalescer, app_builder
+from xpeft.serve.deployment import app_builder
 from xpeft.serve.engine import ProfileEngine
+from xpeft.serve.local import Coalescer
 
 TEXTS = ["the movie was great fun", "bad boring plot", "news about the election and the vote"]
 SERVED = [c.name for c in CASES]  # every mode of the table, over real HTTP
@@ -182,13 +184,41 @@ def test_calls_waiting_while_work_runs_are_merged_into_one_call():
     assert calls == [[1], [2, 3, 4, 5, 6, 7, 8, 9], [0]]
 
 
-def test_settings_from_strings_are_typed_and_unknown_ones_refused(monkeypatch):
-    cfg = ServeConfig.from_strings({"store": "/tmp/s", "num_cpus": "0.5", "max_batch_size": "16"})
-    assert (cfg.num_cpus, cfg.max_batch_size) == (0.5, 16)
-    with pytest.raises(ValueError, match="unknown serve settings"):
-        ServeConfig.from_strings({"store": "/tmp/s", "max_batch": "16"})
+def test_a_replica_submits_a_requests_rows_to_the_forward_in_one_call(store, backbone):
+    """The replica's classify (LocalServer, queued as ProfileServer is): 5 texts are one call of the forward
+    queue, so a request is never split into a lone first row and the rest."""
+    from xpeft.serve.api import ClassifyRequest
+    from xpeft.serve.local import LocalServer
+
+    engine = engine_for(store, backbone)
+    calls = []
+
+    def forward(items):
+        calls.append(len(items))
+        return engine.forward(items)
+
+    server = LocalServer(engine.cfg, engine, queued=True)
+    server.forward.work = forward
+    got = asyncio.run(server.classify(ClassifyRequest(profile_id="hard", texts=[*TEXTS, *TEXTS[:2]])))
+    assert len(got["predictions"]) == 5 and calls == [5]
+
+
+def test_settings_from_strings_are_typed_and_unknown_or_old_ones_refused_with_the_name_to_use(monkeypatch):
+    values = {"store": "/tmp/s", "cpus_per_actor": "0.5", "max_batch_size": "16", "preload": "false"}
+    cfg = from_strings(ServeConfig, {**values, "torch_threads": "2", "forward": "eager"})
+    assert (cfg.cpus_per_actor, cfg.max_batch_size, cfg.preload, cfg.torch_threads) == (0.5, 16, False, 2)
+    with pytest.raises(ValueError, match="unknown ServeConfig settings"):
+        from_strings(ServeConfig, {"store": "/tmp/s", "max_batch": "16"})
     with pytest.raises(ValueError, match="max_batch_size='lots' is not a valid int"):
-        ServeConfig.from_strings({"store": "/tmp/s", "max_batch_size": "lots"})
+        from_strings(ServeConfig, {"store": "/tmp/s", "max_batch_size": "lots"})
+    with pytest.raises(ValueError, match=r"forward='onnx' is not one of \['auto', 'ort', 'eager'\]"):
+        from_strings(ServeConfig, {"store": "/tmp/s", "forward": "onnx"})
+    with pytest.raises(ValueError, match="'batch_wait_timeout_s' was renamed 'batch_wait_s': use batch_wait_s="):
+        from_strings(ServeConfig, {"store": "/tmp/s", "batch_wait_timeout_s": "0.01"})
+    monkeypatch.setenv("XPEFT_NUM_CPUS", "1")  # an old name in a script's environment
+    with pytest.raises(ValueError, match="'num_cpus' was renamed 'cpus_per_actor'"):
+        app_builder({"store": "/tmp/s"})
+    monkeypatch.delenv("XPEFT_NUM_CPUS")
     monkeypatch.delenv("XPEFT_STORE", raising=False)
     with pytest.raises(ValueError, match="XPEFT_STORE"):
         app_builder({})
@@ -210,14 +240,15 @@ def server(store, backbone):
     from ray import serve
 
     from xpeft.serve.deployment import build_app
-    from xpeft.serve.proxy import CALLBACK, CALLBACK_ENV
+    from xpeft.serve.proxy import BODY_TIMEOUT_ENV, CALLBACK, CALLBACK_ENV
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv(CALLBACK_ENV, CALLBACK)  # before ray.init: the proxy inherits it
+        env.setenv(BODY_TIMEOUT_ENV, "30")  # the proxy holds a half-sent body this long (the slow-client test)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared one
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = dict(store=store.uri, backbone=backbone, num_cpus=0.5, cache_size=4, batch_wait_timeout_s=0.1, **LIMITS)
+    common = dict(store=store.uri, backbone=backbone, cpus_per_actor=0.5, cache_size=4, batch_wait_s=0.1, **LIMITS)
     serve.run(build_app(ServeConfig(**common, api_token=None)), name="xpeft", route_prefix="/")
     serve.run(build_app(ServeConfig(**common, api_token=TOKEN)), name="xpeft-auth", route_prefix="/secure")
     yield f"http://127.0.0.1:{port}"
@@ -250,7 +281,7 @@ def assert_matches(preds: list[dict], logits: torch.Tensor, problem_type: str = 
     assert len(preds) == len(logits)
     for pred, z in zip(preds, logits, strict=True):
         if problem_type == "regression":
-            assert abs(pred["score"] - float(z[0])) < 1e-5 and "probabilities" not in pred
+            assert abs(pred["value"] - float(z[0])) < 1e-5 and "probabilities" not in pred
         else:
             probs = torch.softmax(z, -1)
             assert torch.allclose(torch.tensor(pred["probabilities"]), probs, atol=1e-5)
@@ -388,7 +419,7 @@ def test_profile_info_has_config_metrics_and_size_in_bytes(server, store):
     info = requests.get(f"{server}/v1/profiles/hard", timeout=10).json()
     stored = store.get("hard")
     assert info["config"] == stored.config.to_dict() and info["metrics"] == stored.metrics
-    assert info["size_bytes"] == stored.record_bytes and info["servable"] is True
+    assert info["record_bytes"] == stored.record_bytes and info["servable"] is True
     alien = requests.get(f"{server}/v1/profiles/other-bank", timeout=10).json()
     assert alien["servable"] is False and OTHER_BANK.fingerprint in alien["problem"]
 
@@ -480,7 +511,7 @@ def test_a_replica_killed_mid_request_gets_a_json_503_with_retry_after_and_the_n
 
     from xpeft.serve.deployment import build_app
 
-    cfg = ServeConfig(store=store.uri, backbone=backbone, num_cpus=0.25, batch_wait_timeout_s=3.0, max_batch_size=64)
+    cfg = ServeConfig(store=store.uri, backbone=backbone, cpus_per_actor=0.25, batch_wait_s=3.0, max_batch_size=64)
     serve.run(build_app(cfg), name="xpeft-kill", route_prefix="/kill")
     url = f"{server}/kill/v1/classify"
     try:
@@ -504,3 +535,76 @@ def test_a_replica_killed_mid_request_gets_a_json_503_with_retry_after_and_the_n
         print(f"served again {time.monotonic() - killed:.1f} s after the kill")
     finally:
         serve.delete("xpeft-kill")
+
+
+def half_sent(port: int, path: str) -> socket.socket:
+    """A connection that sends its headers and 10 of its 100 body bytes, then waits."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    conn.sendall(head.encode() + b'{"profile_')
+    return conn
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_slow_clients_holding_half_sent_bodies_block_neither_a_normal_client_nor_healthz(server, store, backbone):
+    """40 connections that send half a body and wait, twice what Serve lets the replica take at once here (20):
+    the proxy reads bodies before it picks a replica, so they hold proxy connections, not replica slots."""
+    from ray import serve
+
+    from xpeft.serve.deployment import build_app
+
+    cfg = ServeConfig(
+        store=store.uri, backbone=backbone, cpus_per_actor=0.25, max_ongoing_requests=2, max_queued_requests=2
+    )
+    serve.run(build_app(cfg), name="xpeft-slow", route_prefix="/slow")
+    url, port = f"{server}/slow", int(server.rsplit(":", 1)[1])
+    slow = [half_sent(port, "/slow/v1/classify") for _ in range(40)]
+    try:
+        time.sleep(1.0)  # they are all waiting in the proxy now
+        start = time.perf_counter()
+        for i in range(5):
+            r = requests.post(
+                f"{url}/v1/classify", json={"profile_id": "soft", "texts": [f"still here {i}"]}, timeout=60
+            )
+            assert r.status_code == 200, r.text
+        served = time.perf_counter() - start
+        start = time.perf_counter()
+        health = requests.get(f"{url}/healthz", timeout=30)
+        answered = time.perf_counter() - start
+        # generous bounds for a shared machine; the slow clients hold on for 30 s (the proxy's body timeout)
+        assert served < 20 and health.status_code == 200 and answered < 5, (served, answered, health.text)
+    finally:
+        for conn in slow:
+            conn.close()
+        serve.delete("xpeft-slow")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_while_a_replica_starts_healthz_answers_503_starting_with_what_it_waits_for(server, store, backbone):
+    import threading
+
+    from ray import serve
+
+    from xpeft.serve.deployment import build_app
+
+    cfg = ServeConfig(store=store.uri, backbone=backbone, cpus_per_actor=0.25)
+    deploying = threading.Thread(
+        target=serve.run, args=(build_app(cfg),), kwargs={"name": "xpeft-late", "route_prefix": "/late"}
+    )
+    deploying.start()
+    seen, deadline = [], time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            r = requests.get(f"{server}/late/healthz", timeout=30)
+            seen.append((r.status_code, r.json().get("status"), r.json().get("detail", "")))
+            if r.status_code == 200:
+                break
+            time.sleep(0.3)
+    finally:
+        deploying.join(120)
+        serve.delete("xpeft-late")
+    # Until its route exists, the app at "/" answers (404); then the proxy, until the replica is ready.
+    starting = [detail for code, status, detail in seen if code == 503 and status == "starting"]
+    assert seen[-1][:2] == (200, "ok") and any("waiting for" in d for d in starting), [s[:2] for s in seen] + seen[-1:]

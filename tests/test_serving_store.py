@@ -1,6 +1,8 @@
 """A replica keeps up with its store: a refit profile is served in its new version and a deleted one is a 404
 within the staleness bound, an unknown id is a 404 from the index alone, a damaged part fails only its own
-profiles (and /healthz says degraded), a damaged bank is refused naming the file. Engine level, no Ray."""
+profiles (and /healthz says degraded), whether or not the id index covers it (damage is never absence), a
+damaged bank or shared head is refused naming the file, damage found at run time turns /healthz degraded and
+a repair turns it back. Engine level (and the in-process HTTP app), no Ray."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import time
 
 import pytest
 import torch
-from cases import BANK, fitted_profile
-from store_helpers import part_file, truncate
+from cases import BANK, BY_NAME, SHARED_HEAD_ID, fitted_profile, store_cases
+from store_helpers import flip, part_file, truncate
 
 from xpeft.core.encoder import load_encoder
+from xpeft.profiles import writes
 from xpeft.profiles.store import ProfileStore
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine
@@ -88,12 +91,15 @@ def test_an_unknown_id_is_a_404_from_the_index_without_reading_the_store(tmp_pat
     assert engine.view.store_reads == 0  # what it costs (microseconds): benchmarks/store_scale.py, unknown p99
 
 
-def test_a_damaged_part_fails_only_its_profiles_and_the_replica_says_degraded(tmp_path, backbone, encoder):
+def test_a_damaged_part_fails_only_its_profiles_and_the_replica_says_degraded_until_it_is_restored(
+    tmp_path, backbone, encoder
+):
     store = ProfileStore(tmp_path)
     store.save_bank(BANK)
     store.write([hard(f"a{i}", i, encoder) for i in range(3)])  # part 0: covered by the table's id index
     store.write([hard(f"b{i}", 10 + i, encoder) for i in range(3)])
     path = part_file(store, store.locate("a0").part)
+    good = open(path, "rb").read()
     truncate(path)
     engine = engine_on(tmp_path, backbone)
     got = engine.load_profiles(["b0", "a1", "nobody", "b2"])
@@ -102,8 +108,15 @@ def test_a_damaged_part_fails_only_its_profiles_and_the_replica_says_degraded(tm
     assert got[2].status == 404
     health = engine.health()
     assert health["status"] == "degraded" and path in health["problems"][0] and health["store_profiles"] == 6
-    page = engine.profile_page(0, 10)  # the listing works: every readable profile
-    assert [p["profile_id"] for p in page["profiles"]] == ["b0", "b1", "b2"] and page["total"] == 6
+    page = engine.profile_page(0, 10)  # the listing works: every readable profile; its total is what it lists
+    assert [p["profile_id"] for p in page["profiles"]] == ["b0", "b1", "b2"] and page["total"] == 3
+    assert [(u["files"], u["profiles"]) for u in page["unreadable_parts"]] == [([path], 3)]  # and what it cannot
+    open(path, "wb").write(good)
+    engine.view.refresh()  # what the refresher does every staleness_s (this engine was not started)
+    assert engine.view.recheck()
+    assert engine.health()["status"] == "ok", engine.health()["problems"]
+    assert engine.load_profiles(["a1"])[0].profile_id == "a1"
+    assert engine.profile_page(0, 10)["total"] == 6
 
 
 def test_a_damaged_bank_is_refused_naming_the_file_by_the_server_the_cli_and_the_farm(tmp_path, backbone, capsys):
@@ -144,3 +157,122 @@ def test_a_server_keeps_one_refresher_and_one_preload_however_often_its_engine_i
     started = sorted(t.name for t in set(threading.enumerate()) - before if t.name.startswith("xpeft-"))
     server.engine.close()
     assert started in (["xpeft-preload", "xpeft-store-refresh"], ["xpeft-store-refresh"]), started
+
+
+def test_a_flipped_byte_in_a_shared_head_refuses_exactly_its_profiles_as_damaged_until_it_is_restored(
+    tmp_path, backbone, encoder
+):
+    store = ProfileStore(tmp_path)
+    ids = ["hard", "mtl-a", "mtl-b", "head-only"]
+    store_cases(store, encoder, [BY_NAME[c] for c in ids])
+    path = f"{store.root}/heads/{SHARED_HEAD_ID}.safetensors"
+    good = flip(path, -4)  # a weight's lowest bit: the same size, every value finite
+    engine = engine_on(tmp_path, backbone)
+    got = dict(zip(ids, engine.load_profiles(ids), strict=True))
+    assert {pid for pid, g in got.items() if getattr(g, "status", 200) == 503} == {"mtl-a", "mtl-b"}
+    assert f"shared head {path} is damaged" in got["mtl-a"].detail
+    assert got["hard"].profile_id == "hard" and got["head-only"].profile_id == "head-only"  # the others: served
+    health = engine.health()
+    assert health["status"] == "degraded" and any(path in p for p in health["problems"]), health["problems"]
+    assert engine.profile_info("mtl-b")["servable"] is False
+    open(path, "wb").write(good)
+    engine.view.refresh()  # what the refresher does every staleness_s (this engine was not started)
+    assert engine.view.recheck() and engine.health()["status"] == "ok", engine.health()["problems"]
+    assert engine.load_profiles(["mtl-a"])[0].profile_id == "mtl-a"
+
+
+def test_the_farm_refuses_a_damaged_head_and_an_unfingerprinted_one_until_it_is_verified(tmp_path, capsys):
+    from safetensors.torch import save as st_save
+
+    from xpeft.cli import main as cli
+    from xpeft.config import XPeftConfig
+    from xpeft.ray.farm import Farm, FarmConfig
+
+    store = ProfileStore(tmp_path)
+    store.save_bank(BANK)
+    head = {"classifier.weight": torch.randn(3, 4), "classifier.bias": torch.zeros(3)}
+    store.save_head("h", head)
+    store.write_state("farm", {"setting": "mtl", "bank": BANK.fingerprint, "head_id": "h"})
+    path = f"{store.root}/heads/h.safetensors"
+    flip(path, -4)
+    farm = Farm(FarmConfig(store=str(tmp_path), setting="mtl"), [])
+    with pytest.raises(ValueError, match=rf"shared head {path} is damaged"):
+        farm.mtl_bank([], XPeftConfig())
+    with pytest.raises(SystemExit):  # verify reports it, and never fingerprints a damaged head as it is
+        cli(["profiles", "verify", "--store", str(tmp_path), "--fingerprint-heads"])
+    assert path in capsys.readouterr().err
+    open(path, "wb").write(st_save(head))  # as xpeft wrote heads before they were fingerprinted
+    with pytest.raises(
+        ValueError, match=r"has no fingerprint .* `xpeft profiles verify --store .* --fingerprint-heads`"
+    ):
+        farm.mtl_bank([], XPeftConfig())
+    cli(["profiles", "verify", "--store", str(tmp_path), "--fingerprint-heads"])
+    assert "fingerprinted: h" in capsys.readouterr().out
+    assert farm.mtl_bank([], XPeftConfig()).fingerprint == BANK.fingerprint
+    assert torch.equal(farm.shared_head["classifier.weight"], head["classifier.weight"])
+
+
+def test_a_truncated_unindexed_part_answers_503_for_its_profiles_and_the_listing_names_it_as_damaged(
+    tmp_path, backbone, encoder, monkeypatch
+):
+    from xpeft.profiles.damage import indexed_parts
+
+    store = ProfileStore(tmp_path)
+    store.save_bank(BANK)
+    store.write([hard(f"a{i}", i, encoder) for i in range(3)])
+    store.write([hard(f"b{i}", 10 + i, encoder) for i in range(3)])
+    assert store.locate("b0").part in indexed_parts(store.table._dataset())  # indexed as the write landed
+    with monkeypatch.context() as m:  # a writer that died between its commit and the index's
+        m.setattr(writes, "update_index", lambda *_, **__: None)
+        store.write([hard(f"c{i}", 20 + i, encoder) for i in range(3)])
+    indexed, unindexed = part_file(store, store.locate("b0").part), part_file(store, store.locate("c0").part)
+    truncate(indexed)
+    truncate(unindexed)
+    engine = engine_on(tmp_path, backbone)
+    ids = ["a0", "b1", "c1", "nobody"]
+    got = dict(zip(ids, engine.load_profiles(ids), strict=True))
+    assert got["a0"].profile_id == "a0"
+    assert got["b1"].status == 503 and "'b1' is stored in" in got["b1"].detail and indexed in got["b1"].detail
+    for pid in ("c1", "nobody"):  # in no readable part, and the unindexed part may hold it: damage, not a 404
+        assert got[pid].status == 503 and "may hold it" in got[pid].detail and unindexed in got[pid].detail
+    page = engine.profile_page(0, 50)
+    assert page["total"] == len(page["profiles"]) == 3 and not page["unreadable"]
+    assert sorted((u["files"][0], u["profiles"]) for u in page["unreadable_parts"]) == sorted(
+        [(indexed, 3), (unindexed, 3)]
+    )
+    health = engine.health()
+    assert health["status"] == "degraded" and any(unindexed in p and "not indexed" in p for p in health["problems"])
+
+
+def test_damage_found_at_run_time_turns_healthz_degraded_and_a_repair_turns_it_back_to_ok(tmp_path, backbone, encoder):
+    from fastapi.testclient import TestClient
+
+    from xpeft.serve.api import make_api
+    from xpeft.serve.local import LocalServer
+
+    store = ProfileStore(tmp_path)
+    store.save_bank(BANK)
+    store.write([hard("x", 1, encoder), hard("y", 2, encoder)])
+    store.write([hard("z", 3, encoder)])
+    cfg = ServeConfig(
+        store=str(tmp_path), backbone=backbone, torch_threads=1, staleness_s=STALENESS, preload=False, record_cache_mb=0
+    )
+    server = LocalServer(cfg)  # its refresher reads what is damaged again every staleness_s
+    try:
+        client = TestClient(make_api(server))
+        assert client.get("/healthz").json()["status"] == "ok"
+        path = part_file(store, store.locate("x").part)
+        good = open(path, "rb").read()
+        truncate(path)  # while the replica runs: its index read the part's ids before
+        r = client.post("/v1/classify", json={"profile_id": "x", "texts": ["hello there"]})
+        assert r.status_code == 503 and path in r.json()["detail"], r.text
+        assert client.post("/v1/classify", json={"profile_id": "z", "texts": ["hello"]}).status_code == 200
+        health = client.get("/healthz").json()
+        assert health["status"] == "degraded" and path in health["problems"][0], health
+        page = client.get("/v1/profiles").json()
+        assert page["total"] == 3 and {u["profile_id"] for u in page["unreadable"]} == {"x", "y"}
+        open(path, "wb").write(good)
+        eventually(lambda: client.get("/healthz").json()["status"] == "ok")
+        assert client.post("/v1/classify", json={"profile_id": "x", "texts": ["hello there"]}).status_code == 200
+    finally:
+        server.engine.close()

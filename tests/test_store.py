@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cases import BANK
-from store_helpers import part_file, profile, run_two_writers, truncate, version_of
+from cases import BANK, B, L
+from safetensors.torch import save as st_save
+from store_helpers import flip, part_file, profile, run_two_writers, truncate, version_of
 
 from xpeft.cli import main as cli
 from xpeft.core.bank import save_bank
@@ -25,6 +26,7 @@ from xpeft.profiles import index
 from xpeft.profiles.migrate import migrate
 from xpeft.profiles.record import to_row
 from xpeft.profiles.store import SCHEMA, TABLE, DamagedPartError, ProfileStore, split_uri
+from xpeft.profiles.verify import verify
 
 
 def test_a_refit_replaces_the_served_version_and_the_previous_stays_readable_until_compaction(tmp_path):
@@ -144,6 +146,22 @@ def test_a_truncated_part_fails_only_its_own_profiles(tmp_path):
     assert version_of(store.get("a1")) == 3
 
 
+def test_a_flipped_byte_in_a_record_is_refused_as_damaged_never_read_as_other_values(tmp_path):
+    store = ProfileStore(tmp_path)
+    store.write([profile(f"p{i}", 1 + i) for i in range(4)])
+    path = part_file(store, store.locate("p2").part)
+    at = open(path, "rb").read().find(torch.full((L, B), 3.0).numpy().tobytes())  # p2's LN weight, as stored
+    good = flip(path, at + 8)  # 3.0 becomes 3.0000002: Lance reads it back without a complaint
+    reader = ProfileStore(tmp_path)
+    with pytest.raises(DamagedPartError, match=rf"part \d+ .*{os.path.basename(path)}.*record of 'p2' is damaged"):
+        reader.get("p2")
+    got = reader.get_many(["p1", "p2"])
+    assert version_of(got["p1"]) == 2 and isinstance(got["p2"], DamagedPartError)  # its neighbours are read
+    assert [d["files"] for d in reader.damaged().values()] == [[path]]
+    open(path, "wb").write(good)
+    assert reader.recheck() and not reader.damaged() and version_of(reader.get("p2")) == 3
+
+
 def test_the_cli_lists_and_reports_a_damaged_store_and_deletes_and_compacts(tmp_path, capsys):
     store, bad, good, path = _damaged_store(tmp_path)
     cli(["profiles", "list", "--store", str(tmp_path)])
@@ -186,15 +204,19 @@ def test_the_index_follows_random_upserts_deletes_and_compactions(tmp_path, monk
         assert all((i in reader) == (i in model) for i in (f"r{rng.randrange(200)}" for _ in range(10)))
 
 
+HEAD = {"w": torch.arange(6.0).reshape(2, 3)}
+
+
 def _old_store(root) -> None:
     """A store in the layout before the profile table: Parquet part files, heads/, banks/, farm_state.json."""
     os.makedirs(f"{root}/profiles")
     for n, batch in enumerate([[profile("x", 1, created=10.0), profile("y", 1)], [profile("x", 2, created=20.0)]]):
-        rows = pa.Table.from_pylist([to_row(p) for p in batch], schema=SCHEMA)
+        # records had no fingerprint then either
+        rows = pa.Table.from_pylist([{**to_row(p), "tensors": st_save(p.tensors)} for p in batch], schema=SCHEMA)
         pq.write_table(rows, f"{root}/profiles/part-{n}-abc.parquet", row_group_size=16)
     save_bank(BANK, f"{root}/banks/{BANK.fingerprint}.safetensors")
     os.makedirs(f"{root}/heads")
-    open(f"{root}/heads/h.safetensors", "wb").write(b"head bytes")
+    open(f"{root}/heads/h.safetensors", "wb").write(st_save(HEAD))  # heads had no fingerprint then
     json.dump({"setting": "mtl", "bank": BANK.fingerprint, "head_id": "h"}, open(f"{root}/farm_state.json", "w"))
 
 
@@ -209,9 +231,9 @@ def test_an_old_store_is_refused_by_name_and_migrated_with_its_newest_versions(t
     store = ProfileStore(new)
     assert store.ids() == ["x", "y"] and version_of(store.get("x")) == 2
     assert store.load_bank(BANK.fingerprint).fingerprint == BANK.fingerprint
-    assert (
-        store.read_state("farm")["head_id"] == "h" and (new / "heads" / "h.safetensors").read_bytes() == b"head bytes"
-    )
+    assert store.read_state("farm")["head_id"] == "h"
+    assert torch.equal(store.load_head("h")["w"], HEAD["w"])  # copied with its fingerprint: verified from now on
+    assert verify(store, records=True).records == {"read": 2, "unfingerprinted": 0, "damaged": []}
     with pytest.raises(ValueError, match="not empty"):
         migrate(str(old), str(new))
     with pytest.raises(ValueError, match="already a store in the current layout"):
@@ -235,6 +257,11 @@ def test_a_migration_stops_at_an_unreadable_part_file_or_a_damaged_bank_naming_i
     open(bank, "wb").write(bytes(data))
     with pytest.raises(ValueError, match=rf"banks/{BANK.fingerprint}.safetensors is corrupt"):
         migrate(str(old), str(tmp_path / "again"), skip_unreadable=True)
+    save_bank(BANK, bank)
+    truncate(f"{old}/heads/h.safetensors")
+    with pytest.raises(ValueError, match=r"shared head .*heads/h.safetensors is damaged"):
+        migrate(str(old), str(tmp_path / "again"), skip_unreadable=True)
+    assert not (tmp_path / "again").exists()
 
 
 def test_store_uris_carry_object_store_options_and_refuse_unknown_ones(monkeypatch):

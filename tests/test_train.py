@@ -82,3 +82,25 @@ def test_tau_and_nu_anneal_linearly_over_the_fit_and_are_restored_after_it():
 def test_fitting_nothing_is_a_clear_error():
     with pytest.raises(ValueError, match="no training examples"):
         fit(model_for(), [], TrainConfig())
+
+
+def test_fit_task_on_a_loaded_encoder_fits_as_loading_the_backbone_would_and_leaves_it_unwrapped():
+    """A harness loads the backbone once and hands it to every fit: each fit gets its own copy (the adapters
+    wrap linears in place), and the fit is the one `fit_task` gives when it loads the backbone itself."""
+    from xpeft.core.encoder import load_encoder
+    from xpeft.core.layer import AdaptedLinear
+    from xpeft.fit.task import FitConfig, TaskData, fit_task
+
+    cfg = FitConfig(
+        xpeft=XPeftConfig(mask_type="hard", N=8, k=2, b=4, dropout=0.0),
+        train=TrainConfig(**{**FAST, "epochs": 2}),
+        backbone="tiny",
+    )
+    data = TaskData(train=tiny_rows(24), eval=tiny_rows(8, seed=1))
+    loaded = load_encoder("tiny")
+    _, own = fit_task(cfg, data)
+    first_model, first = fit_task(cfg, data, encoder=loaded)
+    _, second = fit_task(cfg, data, encoder=loaded)
+    assert first.losses == own.losses == second.losses and first.metrics == own.metrics
+    assert first_model.encoder is not loaded
+    assert not any(isinstance(m, AdaptedLinear) for m in loaded.modules())

@@ -8,7 +8,8 @@ xpeft classify-batch  score a Parquet table of texts with Ray Data (= ray_jobs/c
 xpeft params        trainable parameters and bytes per profile for every mode (Table 1 / Table 4)
 xpeft bank ...      draw a random bank, inspect one, make one from PEFT adapters
 xpeft data ...      task data and profile data sets
-xpeft profiles ...  list / show / delete the profiles of a store, compact it, migrate an old one, export one to PEFT
+xpeft profiles ...  list / show / delete the profiles of a store, compact it, verify its files, migrate an old one,
+                    export one to PEFT
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def cmd_profiles_list(args: argparse.Namespace) -> None:
 
     store = ProfileStore(args.store)
     for s in store.summaries(args.offset, args.limit):
-        keys = ("profile_id", "error") if "error" in s else ("profile_id", "mode", "mask_type", "metrics", "size_bytes")
+        listed = ("profile_id", "mode", "mask_type", "metrics", "record_bytes")
+        keys = ("profile_id", "error") if "error" in s else listed
         print(json.dumps({k: s[k] for k in keys}))
     print(f"{len(store)} profiles in {args.store}", file=sys.stderr)
     for part, d in sorted(store.damaged().items()):  # the listing goes on; the damage is reported
@@ -115,6 +117,27 @@ def cmd_profiles_compact(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
     for part, d in sorted(store.damaged().items()):
         print(f"damaged: part {part} ({', '.join(d['files'])}) was left as it is", file=sys.stderr)
+
+
+def cmd_profiles_verify(args: argparse.Namespace) -> None:
+    from xpeft.profiles.store import ProfileStore
+    from xpeft.profiles.verify import verify
+
+    result = verify(ProfileStore(args.store), args.fingerprint_heads, args.drop_damaged, args.records)
+    for fp, why in result.banks.items():
+        print(f"bank {fp}: {why}" if why == "ok" else f"bank {fp}: damaged")
+    for head_id in result.fingerprinted:
+        print(f"fingerprinted: {head_id}")
+    for head_id, why in result.heads.items():
+        print(f"head {head_id}: {'ok' if why == 'ok' else 'refused'}")
+    if result.dropped:
+        print(f"dropped the damaged parts: {result.dropped} profiles, which can be fitted again")
+    if result.records:
+        print(f"records: {result.records['read']} read, {result.records['unfingerprinted']} without a fingerprint")
+    for problem in result.problems:
+        print(f"xpeft: damaged: {problem}", file=sys.stderr)
+    if result.problems:
+        raise SystemExit(1)
 
 
 def cmd_profiles_migrate(args: argparse.Namespace) -> None:
@@ -184,9 +207,9 @@ def add_bank(sub) -> None:
 
 
 def add_profiles(sub) -> None:
-    prof = sub.add_parser("profiles", help="inspect, delete, compact or migrate a profile store").add_subparsers(
-        dest="profiles_cmd", required=True
-    )
+    prof = sub.add_parser(
+        "profiles", help="inspect, delete, compact, verify or migrate a profile store"
+    ).add_subparsers(dest="profiles_cmd", required=True)
     p = prof.add_parser("list", help="one JSON line per profile")
     p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
     p.add_argument("--offset", type=int, default=0, help="skip this many (ids sorted; default 0)")
@@ -215,6 +238,24 @@ def add_profiles(sub) -> None:
     p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
     p.add_argument("--retain-hours", type=float, default=0.0, help="keep versions newer than this readable (default 0)")
     p.set_defaults(func=cmd_profiles_compact)
+    p = prof.add_parser(
+        "verify", help="check every bank, shared head and part of a store against its fingerprint; exit 1 on damage"
+    )
+    p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
+    p.add_argument(
+        "--fingerprint-heads",
+        action="store_true",
+        help="give shared heads written before heads were fingerprinted their fingerprint, as they are (default: off)",
+    )
+    p.add_argument(
+        "--drop-damaged",
+        action="store_true",
+        help="drop the parts of the table that cannot be read; their profiles can be fitted again (default: off)",
+    )
+    p.add_argument(
+        "--records", action="store_true", help="also read and verify every record, a full read (default: off)"
+    )
+    p.set_defaults(func=cmd_profiles_verify)
     p = prof.add_parser("migrate", help="convert a store of the old layout (profiles/part-*.parquet) into NEW")
     p.add_argument("old", help="the old store: a directory or a URI")
     p.add_argument("new", help="the new store: a directory or URI that does not exist yet or is empty")
@@ -229,9 +270,9 @@ def add_profiles(sub) -> None:
 def add_jobs(sub) -> None:
     from xpeft.jobs import JOBS
 
-    for name, (add, _, help_text) in JOBS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
+    for name, job in JOBS.items():
+        p = sub.add_parser(name, help=job.HELP, description=job.HELP)
+        job.arguments(p)
         p.set_defaults(job=name)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,10 +29,21 @@ MASK_TYPES: tuple[str, ...] = ("soft", "hard")
 DEFAULT_TARGET = "attention.self.value"
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:
-    """A dataclass field with its help (and, optionally, `flag`: the command-line name when it is not the
-    field's own); mutable defaults (lists, dicts) are copied per instance."""
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    secret: bool = False,
+    **metadata: Any,
+) -> Any:
+    """A dataclass field with its help; mutable defaults (lists, dicts) are copied per instance, `factory` makes
+    the default when an instance is made (from the environment, say), `secret` keeps the value out of the repr.
+    Metadata `no_flag=True` keeps it off the command line, `renamed_from=(...)` names what it was called before
+    (see `xpeft.flags`: a script that still uses an old name is told the new one)."""
     meta = {"help": help, **metadata}
+    if factory is not None:
+        return field(default_factory=factory, repr=not secret, metadata=meta)
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     if dataclasses.is_dataclass(default):  # a nested config: a copy per instance
@@ -52,6 +64,28 @@ class Config:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys are {sorted(known)}")
         return cls(**d)
+
+
+@dataclass(kw_only=True)
+class BackboneBankFields:
+    """The backbone and the bank file, declared once for every config that loads them (the farm's, a task
+    fit's, the server's)."""
+
+    backbone: str = option("minilm", "'minilm' (the bundled all-MiniLM-L6-v2), 'tiny', a local path or a hub name")
+    bank_path: str | None = option(
+        None,
+        "a bank file (safetensors, verified against its fingerprint) instead of a random one (fits) or the "
+        "store's (serving)",
+        renamed_from=("--bank",),
+    )
+
+
+@dataclass(kw_only=True)
+class RandomBankFields(BackboneBankFields):
+    """... and the random bank a fit draws when it is given no bank file."""
+
+    bank_seed: int = option(0, "seed of the random bank")
+    bank_scale: float = option(1.0, "scale of the random bank's adapters")
 
 
 @dataclass

@@ -2,10 +2,13 @@
 
     add_flags(parser, TrainConfig, defaults=FARM_TRAIN)      # --lr, --mask-lr, ... with FARM_TRAIN's values
     train = from_flags(args, TrainConfig, base=FARM_TRAIN)
+    cfg = from_strings(ServeConfig, {"store": "runs/x", "cpus_per_actor": "0.5"})   # `serve run` key=value, env vars
 
-A field's flag is `--<name>` with underscores as dashes (`--mask-lr`; the paper's symbols keep their case:
-`--N`, `--k`, `--b`), or its metadata's `flag`. Its help is the field's `help` metadata plus the default.
-Literal fields become choices, booleans `--x / --no-x`, `X | None` fields take an X.
+A field's flag is its name, `--<name>` with underscores as dashes (`--mask-lr`; the paper's symbols keep their
+case: `--N`, `--k`, `--b`). Its help is the field's `help` metadata plus the default. Literal fields become
+choices, booleans `--x / --no-x`, `X | None` fields take an X. A field's `renamed_from` metadata lists the names
+it had (a field name, or `--flag` for a flag alone): a script that still uses one is refused with the new name,
+as a flag and as a `from_strings` key.
 """
 
 from __future__ import annotations
@@ -17,8 +20,33 @@ import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 
-def flag_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+def flag_name(name: str) -> str:
+    """The flag of a field (or of an old field name)."""
+    return f"--{name.replace('_', '-')}"
+
+
+def renamed_fields(cls: type) -> dict[str, str]:
+    """{old name: field name} over the fields of `cls` that were renamed; old flags keep their dashes."""
+    return {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("renamed_from", ())}
+
+
+class _Renamed(argparse.Action):
+    """An old flag: refused, naming the new one (argparse's own error, exit code 2)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", help=argparse.SUPPRESS)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed {self.new} (a flag is its config field's name): use {self.new}")
+
+
+def _add_renamed(parser, cls: type, added: set[str]) -> None:
+    taken = set(getattr(parser, "_option_string_actions", {}))
+    for old, new in renamed_fields(cls).items():
+        flag = old if old.startswith("--") else flag_name(old)
+        if new in added and flag not in taken:
+            parser.add_argument(flag, action=_Renamed, new=flag_name(new))
 
 
 def _resolve(cls: type) -> dict[str, Any]:
@@ -57,9 +85,11 @@ def add_flags(
     a flag not given leaves its field out of the parsed namespace, so `from_flags(base=...)` keeps the base's
     value (a recipe's, say) and only the flags given override it."""
     hints = _resolve(cls)
+    added = set()
     for f in dataclasses.fields(cls):
         if f.name in skip or (only is not None and f.name not in only) or not f.init or f.metadata.get("no_flag"):
             continue
+        added.add(f.name)
         kind, optional = _base_type(hints[f.name])
         default = _default(f, defaults)
         required = not unset and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
@@ -82,7 +112,8 @@ def add_flags(
                 shown = f" (default: {default}, or the recipe's)" if defaults is None else shown
             kwargs["help"] = f"{text}{shown}".replace("%", "%%")
             kwargs["metavar"] = f.name.upper() if "choices" not in kwargs else None
-        parser.add_argument(flag_name(f), **kwargs)
+        parser.add_argument(flag_name(f.name), **kwargs)
+    _add_renamed(parser, cls, added)
 
 
 def from_flags(args: argparse.Namespace, cls: type, base: Any = None, **overrides: Any):
@@ -95,3 +126,35 @@ def from_flags(args: argparse.Namespace, cls: type, base: Any = None, **override
             values[f.name] = tuple(value) if isinstance(value, list) else value
     values.update(overrides)
     return cls(**values)
+
+
+def from_strings(cls: type, values: dict[str, str]):
+    """An instance of `cls` from string values (`serve run ... key=value` arguments, env vars), each converted by
+    its field's type. An unknown key is refused naming the known ones, an old one naming its new name."""
+    hints = _resolve(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("no_flag")}
+    renamed = {old: new for old, new in renamed_fields(cls).items() if not old.startswith("--")}
+    old = sorted(set(values) & set(renamed))
+    if old:
+        raise ValueError(f"setting {old[0]!r} was renamed {renamed[old[0]]!r}: use {renamed[old[0]]}=...")
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} settings {sorted(unknown)}; known: {sorted(fields)}")
+    return cls(**{name: _parse(name, raw, hints[name]) for name, raw in values.items()})
+
+
+def _parse(name: str, raw: str, hint: Any) -> Any:
+    kind, _ = _base_type(hint)
+    if get_origin(kind) is Literal:
+        if raw not in get_args(kind):
+            raise ValueError(f"setting {name}={raw!r} is not one of {list(get_args(kind))}")
+        return raw
+    if kind is bool:  # bool("false") is True
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"setting {name}={raw!r} is not a valid bool (true or false)")
+        return raw.lower() in ("1", "true", "yes")
+    kind = kind if kind in (int, float, str) else str
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"setting {name}={raw!r} is not a valid {kind.__name__}") from None

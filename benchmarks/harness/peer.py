@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from xpeft.core.encoder import load_encoder, load_tokenizer, mean_pool
+from xpeft.core.encoder import load_encoder, load_tokenizer
+from xpeft.core.head import head_forward
 
 TARGET_MODULE = "value"  # attention.self.value: the module xpeft's bank adapts (DEFAULT_TARGET)
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
@@ -157,8 +157,7 @@ def peer_app(adapters_dir: str, backbone: str, max_models: int, num_cpus: float,
                 self.stats["batches"] += 1
                 self.stats["rows"] += len(texts)
                 self.stats["forward_seconds"] += time.perf_counter() - start
-            pooled = mean_pool(hidden, tokens["attention_mask"])
-            return torch.softmax(F.linear(pooled, loaded.head["classifier.weight"], loaded.head["classifier.bias"]), -1)
+            return torch.softmax(head_forward("linear", loaded.head, hidden, tokens["attention_mask"]), -1)
 
         async def __call__(self, request: Request) -> dict:
             if request.url.path.endswith("/healthz"):

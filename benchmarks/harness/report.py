@@ -191,8 +191,8 @@ def report(args, phases: list[dict]) -> None:
     print(f"\n`{command_line()}`  ")
     print(
         f"machine: {machine()} (before the report); replica "
-        f"({args.num_cpus} CPU), Serve proxy and client share these CPUs; C={args.concurrency}, "
-        f"max_batch_size={args.max_batch_size}, batch_wait_timeout_s={args.batch_wait_timeout_s:g}, "
+        f"({args.cpus_per_actor} CPU), Serve proxy and client share these CPUs; C={args.concurrency}, "
+        f"max_batch_size={args.max_batch_size}, batch_wait_s={args.batch_wait_s:g}, "
         f"cache_size={args.cache_size}, record_cache_mb={args.record_cache_mb:g}, peer "
         f"max_num_models_per_replica={args.peer_models}, {args.rounds} rounds of (a) then (b) per payload"
     )

@@ -1,5 +1,5 @@
 """The method itself, torch only: the adapter bank, masks, the one combine (mask × bank), the wrapped layer,
-the model and heads, the per-row (mixed-profile) forward, and the accounting of Tables 1 and 4."""
+the head, the model, the per-row (mixed-profile) forward, and the accounting of Tables 1 and 4."""
 
 from xpeft.core.bank import AdapterBank, load_bank, random_bank, random_bank_for, save_bank
 from xpeft.core.combine import combine

@@ -1,4 +1,4 @@
-"""Attach X-PEFT (or a baseline) to a Hugging Face BERT-family encoder, plus the task head.
+"""Attach X-PEFT (or a baseline) to a Hugging Face BERT-family encoder, with its task head (`xpeft.core.head`).
 
 Modes (§3): `x_peft` trains M_A, M_B (L×N logits), the LayerNorm after Â and the head; `single_adapter`
 trains one LoRA pair per block and the head; `head_only` trains the head. The encoder and the bank are
@@ -16,34 +16,12 @@ from torch import nn
 from xpeft.config import XPeftConfig, lora_scale
 from xpeft.core.bank import AdapterBank
 from xpeft.core.combine import combine
-from xpeft.core.encoder import adapted_dims, encoder_blocks, load_encoder, mean_pool
+from xpeft.core.encoder import adapted_dims, encoder_blocks, load_encoder
+from xpeft.core.head import Head
 from xpeft.core.layer import AdaptedLinear, Adapter, adapters, wrap_linear
 from xpeft.core.masks import gumbel_topk, khot, soft_mask
 
 log = logging.getLogger(__name__)
-
-
-class Head(nn.Module):
-    """The task head. 'pooler' is the paper's: BERT's pooler (dense + tanh on [CLS], initialised from the
-    pretrained pooler when there is one) and a classifier (Table 4 counts d·d + d + d·c + c). 'linear' is
-    a small head for the profile farm: mean-pooled tokens and a classifier (d·c + c)."""
-
-    def __init__(self, kind: str, d: int, num_labels: int, dropout: float, pretrained_pooler: nn.Module | None):
-        super().__init__()
-        self.kind = kind
-        self.dense = nn.Linear(d, d) if kind == "pooler" else None
-        if self.dense is not None and pretrained_pooler is not None:
-            self.dense.load_state_dict(pretrained_pooler.dense.state_dict())
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(d, num_labels)
-
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None:
-            return torch.tanh(self.dense(hidden[:, 0]))
-        return mean_pool(hidden, attention_mask)
-
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.pool(hidden, attention_mask)))
 
 
 class XPeftModel(nn.Module):

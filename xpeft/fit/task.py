@@ -5,6 +5,7 @@ written so that one process runs it too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -14,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from torch import nn
 
-from xpeft.config import TrainConfig, XPeftConfig, option
+from xpeft.config import RandomBankFields, TrainConfig, XPeftConfig, option
 from xpeft.core.bank import load_bank, random_bank_for
 from xpeft.core.encoder import load_encoder
 from xpeft.core.model import XPeftModel
@@ -29,19 +31,19 @@ Report = Callable[[dict, XPeftModel, Any, Any, FitState], None]  # (metrics, mod
 
 
 @dataclass
-class FitConfig:
+class FitConfig(RandomBankFields):
     """One fit of one task or profile, on one process or W data-parallel workers."""
 
     xpeft: XPeftConfig = option(default=XPeftConfig(), help="the profile's mode, masks and head", no_flag=True)
     train: TrainConfig = option(default=TrainConfig(), help="the fit loop's settings", no_flag=True)
     task: str | None = option(None, "GLUE/SuperGLUE task (its official metric); none: a profile (accuracy, F1)")
-    backbone: str = option("minilm", "'minilm' (the bundled all-MiniLM-L6-v2), 'tiny', a local path or a hub name")
-    bank_path: str | None = option(None, "a saved bank (safetensors) instead of a random one", flag="--bank")
-    bank_seed: int = option(0, "seed of the random bank")
-    bank_scale: float = option(1.0, "scale of the random bank's adapters")
     num_workers: int = option(1, "data-parallel (DDP) workers; the global batch stays --batch-size")
     use_gpu: bool = option(False, "one GPU per worker (nccl); untested here: no GPU on the dev machine")
-    cpus_per_worker: float = option(1.0, "CPUs each worker reserves")
+    cpus_per_actor: float = option(
+        1.0,
+        "CPUs each worker (a Ray actor; in a search, each single-process trial) reserves",
+        renamed_from=("cpus_per_worker", "cpus_per_trial"),
+    )
     storage_path: str = option("runs/train", "where checkpoints go: <storage-path>/<name>/checkpoint_* (path or URI)")
     name: str | None = option(None, "run name; the same name and storage path resume that run")
     max_failures: int = option(2, "worker-group restarts from the latest checkpoint before the run fails")
@@ -125,10 +127,14 @@ def load_profile_data(source: str, profile_id: str, tokenizer, xcfg: XPeftConfig
     return data, xcfg, labels.label_names
 
 
-def build_fit_model(cfg: FitConfig) -> XPeftModel:
+def build_fit_model(cfg: FitConfig, encoder: nn.Module | None = None) -> XPeftModel:
     """The model of a fit: its encoder, its bank (loaded and verified, or drawn from bank_seed) and its
-    initial tensors from the fit's seed."""
-    encoder = load_encoder(cfg.backbone)
+    initial tensors from the fit's seed.
+
+    `encoder`: a backbone already loaded (instead of loading `cfg.backbone`), so that a harness running many
+    fits loads it once. The model gets a copy: the adapters wrap the encoder's linears in place, and the
+    loaded one must stay as it was for the next fit."""
+    encoder = load_encoder(cfg.backbone) if encoder is None else copy.deepcopy(encoder)
     bank = None
     if cfg.xpeft.mode == "x_peft":
         bank = (
@@ -159,12 +165,16 @@ def fit_task(
     checkpoint_dir: str | None = None,
     report: Report | None = None,
     on_epoch_start: Callable[[int, int], None] | None = None,
+    *,
+    encoder: nn.Module | None = None,
 ) -> tuple[XPeftModel, FitResult]:
     """Build the model of `cfg` and fit it on `data` (resuming from `checkpoint_dir` if given), scoring the
     task's official metric after every epoch (rank 0) and calling `report(metrics, ...)` on every rank
-    after each epoch: Ray Train and Tune report and checkpoint there. Returns the model and the fit."""
+    after each epoch: Ray Train and Tune report and checkpoint there. Returns the model and the fit.
+
+    `encoder`: an already loaded backbone to fit on (copied, see `build_fit_model`) instead of `cfg.backbone`."""
     session = session or Session()
-    model = build_fit_model(cfg)
+    model = build_fit_model(cfg, encoder)
     if checkpoint_dir is not None:
         resume = resume_from(checkpoint_dir, model)
         log.info(

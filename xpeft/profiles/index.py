@@ -28,15 +28,26 @@ FOLD_AT = 20_000  # ids changed by one refresh above which the sorted arrays are
 
 
 class DamagedPartError(Exception):
-    """A profile is stored in a part of the profile table whose data cannot be read."""
+    """A profile is stored in a part of the profile table whose data cannot be read. `maybe`: the profile is in
+    none of the readable parts, and this part's ids cannot be read, so it may hold it (damage, never absence)."""
 
-    def __init__(self, profile_id: str | None, part: int, files: list[str], cause: BaseException | str):
-        self.profile_id, self.part, self.files = profile_id, part, files
+    def __init__(
+        self, profile_id: str | None, part: int, files: list[str], cause: BaseException | str, maybe: bool = False
+    ):
+        self.profile_id, self.part, self.files, self.maybe = profile_id, part, files, maybe
         self.cause = str(cause).splitlines()[0][:300] if str(cause) else type(cause).__name__
+        where = f"part {part} of the profile table ({', '.join(files)})"
+        if maybe:
+            super().__init__(
+                f"profile {profile_id!r} is in no readable part of the profile table, but {where} cannot be read "
+                f"and its ids are not indexed, so it may hold it: {self.cause}; restore the file, or drop the part "
+                "(`xpeft profiles verify --drop-damaged`) and fit its profiles again"
+            )
+            return
         who = f"profile {profile_id!r} is stored in" if profile_id is not None else "a profile is in"
         super().__init__(
-            f"{who} part {part} of the profile table ({', '.join(files)}), which cannot be read: {self.cause}; "
-            "restore the file, or delete the part's profiles (`xpeft profiles delete`) and fit them again"
+            f"{who} {where}, which cannot be read: {self.cause}; restore the file, or delete the part's profiles "
+            "(`xpeft profiles delete`) and fit them again"
         )
 
     def to_dict(self) -> dict:
@@ -155,9 +166,14 @@ class IdIndex:
         return folded.keys
 
     @property
+    def listed(self) -> int:
+        """Profiles whose ids were read (those in damaged fragments are not)."""
+        return sum(len(a) for a in self.frag_ids.values())
+
+    @property
     def live(self) -> int:
         """Profiles stored, those in damaged fragments included."""
-        return sum(len(a) for a in self.frag_ids.values()) + sum(self.damaged_rows.values())
+        return self.listed + sum(self.damaged_rows.values())
 
     def nbytes(self) -> int:
         per_fragment = sum(a.nbytes for a in self.frag_ids.values()) + sum(a.nbytes for a in self.frag_offs.values())
@@ -196,7 +212,8 @@ def _reread(idx: IdIndex, fid: int, frag, uri: str, diff: _Diff) -> None:
         _drop(idx, fid, diff)
         idx.damaged[fid] = f"{type(e).__name__}: {e}"
         idx.damaged_rows[fid] = frag.metadata.physical_rows - frag.metadata.num_deletions
-        log.warning("part %s of the profile table %s is unreadable: %s", fid, uri, str(e).splitlines()[0][:200])
+        if uri:
+            log.warning("part %s of the profile table %s is unreadable: %s", fid, uri, str(e).splitlines()[0][:200])
         return
     idx.damaged.pop(fid, None)
     idx.damaged_rows.pop(fid, None)
@@ -242,4 +259,16 @@ def build_index(ds, old: IdIndex | None = None) -> IdIndex:
         if len(idx.overlay) > max(FOLD_AT, len(idx.keys) // 8):
             idx.fold()
     idx.sigs = sigs
+    return idx
+
+
+def reread_damaged(old: IdIndex, frags: dict[int, object]) -> IdIndex | None:
+    """`old` with the ids of each damaged fragment that can be read again (a restored file) read in; None when
+    none can."""
+    idx, diff = old.copy(), _Diff()
+    for fid in [f for f in old.damaged if f in frags]:
+        _reread(idx, fid, frags[fid], "", diff)
+    if len(idx.damaged) == len(old.damaged):
+        return None
+    _apply_to_overlay(idx, diff)
     return idx

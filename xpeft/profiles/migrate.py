@@ -1,10 +1,12 @@
 """`xpeft profiles migrate OLD NEW`: a store in the layout before the profile table (profiles/part-*.parquet,
 one Parquet file per write, heads/, banks/, state/ or farm_state.json) converted into a new store.
 
-Nothing is written before everything was checked: a part file that cannot be read, or a bank whose content does
-not match its fingerprint, stops the migration naming the file (`skip_unreadable=True` migrates the rest and
-reports what was left out). When a profile was written twice, its newest row (by `created`) is kept, as the old
-store served it. The old store is left untouched.
+Nothing is written before everything was checked: a part file that cannot be read, a bank whose content does
+not match its fingerprint, or a shared head that cannot be read, stops the migration naming the file
+(`skip_unreadable=True` migrates the rest and reports what was left out). When a profile was written twice,
+its newest row (by `created`) is kept, as the old store served it. Shared heads and records are written with
+the fingerprints the old layout did not give them (xpeft.profiles.fingerprints). The old store is left
+untouched.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from xpeft.core.bank import load_bank
+from xpeft.profiles.fingerprints import FingerprintError, unsealed
+from xpeft.profiles.record import from_row, to_row
 from xpeft.profiles.store import SCHEMA, TABLE, ProfileStore, filesystem, split_uri
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,9 @@ def _winning_batches(fs, files: list[str], newest: dict[str, tuple[float, int, i
         by_file.setdefault(i, []).append(row)
     for i in sorted(by_file):
         t = pq.read_table(files[i], filesystem=fs).select(SCHEMA.names).cast(SCHEMA)
-        yield from t.take(pa.array(sorted(by_file[i]))).to_batches()
+        for batch in t.take(pa.array(sorted(by_file[i]))).to_batches(max_chunksize=4096):
+            rows = [to_row(from_row(r)) for r in batch.to_pylist()]  # each record with its fingerprint
+            yield pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
 
 
 def _check_banks(fs, path: str, uri: str) -> None:
@@ -95,6 +101,17 @@ def _check_banks(fs, path: str, uri: str) -> None:
                 raise ValueError(f"not migrating {uri}: {str(e).replace(f'{tmp}/bank.safetensors', name)}") from None
 
 
+def _check_heads(fs, path: str, uri: str) -> None:
+    for info in fs.get_file_info(pafs.FileSelector(f"{path}/heads", allow_not_found=True)):
+        if info.is_file and info.path.endswith(".safetensors"):
+            with fs.open_input_stream(info.path) as f:
+                try:
+                    unsealed(f.read())
+                except FingerprintError as e:
+                    name = f"{uri.rstrip('/')}/heads/{os.path.basename(info.path)}"
+                    raise ValueError(f"not migrating {uri}: shared head {name} is damaged: {e}; restore it") from None
+
+
 def _copy_files(src_fs, src: str, new: ProfileStore, report: Migration) -> None:
     """heads/, banks/, state/ (and the oldest layout's farm_state.json as state/farm.json), byte for byte."""
     for sub in ("heads", "banks", "state"):
@@ -103,6 +120,8 @@ def _copy_files(src_fs, src: str, new: ProfileStore, report: Migration) -> None:
                 with src_fs.open_input_stream(info.path) as f:
                     new._write_file(f"{sub}/{os.path.basename(info.path)}", f.read())
                 report.copied.append(f"{sub}/{os.path.basename(info.path)}")
+                if sub == "heads" and info.path.endswith(".safetensors"):
+                    new.fingerprint_head(os.path.basename(info.path).removesuffix(".safetensors"))
     legacy = f"{src}/farm_state.json"
     if src_fs.get_file_info(legacy).is_file and "state/farm.json" not in report.copied:
         with src_fs.open_input_stream(legacy) as f:
@@ -137,6 +156,7 @@ def migrate(old: str, new: str, skip_unreadable: bool = False) -> Migration:
             "or pass --skip-unreadable to migrate the rest (their profiles can be fitted again)"
         )
     _check_banks(old_fs, old_path, old)
+    _check_heads(old_fs, old_path, old)
     new_fs.create_dir(new_path, recursive=True)
     store = ProfileStore(new)
     _copy_files(old_fs, old_path, store, report)

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from xpeft.config import XPeftConfig
 from xpeft.core.bank import AdapterBank
 from xpeft.core.masks import bits_to_weights, khot, mask_bytes, pack_bits, unpack_bits
 from xpeft.core.model import XPeftModel
+from xpeft.profiles.fingerprints import record_sha256, record_tensors, sealed
 
 MAX_PROFILE_ID = 200
 
@@ -46,7 +45,7 @@ class Profile:
         """Bytes of trained state stored for this profile: mask bits + every tensor (LN, head...)."""
         return len(self.mask_bits or b"") + self.tensor_bytes
 
-    def size_report(self) -> dict[str, int]:
+    def record_bytes_by_part(self) -> dict[str, int]:
         parts = {"mask_bits": len(self.mask_bits or b"")}
         for name, t in self.tensors.items():
             role = "head" if name.startswith("head.") else name.rsplit("_", 1)[0]
@@ -229,7 +228,7 @@ def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, to
 
 def summary(profile: Profile) -> dict[str, Any]:
     """What a listing shows of a profile: its config, metrics, labels and size in bytes, no tensors."""
-    sizes = profile.size_report()
+    sizes = profile.record_bytes_by_part()
     return {
         "profile_id": profile.profile_id,
         "mode": profile.config.mode,
@@ -239,8 +238,8 @@ def summary(profile: Profile) -> dict[str, Any]:
         "bank_fingerprint": profile.bank_fingerprint,
         "metrics": profile.metrics,
         "label_names": profile.label_names,
-        "size_bytes": sizes["total"],
-        "size_report": sizes,
+        "record_bytes": sizes["total"],
+        "record_bytes_by_part": sizes,
         "created": profile.created,
     }
 
@@ -249,14 +248,16 @@ def summary(profile: Profile) -> dict[str, Any]:
 
 
 def to_row(profile: Profile) -> dict[str, Any]:
+    """The profile as a row of the store's table; its tensors carry the record's fingerprint
+    (xpeft.profiles.fingerprints), so a damaged byte anywhere in the record is refused when it is read."""
     cfg = profile.config
-    return {
+    row = {
         "profile_id": profile.profile_id,
         "mode": cfg.mode,
         "mask_type": cfg.mask_type if cfg.mode == "x_peft" else None,
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
         "mask_bits": profile.mask_bits,
-        "tensors": st_save({k: v.contiguous() for k, v in profile.tensors.items()}) if profile.tensors else b"",
+        "tensors": b"",
         "head_id": profile.head_id,
         "bank_fingerprint": profile.bank_fingerprint,
         "metrics": json.dumps(profile.metrics, sort_keys=True),
@@ -264,13 +265,16 @@ def to_row(profile: Profile) -> dict[str, Any]:
         "record_bytes": profile.record_bytes,
         "created": profile.created,
     }
+    row["tensors"] = sealed(profile.tensors, {"fingerprint": record_sha256(row, profile.tensors)})
+    return row
 
 
 def from_row(row: dict[str, Any]) -> Profile:
+    """A stored row as a Profile; a FingerprintError (a ValueError) when its bytes do not match its fingerprint."""
     return Profile(
         profile_id=row["profile_id"],
         config=XPeftConfig.from_dict(json.loads(row["config"])),
-        tensors=st_load(row["tensors"]) if row["tensors"] else {},
+        tensors=record_tensors(row),
         mask_bits=row["mask_bits"],
         head_id=row["head_id"],
         bank_fingerprint=row["bank_fingerprint"],

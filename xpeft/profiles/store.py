@@ -3,11 +3,16 @@ that is a local directory or an object-store URI.
 
 Layout under the root:
     profiles.lance/                       the profile table: one row per profile (see record.to_row)
-    heads/<head_id>.safetensors           shared heads (the mtl setting)
+    heads/<head_id>.safetensors           shared heads (the mtl setting), verified against the fingerprint in
+                                          their metadata on every load (xpeft.profiles.fingerprints)
     banks/<fingerprint>.safetensors       the banks the profiles were fitted on (verified on every load)
     state/<name>.json                     run state of the jobs writing here (`state/farm.json`: the farm's
                                           setting, learned bank and shared head, so a resumed run skips its
                                           warm start)
+
+Every record carries a fingerprint too, checked whenever it is read: a record or head whose bytes do not match
+is refused as damage (a DamagedPartError naming its part; a FingerprintError naming the head's file), never
+read as other values.
 
 Semantics: `write` upserts by profile_id (a refit replaces the served version; the previous one stays readable
 in older table versions until compaction), `delete` removes profiles from lookups at once (their bytes after
@@ -33,10 +38,9 @@ from urllib.parse import parse_qsl, urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from xpeft.core.bank import AdapterBank, load_bank, save_bank
+from xpeft.profiles.fingerprints import FingerprintError, head_bytes, head_from_bytes, metadata, unsealed
 from xpeft.profiles.record import Profile, from_row, summary, to_row
 from xpeft.profiles.table import DamagedPartError, Location, ProfileTable
 
@@ -148,24 +152,39 @@ class ProfileStore:
             raise KeyError(f"profile {profile_id!r} is not in the store {self.uri}")
         return loc
 
+    def _profile(self, row: dict, part: int | None = None) -> Profile:
+        """A stored row as a Profile; a DamagedPartError naming its part when it does not match its fingerprint
+        (the table then reports the part as damaged until the record reads back whole)."""
+        try:
+            return from_row(row)
+        except FingerprintError as e:
+            pid = row["profile_id"]
+            part = self.table.locate(pid).part if part is None else part
+            raise self.table.note_damage(pid, part, f"the record of {pid!r} is damaged: {e}") from None
+
     def read(self, profile_id: str, loc: Location) -> Profile:
         """The profile stored at `loc`. KeyError when that version is no longer served (locate it again)."""
         row = self.table.read(profile_id, loc)
         if row is None:
             raise KeyError(f"profile {profile_id!r} is no longer at {loc} in the store {self.uri}")
-        return from_row(row)
+        return self._profile(row, loc.part)
 
     def get(self, profile_id: str) -> Profile:
         """The served version of a profile. KeyError (naming the store) when it is not there."""
-        row = self.table.get(profile_id)
-        if row is None:
-            raise KeyError(f"profile {profile_id!r} is not in the store {self.uri}")
-        return from_row(row)
+        try:
+            return self.read(profile_id, self.locate(profile_id))
+        except KeyError:  # moved between the locate and the read (a refresh): once more
+            return self.read(profile_id, self.locate(profile_id))
 
     def get_many(self, profile_ids: list[str]) -> dict[str, Profile | None | DamagedPartError]:
         """Profiles by id, each a Profile, None (not stored) or a DamagedPartError: one bad part fails no other."""
-        rows = self.table.get_many(profile_ids)
-        return {pid: from_row(r) if isinstance(r, dict) else r for pid, r in rows.items()}
+        out: dict[str, Profile | None | DamagedPartError] = {}
+        for pid, r in self.table.get_many(profile_ids).items():
+            try:
+                out[pid] = self._profile(r) if isinstance(r, dict) else r
+            except DamagedPartError as e:
+                out[pid] = e
+        return out
 
     def ids(self, offset: int = 0, limit: int | None = None) -> list[str]:
         """Stored profile ids, sorted, a page at a time (no profile is read)."""
@@ -177,9 +196,17 @@ class ProfileStore:
     def __len__(self) -> int:
         return self.table.count()
 
+    def count_listed(self) -> int:
+        """Stored profiles whose ids can be read: those `ids()` pages through (`len` adds damaged parts')."""
+        return self.table.count(listed=True)
+
     def damaged(self) -> dict[int, dict]:
         """Unreadable parts of the profile table: {part: {files, error, profiles, ids_known}}."""
         return self.table.damaged()
+
+    def recheck(self) -> bool:
+        """Read the damaged parts again (a restored file is served again); True when one was repaired."""
+        return self.table.recheck(verify=from_row)
 
     def profiles(self, newest_first: bool = True, errors: list | None = None):
         """(Location, Profile) of every served profile, part by part (bulk reads, e.g. to warm a server);
@@ -187,7 +214,13 @@ class ProfileStore:
         for batch in self.table.scan(errors=errors, newest_first=newest_first):
             addrs = batch.column("_rowaddr").to_pylist()
             for addr, row in zip(addrs, batch.drop_columns(["_rowaddr"]).to_pylist(), strict=True):
-                yield Location.of(addr), from_row(row)
+                loc = Location.of(addr)
+                try:
+                    yield loc, self._profile(row, loc.part)
+                except DamagedPartError as e:
+                    if errors is None:
+                        raise
+                    errors.append(e)
 
     def summaries(self, offset: int = 0, limit: int = 100) -> list[dict]:
         """Profile id, mode, metrics, size for a page of profiles (sorted by id), without tensors; a profile
@@ -235,14 +268,39 @@ class ProfileStore:
                 os.remove(tmp)
 
     def save_head(self, head_id: str, state: dict[str, torch.Tensor]) -> None:
-        self._write_file(f"heads/{head_id}.safetensors", st_save({k: v.contiguous() for k, v in state.items()}))
+        """Store a shared head with its fingerprint (xpeft.profiles.fingerprints)."""
+        self._write_file(f"heads/{head_id}.safetensors", head_bytes(state))
 
-    def load_head(self, head_id: str) -> dict[str, torch.Tensor]:
+    def _head_bytes(self, head_id: str) -> bytes:
         try:
             with self.fs.open_input_stream(f"{self.path}/heads/{head_id}.safetensors") as f:
-                return st_load(f.read())
+                return f.read()
         except FileNotFoundError:
             raise KeyError(f"shared head {head_id!r} is not in the store {self.uri}") from None
+
+    def load_head(self, head_id: str) -> dict[str, torch.Tensor]:
+        """A shared head, verified against its fingerprint: KeyError when the store lacks it; a FingerprintError
+        (a ValueError) naming the file when it is damaged, or has no fingerprint (the fix is named)."""
+        fix = f"xpeft profiles verify --store {self.uri} --fingerprint-heads"
+        return head_from_bytes(self._head_bytes(head_id), f"{self.root}/heads/{head_id}.safetensors", fix)
+
+    def head_ids(self) -> list[str]:
+        sel = pafs.FileSelector(f"{self.path}/heads", allow_not_found=True)
+        return sorted(Path(i.path).stem for i in self.fs.get_file_info(sel) if i.path.endswith(".safetensors"))
+
+    def fingerprint_head(self, head_id: str) -> bool:
+        """Give a head written before heads were fingerprinted its fingerprint, as it is; False when it has one
+        (a head whose fingerprint does not match is damaged: it is never re-fingerprinted). FingerprintError
+        naming the file when it cannot be parsed."""
+        blob, name = self._head_bytes(head_id), f"{self.root}/heads/{head_id}.safetensors"
+        try:
+            if metadata(blob).get("fingerprint"):
+                return False
+            state, _ = unsealed(blob)
+        except FingerprintError as e:
+            raise FingerprintError(f"shared head {name} is damaged: {e}; restore the file") from None
+        self.save_head(head_id, state)
+        return True
 
     def save_bank(self, bank: AdapterBank) -> str:
         """Store a bank under its fingerprint (once: the name is its content)."""
@@ -282,9 +340,16 @@ class ProfileStore:
         """A job's run state (`state/<name>.json`), {} when there is none."""
         try:
             with self.fs.open_input_stream(f"{self.path}/state/{name}.json") as f:
-                return json.loads(f.read())
+                blob = f.read()
         except (FileNotFoundError, OSError):
             return {}
+        try:
+            return json.loads(blob)
+        except ValueError:
+            raise ValueError(
+                f"the run state {self.root}/state/{name}.json is damaged (not JSON): restore it, or remove it to "
+                "start the job's warm start again"
+            ) from None
 
     def write_state(self, name: str, state: dict) -> None:
         """Replace a job's run state atomically."""

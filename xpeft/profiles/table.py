@@ -12,7 +12,8 @@ search plus one row-address take, which reads only that profile's part. `refresh
 
 Damage is contained per part: a part whose data file cannot be read fails only the profiles in it, with a
 `DamagedPartError` naming the profile, the part and its file(s); everything else keeps working (the listing
-leaves out the ids of a part whose id column is unreadable; `damaged()` reports the part).
+leaves out the ids of a part whose id column is unreadable; `damaged()` reports the part). Damage is never
+read as absence, and a repaired part is served again (xpeft.profiles.damage).
 """
 
 from __future__ import annotations
@@ -22,18 +23,15 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import lance
-import pyarrow as pa
 
 from xpeft.profiles import writes
-from xpeft.profiles.index import KEY, DamagedPartError, IdIndex, Location, build_index
+from xpeft.profiles.damage import FoundDamage, indexed_parts, where_damaged
+from xpeft.profiles.index import KEY, DamagedPartError, IdIndex, Location, build_index, reread_damaged
 
 log = logging.getLogger(__name__)
 
-SMALL_PARTS_MAX = 64  # parts under 1/8 of the target size above which a writer merges them (see upsert)
-AUTO_RETAIN = timedelta(hours=1)  # versions a writer's automatic merge keeps readable
 # Lance's caches, per table: bounded so a replica's memory is (defaults are sized for analytics).
 METADATA_CACHE_BYTES = 64 * 2**20
 INDEX_CACHE_BYTES = 32 * 2**20
@@ -44,9 +42,10 @@ class _Snapshot:
     ds: object  # a lance.LanceDataset pinned at one version
     index: IdIndex | None  # built lazily: a pure writer never pays for it
     frags: dict[int, object] = field(default_factory=dict)
+    indexed: set[int] | None = None  # the parts the scalar index covers (read when first needed)
 
 
-class ProfileTable:
+class ProfileTable(writes.TableWrites):
     """Profiles in one Lance table at `uri`."""
 
     def __init__(
@@ -55,7 +54,7 @@ class ProfileTable:
         storage_options: dict[str, str] | None = None,
         *,
         target_rows_per_fragment: int = writes.TARGET_ROWS_PER_FRAGMENT,
-        small_parts_max: int = SMALL_PARTS_MAX,
+        small_parts_max: int = writes.SMALL_PARTS_MAX,
     ):
         uri = str(uri)
         self.uri = uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
@@ -64,6 +63,7 @@ class ProfileTable:
         self.small_parts_max = small_parts_max
         self._lock = threading.RLock()
         self._snap: _Snapshot | None = None
+        self.found = FoundDamage()  # parts whose rows failed a read since this reader opened
         self._open()
 
     # --- versions -------------------------------------------------------------------------------------
@@ -129,89 +129,6 @@ class ProfileTable:
     def _latest(self):
         return self._snap.ds.checkout_version(self._snap.ds.latest_version)
 
-    # --- writing --------------------------------------------------------------------------------------
-
-    def upsert(self, rows: pa.Table) -> dict:
-        """Insert or replace rows by profile_id in one commit; the newest `created` wins. Safe with writers in
-        other processes. When small parts pile up, merges them (a compaction that erases nothing)."""
-        if KEY not in rows.schema.names:
-            raise ValueError(f"rows need a {KEY!r} column")
-        if rows.num_rows == 0:
-            return {"num_inserted_rows": 0, "num_updated_rows": 0, "attempts": 0}
-        rows = writes.newest_per_id(rows)
-
-        def attempt(n: int) -> dict:
-            if not self.exists():
-                if writes.create(self.uri, rows, self.storage_options):
-                    return {"num_inserted_rows": rows.num_rows, "num_updated_rows": 0, "attempts": n}
-                self._open()  # another writer created it first: merge into theirs
-            ds = self._latest()
-            return {**writes.merge(ds, rows.select(ds.schema.names).cast(ds.schema)), "attempts": n}
-
-        result = writes.retried(f"upsert into {self.uri}", attempt)
-        self.refresh()
-        self._merge_small_parts()
-        return result
-
-    def _merge_small_parts(self) -> None:
-        ds = self._snap.ds
-        small = sum(1 for f in ds.get_fragments() if f.metadata.physical_rows < self.target_rows // 8)
-        if small <= self.small_parts_max:
-            return
-        try:
-            # Into parts of target/8 rows: bigger parts are left alone (a refit touching one would preempt the
-            # rewrite); `compact` makes full-size parts.
-            merged = writes.rewrite(ds, self.target_rows // 8, erase=False)
-            writes.update_index(self._dataset())  # so a damaged part's ids stay known (see _damaged_part_of)
-            self._dataset().cleanup_old_versions(older_than=AUTO_RETAIN, error_if_tagged_old_versions=False)
-            log.info("merged %d small parts of %s: %s", small, self.uri, merged)
-        except Exception as e:  # noqa: BLE001 - another writer merging at the same time; the next write retries
-            log.info("merging small parts of %s did not commit: %s", self.uri, str(e).splitlines()[0][:200])
-        self.refresh()
-
-    def delete(self, ids: list[str]) -> int:
-        """Delete profiles by id: gone from this reader at once and from others on their next refresh; their
-        bytes stay in old versions until `compact()`. Returns how many were stored."""
-        ids = list(dict.fromkeys(ids))
-        if not ids or not self.exists():
-            return 0
-        n = 0
-        for s in range(0, len(ids), 500):
-            chunk = ids[s : s + 500]
-            n += writes.retried(f"delete from {self.uri}", lambda _, c=chunk: writes.delete(self._latest(), c))
-        self.refresh()
-        return n
-
-    def drop_parts(self, parts: list[int]) -> int:
-        """Drop whole parts (damaged ones) in one commit: their profiles read as not stored afterwards, so a
-        resumed farm run fits them again. Returns the number of profiles dropped."""
-        self.refresh()
-        if self._snap is None or not parts:
-            return 0
-        rows = writes.drop_fragments(self.uri, self._latest(), parts, self.storage_options)
-        self.refresh()
-        return rows
-
-    def compact(self, retain: timedelta = timedelta(0)) -> dict:
-        """Rewrite small parts and parts with deleted rows into full ones, update the id index and remove the
-        files of versions older than `retain`: deleted and replaced profiles' bytes are gone afterwards. Parts
-        that cannot be read are left as they are and reported under "skipped"."""
-        self.refresh()
-        if self._snap is None:
-            return {"parts_removed": 0, "parts_added": 0, "skipped": [], "bytes_removed": 0}
-        result = writes.rewrite(self._latest(), self.target_rows, erase=True)
-        writes.update_index(self._dataset())
-        stats = self._dataset().cleanup_old_versions(older_than=retain, error_if_tagged_old_versions=False)
-        self.refresh()
-        return {**result, "bytes_removed": stats.bytes_removed, "old_versions_removed": stats.old_versions}
-
-    def bulk_load(self, batches, schema: pa.Schema) -> None:
-        """Append unique, not yet stored profiles in big parts (a migration, a benchmark); one writer only."""
-        writes.bulk_append(self.uri, batches, schema, self.storage_options, self.target_rows)
-        with self._lock:
-            self._snap = None
-            self._open()
-
     # --- reading --------------------------------------------------------------------------------------
 
     def _frag(self, snap: _Snapshot, fid: int):
@@ -228,34 +145,26 @@ class ProfileTable:
         except Exception:  # noqa: BLE001 - naming the file is best effort
             return [f"{self.uri} (part {fid})"]
 
-    def _damaged_part_of(self, snap: _Snapshot, profile_id: str) -> int | None:
-        """For an id the index lacks while some part's ids are unreadable: whether it lives in one of those
-        parts, from the table's scalar index alone (`fast_search`: no data file is read). A damaged part newer
-        than the scalar index cannot be searched: its ids read as not stored, and `damaged()` says so."""
-        if not snap.index.damaged:
-            return None
-        try:
-            t = snap.ds.to_table(
-                filter=f"{KEY} = {writes.quote(profile_id)}", columns=[], with_row_address=True, fast_search=True
-            )
-        except Exception as e:  # noqa: BLE001
-            log.warning("index search of %r in %s failed: %s", profile_id, self.uri, str(e)[:200])
-            return None
-        parts = [a >> 32 for a in t.column("_rowaddr").to_pylist() if (a >> 32) in snap.index.damaged]
-        return parts[0] if parts else None
+    def _indexed(self, snap: _Snapshot) -> set[int]:
+        if snap.indexed is None:
+            snap.indexed = indexed_parts(snap.ds)
+        return snap.indexed
 
     def _locate(self, snap: _Snapshot, profile_id: str) -> Location | None:
         a = snap.index.lookup(profile_id)
         if a is not None:
             return Location.of(a)
-        part = self._damaged_part_of(snap, profile_id)
-        if part is not None:
-            raise DamagedPartError(profile_id, part, self._files(snap, part), snap.index.damaged[part])
-        return None
+        if not snap.index.damaged:
+            return None
+        where = where_damaged(snap.ds, profile_id, snap.index.damaged, self._indexed(snap))
+        if where is None:
+            return None
+        part, maybe = where
+        raise DamagedPartError(profile_id, part, self._files(snap, part), snap.index.damaged[part], maybe)
 
     def locate(self, profile_id: str) -> Location | None:
         """Where the served version of a profile is; None when it is not stored. DamagedPartError when it is
-        in a part whose ids could not be read."""
+        (or may be) in a part whose ids could not be read."""
         snap = self._ready()
         return None if snap is None else self._locate(snap, profile_id)
 
@@ -276,22 +185,12 @@ class ProfileTable:
                 return None
             try:
                 return self._take(snap, loc.part, [loc], columns, [profile_id]).get(profile_id)
-            except DamagedPartError:
+            except DamagedPartError as e:
                 if attempt == 0 and self.refresh():  # old files cleaned up under a stale pin: take again
                     continue
+                self.found.add(loc.part, profile_id, loc.address, e.cause)
                 raise
         return None
-
-    def get(self, profile_id: str, columns: list[str] | None = None) -> dict | None:
-        """The stored row of a profile; None when it is not stored; DamagedPartError when it is unreadable."""
-        loc = self.locate(profile_id)
-        if loc is None:
-            return None
-        row = self.read(profile_id, loc, columns)
-        if row is None:  # moved between locate and read (a refresh): once more
-            loc = self.locate(profile_id)
-            row = None if loc is None else self.read(profile_id, loc, columns)
-        return row
 
     def get_many(self, ids: list[str], columns: list[str] | None = None) -> dict[str, dict | None | Exception]:
         """Rows by id, one take per part: each maps to its row, None (not stored) or a DamagedPartError. One bad
@@ -316,6 +215,7 @@ class ProfileTable:
             try:
                 rows = self._take(snap, part, [loc for loc, _ in items], columns, [p for _, p in items])
             except DamagedPartError as e:
+                self.found.add(part, items[0][1], items[0][0].address, e.cause)
                 out.update({p: DamagedPartError(p, part, e.files, e.cause) for _, p in items})
                 continue
             out.update({p: rows.get(p) for _, p in items})
@@ -324,13 +224,18 @@ class ProfileTable:
     def __contains__(self, profile_id: str) -> bool:
         try:
             return self.locate(profile_id) is not None
-        except DamagedPartError:
-            return True  # stored, though unreadable: a resumed farm run must not fit it again on top
+        except DamagedPartError as e:
+            # Stored, though unreadable: a resumed farm run must not fit it again on top. Maybe stored: it is
+            # fitted (its upsert lands beside the unreadable part, and the newest version wins if it comes back).
+            return not e.maybe
 
-    def count(self) -> int:
-        """Profiles stored (those in damaged parts included)."""
+    def count(self, listed: bool = False) -> int:
+        """Profiles stored (those in damaged parts included); `listed`: those whose ids can be read, which `ids`
+        pages through."""
         snap = self._ready()
-        return 0 if snap is None else snap.index.live
+        if snap is None:
+            return 0
+        return snap.index.listed if listed else snap.index.live
 
     def ids(self, offset: int = 0, limit: int | None = None) -> list[str]:
         """Stored ids, sorted, a page at a time; from the index only (no data file is read)."""
@@ -347,27 +252,65 @@ class ProfileTable:
         end = len(keys) if limit is None else offset + limit
         return [k.decode() for k in keys[offset:end]]
 
-    def _indexed_parts(self, snap: _Snapshot) -> set[int]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return {f for i in snap.ds.list_indices() if i.get("fields") == [KEY] for f in i.get("fragment_ids") or ()}
+    def note_damage(self, profile_id: str, part: int, cause: str) -> DamagedPartError:
+        """Record damage found by a reader above (a record that does not match its fingerprint): the part is
+        reported as damaged until a re-read of the profile passes (`recheck`). Returns the error to raise."""
+        snap = self._ready()
+        a = None if snap is None else snap.index.lookup(profile_id)
+        self.found.add(part, profile_id, a if a is not None and (a >> 32) == part else None, cause)
+        return DamagedPartError(profile_id, part, [] if snap is None else self._files(snap, part), cause)
 
     def damaged(self) -> dict[int, dict]:
-        """Parts whose ids could not be read at the last open or refresh: {part: {files, error, profiles,
-        ids_known}} (ids_known: whether lookups of its profiles can tell they are damaged, not absent)."""
+        """Damaged parts: those whose ids could not be read at the last open or refresh, and those whose rows
+        failed a read since: {part: {files, error, profiles, ids_known, listed}} (ids_known: whether lookups of
+        its profiles can tell they are damaged, not absent; listed: whether `ids` pages through its ids)."""
         snap = self._ready()
-        if snap is None or not snap.index.damaged:
+        if snap is None:
             return {}
-        indexed = self._indexed_parts(snap)
+        out = {}
+        if snap.index.damaged:
+            indexed = self._indexed(snap)
+            for part, err in snap.index.damaged.items():
+                rows = snap.index.damaged_rows.get(part)
+                out[part] = {"error": err, "profiles": rows, "ids_known": part in indexed, "listed": False}
+        for part, d in self.found.items():
+            if part in snap.index.frag_ids:  # still in this version (a rewrite or a drop ends it)
+                rows = len(snap.index.frag_ids[part])
+                out.setdefault(part, {"error": d["error"], "profiles": rows, "ids_known": True, "listed": True})
         return {
-            part: {
-                "files": self._files(snap, part),
-                "error": err.splitlines()[0][:300],
-                "profiles": snap.index.damaged_rows.get(part),
-                "ids_known": part in indexed,
-            }
-            for part, err in snap.index.damaged.items()
+            p: {"files": self._files(snap, p), **d, "error": d["error"].splitlines()[0][:300]}
+            for p, d in sorted(out.items())
         }
+
+    def recheck(self, verify=None) -> bool:
+        """Read each damaged part again: one whose ids can be read now goes back into the index, one whose failed
+        row reads now (and passes `verify(row)`) is no longer damaged. True when any part was repaired."""
+        snap = self._ready()
+        if snap is None:
+            return False
+        repaired = False
+        if snap.index.damaged:
+            frags = {fid: self._frag(snap, fid) for fid in snap.index.damaged if fid in snap.index.sigs}
+            index = reread_damaged(snap.index, frags)
+            if index is not None:
+                with self._lock:
+                    if self._snap is snap:
+                        self._snap = _Snapshot(snap.ds, index, snap.frags)
+                repaired = True
+        for part, d in self.found.items():
+            if part not in snap.index.frag_ids:
+                self.found.discard(part)
+                continue
+            try:
+                if d["address"] is not None:
+                    row = snap.ds._take_rows([d["address"]]).to_pylist()[0]
+                    if verify is not None:
+                        verify(row)
+            except Exception:  # noqa: BLE001 - still damaged
+                continue
+            self.found.discard(part)
+            repaired = True
+        return repaired
 
     def scan(self, columns: list[str] | None = None, errors: list | None = None, newest_first: bool = False):
         """Every served row, part by part, as record batches with their `_rowaddr`. A damaged part is skipped

@@ -33,6 +33,9 @@ TARGET_ROWS_PER_FRAGMENT = 65536  # the unit of compaction, and of damage: ~170 
 RETRIES = 30
 CONFLICT_RETRIES = 10
 RETRY_TIMEOUT = timedelta(seconds=60)
+SMALL_PARTS_MAX = 64  # parts under 1/8 of the target size above which a writer merges them (see upsert)
+AUTO_RETAIN = timedelta(hours=1)  # versions a writer's automatic merge keeps readable
+MAX_INDEX_DELTAS = 16  # segments of the profile_id index (one per write) above which the deltas are merged
 
 
 def with_primary_key(schema: pa.Schema) -> pa.Schema:
@@ -176,39 +179,71 @@ def drop_fragments(uri: str, ds, fragment_ids: list[int], storage_options: dict 
     return rows
 
 
+def unreadable_parts(ds, parts: list[int]) -> list[int]:
+    """Which of `parts` cannot be read whole (every column, as compaction reads them)."""
+    bad = []
+    for fid in parts:
+        try:
+            for _ in ds.get_fragment(fid).to_batches(batch_size=4096):
+                pass
+        except Exception:  # noqa: BLE001 - any read failure is damage
+            bad.append(fid)
+    return bad
+
+
 def rewrite(ds, target_rows: int, erase: bool) -> dict:
-    """Compaction's rewrite, task by task: a task that meets a damaged part is skipped and reported, the others
-    are committed. `erase` rewrites every part with a deleted row, so deleted profiles' bytes leave the newest
-    version (the right-to-erasure path); otherwise only small parts are merged."""
+    """Compaction's rewrite, task by task: the parts of a task that fails on damaged data are read one by one,
+    and the plan is made again without the damaged ones, so they never hold their neighbours back; a task that
+    still fails is skipped and reported, the others are committed. `erase` rewrites every part with a deleted
+    row, so deleted profiles' bytes leave the newest version (the right-to-erasure path); otherwise only small
+    parts are merged."""
     from lance.optimize import Compaction
 
     opts = {"target_rows_per_fragment": target_rows, "num_threads": 2, "materialize_deletions": erase}
     if erase:
         opts["materialize_deletions_threshold"] = 1e-9
-    plan = Compaction.plan(ds, opts)
-    done, skipped = [], []
-    for task in plan.tasks:
-        try:
-            done.append(task.execute(ds))
-        except Exception as e:  # noqa: BLE001 - a damaged part in this task: leave the task's parts as they are
-            skipped.append({"parts": [f.id for f in task.fragments], "error": str(e).splitlines()[0][:200]})
+    damaged: list[int] = []
+    for _ in range(2):
+        plan = Compaction.plan(ds, {**opts, "excluded_fragment_ids": damaged} if damaged else opts)
+        done, skipped, found = [], [], []
+        for task in plan.tasks:
+            try:
+                done.append(task.execute(ds))
+            except Exception as e:  # noqa: BLE001 - a damaged part in this task
+                parts = [f.id for f in task.fragments]
+                found += unreadable_parts(ds, parts) if not damaged else []
+                skipped.append({"parts": parts, "error": str(e).splitlines()[0][:200]})
+        if not found:
+            break
+        damaged = sorted(set(found))
     metrics = Compaction.commit(ds, done) if done else None
     return {
         "parts_removed": metrics.fragments_removed if metrics else 0,
         "parts_added": metrics.fragments_added if metrics else 0,
-        "skipped": skipped,
+        "skipped": [*skipped, *({"parts": [p], "error": "cannot be read: left as it is"} for p in damaged)],
     }
 
 
-def update_index(ds) -> None:
-    """Bring the scalar index on profile_id up to date (it lets damaged parts' ids be found)."""
+def update_index(ds, merge: str = "auto") -> None:
+    """Keep the scalar index on profile_id covering every part, as writes land: the parts no segment covers
+    yet get a new segment of their own (the cost of their rows only), and the delta segments are merged into one
+    when they pile up (`merge`: "deltas" now, "all" every segment, the base too). Through it a damaged part's
+    ids stay known, so its profiles are refused as damaged, never answered as absent (xpeft.profiles.damage).
+    Compaction bundles only parts of one segment: it runs after a merge."""
     try:
-        if ds.describe_indices():
-            ds.optimize.optimize_indices()
-        else:
+        found = [d for d in ds.describe_indices() if list(d.field_names) == [KEY]]
+        if not found:
             ds.create_scalar_index(KEY, "BTREE")
-    except Exception as e:  # noqa: BLE001 - an optimisation: lookups do not need it
-        log.warning("updating the %s index of %s failed: %s", KEY, ds.uri, e)
+            return
+        segments = len(found[0].segments)
+        if merge == "all" and segments > 1:
+            ds.optimize.optimize_indices(num_indices_to_merge=segments)
+        elif segments > (2 if merge == "deltas" else MAX_INDEX_DELTAS):
+            ds.optimize.optimize_indices(num_indices_to_merge=segments - 1)  # the deltas: the base is left alone
+        else:
+            ds.optimize.optimize_indices(num_indices_to_merge=0)
+    except Exception as e:  # noqa: BLE001 - lookups do not need it; the next write indexes what this one did not
+        log.warning("updating the %s index of %s failed: %s", KEY, ds.uri, str(e).splitlines()[0][:200])
 
 
 def bulk_append(uri: str, batches, schema: pa.Schema, storage_options: dict | None, target_rows: int) -> None:
@@ -228,4 +263,92 @@ def bulk_append(uri: str, batches, schema: pa.Schema, storage_options: dict | No
         data_storage_version=DATA_STORAGE_VERSION,
         max_rows_per_file=target_rows,
     )
-    update_index(lance.dataset(uri, storage_options=storage_options))
+    update_index(lance.dataset(uri, storage_options=storage_options), merge="all")
+
+
+class TableWrites:
+    """The writing verbs of xpeft.profiles.table.ProfileTable, over the functions above (one commit each)."""
+
+    def upsert(self, rows: pa.Table) -> dict:
+        """Insert or replace rows by profile_id in one commit; the newest `created` wins. Safe with writers in
+        other processes. When small parts pile up, merges them (a compaction that erases nothing)."""
+        if KEY not in rows.schema.names:
+            raise ValueError(f"rows need a {KEY!r} column")
+        if rows.num_rows == 0:
+            return {"num_inserted_rows": 0, "num_updated_rows": 0, "attempts": 0}
+        rows = newest_per_id(rows)
+
+        def attempt(n: int) -> dict:
+            if not self.exists():
+                if create(self.uri, rows, self.storage_options):
+                    return {"num_inserted_rows": rows.num_rows, "num_updated_rows": 0, "attempts": n}
+                self._open()  # another writer created it first: merge into theirs
+            ds = self._latest()
+            return {**merge(ds, rows.select(ds.schema.names).cast(ds.schema)), "attempts": n}
+
+        result = retried(f"upsert into {self.uri}", attempt)
+        update_index(self._dataset())  # the new part indexed now, not at the next merge
+        self.refresh()
+        self._merge_small_parts()
+        return result
+
+    def _merge_small_parts(self) -> None:
+        ds = self._snap.ds
+        small = sum(1 for f in ds.get_fragments() if f.metadata.physical_rows < self.target_rows // 8)
+        if small <= self.small_parts_max:
+            return
+        try:
+            # Into parts of target/8 rows: bigger parts are left alone (a refit touching one would preempt the
+            # rewrite); `compact` makes full-size parts.
+            update_index(self._dataset(), merge="deltas")
+            merged = rewrite(self._dataset(), self.target_rows // 8, erase=False)
+            update_index(self._dataset())
+            self._dataset().cleanup_old_versions(older_than=AUTO_RETAIN, error_if_tagged_old_versions=False)
+            log.info("merged %d small parts of %s: %s", small, self.uri, merged)
+        except Exception as e:  # noqa: BLE001 - another writer merging at the same time; the next write retries
+            log.info("merging small parts of %s did not commit: %s", self.uri, str(e).splitlines()[0][:200])
+        self.refresh()
+
+    def delete(self, ids: list[str]) -> int:
+        """Delete profiles by id: gone from this reader at once and from others on their next refresh; their
+        bytes stay in old versions until `compact()`. Returns how many were stored."""
+        ids = list(dict.fromkeys(ids))
+        if not ids or not self.exists():
+            return 0
+        n = 0
+        for s in range(0, len(ids), 500):
+            chunk = ids[s : s + 500]
+            n += retried(f"delete from {self.uri}", lambda _, c=chunk: delete(self._latest(), c))
+        self.refresh()
+        return n
+
+    def drop_parts(self, parts: list[int]) -> int:
+        """Drop whole parts (damaged ones) in one commit: their profiles read as not stored afterwards, so a
+        resumed farm run fits them again. Returns the number of profiles dropped."""
+        self.refresh()
+        if self._snap is None or not parts:
+            return 0
+        rows = drop_fragments(self.uri, self._latest(), parts, self.storage_options)
+        self.refresh()
+        return rows
+
+    def compact(self, retain: timedelta = timedelta(0)) -> dict:
+        """Rewrite small parts and parts with deleted rows into full ones, update the id index and remove the
+        files of versions older than `retain`: deleted and replaced profiles' bytes are gone afterwards. Parts
+        that cannot be read are left as they are and reported under "skipped"."""
+        self.refresh()
+        if self._snap is None:
+            return {"parts_removed": 0, "parts_added": 0, "skipped": [], "bytes_removed": 0}
+        update_index(self._latest(), merge="all")
+        result = rewrite(self._dataset(), self.target_rows, erase=True)
+        update_index(self._dataset(), merge="all")
+        stats = self._dataset().cleanup_old_versions(older_than=retain, error_if_tagged_old_versions=False)
+        self.refresh()
+        return {**result, "bytes_removed": stats.bytes_removed, "old_versions_removed": stats.old_versions}
+
+    def bulk_load(self, batches, schema: pa.Schema) -> None:
+        """Append unique, not yet stored profiles in big parts (a migration, a benchmark); one writer only."""
+        bulk_append(self.uri, batches, schema, self.storage_options, self.target_rows)
+        with self._lock:
+            self._snap = None
+            self._open()

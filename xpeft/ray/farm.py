@@ -22,7 +22,7 @@ import numpy as np
 import ray
 import torch
 
-from xpeft.config import TrainConfig, XPeftConfig, check_k, default_k, option
+from xpeft.config import RandomBankFields, TrainConfig, XPeftConfig, check_k, default_k, option
 from xpeft.core.bank import AdapterBank, bank_from_object, bank_to_object, load_bank, random_bank_for
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.data.dataset import ProfileData
@@ -39,7 +39,7 @@ STATE = "farm"  # the store's run state `state/farm.json`: the learned bank and 
 
 
 @dataclass
-class FarmConfig:
+class FarmConfig(RandomBankFields):
     """One farm run. `setting` is §3.1's: a random bank, or a bank learned from the first `warm_start`
     profiles with single_adapter (`sa`) or jointly with a shared head (`mtl`)."""
 
@@ -51,10 +51,6 @@ class FarmConfig:
         0.45, "warm-start profiles for the sa / mtl bank: a count (>= 1) or a fraction (the paper: 150 of 323 authors)"
     )
     warm_train: TrainConfig | None = option(None, "the warm start's own fit (default: train)", no_flag=True)
-    bank_path: str | None = option(None, "an existing bank (safetensors) instead of a random one", flag="--bank")
-    bank_seed: int = option(0, "seed of the random bank")
-    bank_scale: float = option(1.0, "scale of the random bank's adapters")
-    backbone: str = option("minilm", "'minilm' (the bundled all-MiniLM-L6-v2), 'tiny', a local path or a hub name")
     num_actors: int | None = option(None, "actors (default: the cluster's CPUs / --cpus-per-actor, or its GPUs)")
     cpus_per_actor: float = option(1.0, "CPUs (torch threads) per actor")
     gpus_per_actor: float = option(0.0, "> 0: each actor fits on the GPU Ray gives it (0.25: 4 actors a GPU)")

@@ -138,7 +138,7 @@ def make_trainer(cfg: FitConfig, data: TaskData, on_epoch_start=None, callbacks=
 
     cfg.per_worker_batch  # noqa: B018 (refuses a global batch that does not split over the workers)
     storage = cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_actor, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": cfg, "data": ray.put(data), "on_epoch_start": on_epoch_start},

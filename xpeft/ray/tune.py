@@ -79,7 +79,6 @@ class SearchConfig:
     grace_period: int = option(1, "ASHA: epochs every trial gets before it can be stopped")
     reduction_factor: int = option(2, "ASHA: keep the best 1/reduction_factor of the trials at each rung")
     max_concurrent_trials: int | None = option(None, "trials running at once (default: as the cluster allows)")
-    cpus_per_trial: float = option(1.0, "CPUs of a single-process trial (a distributed one's workers ask their own)")
     storage_path: str = option("runs/tune", "where the search is kept: <storage-path>/<name> (path or URI)")
     name: str = option("search", "the search's name; --restore continues the one of that name")
 
@@ -212,13 +211,13 @@ def check_cluster_fits(scfg: SearchConfig) -> None:
 
     if not (scfg.distributed and ray.is_initialized()):
         return
-    need = DRIVER_CPU + scfg.fit.num_workers * scfg.fit.cpus_per_worker
+    need = DRIVER_CPU + scfg.fit.num_workers * scfg.fit.cpus_per_actor
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
         raise ValueError(
             f"a distributed trial needs {need:g} CPUs ({scfg.fit.num_workers} workers x "
-            f"{scfg.fit.cpus_per_worker:g} + {DRIVER_CPU} for the trial) but the cluster has {have:g}; "
-            f"lower cpus_per_worker (e.g. {(have - DRIVER_CPU) / scfg.fit.num_workers:.2f}) or num_workers, "
+            f"{scfg.fit.cpus_per_actor:g} + {DRIVER_CPU} for the trial) but the cluster has {have:g}; "
+            f"lower cpus_per_actor (e.g. {(have - DRIVER_CPU) / scfg.fit.num_workers:.2f}) or num_workers, "
             "or run single-process trials"
         )
 
@@ -229,7 +228,7 @@ def _trainable(scfg: SearchConfig, data: TaskData):
     trainable = tune.with_parameters(_trial, scfg=scfg, data=data)
     if scfg.distributed:  # the trial's workers ask for their own resources
         return tune.with_resources(trainable, {"cpu": DRIVER_CPU})
-    return tune.with_resources(trainable, {"cpu": scfg.cpus_per_trial, "gpu": 1 if scfg.fit.use_gpu else 0})
+    return tune.with_resources(trainable, {"cpu": scfg.fit.cpus_per_actor, "gpu": 1 if scfg.fit.use_gpu else 0})
 
 
 def make_tuner(scfg: SearchConfig, data: TaskData):

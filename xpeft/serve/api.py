@@ -1,30 +1,31 @@
-"""The HTTP API of a replica, FastAPI only (no Ray): request and response schemas, the body-size limit, bearer
-auth, the routes, the checks of a request and offline docs. `make_api(server)` builds it over anything with
+"""The HTTP API of a replica, FastAPI only (no Ray): request and response schemas, the routes, the checks of a
+request and offline docs, behind the limits of xpeft.serve.limits (bearer auth first, then the body's size, time
+and depth, then the request queue that /healthz never waits in). `make_api(server)` builds it over anything with
 `.cfg`, `.engine` (a ProfileEngine) and an async `.classify(request)`: the Serve deployment, or the in-process
 `xpeft.serve.local.LocalServer`.
 
     POST /v1/classify           {"profile_id", "texts", optional "text_pairs"} → one prediction per text
-    GET  /v1/profiles/{id}      config, metrics, size in bytes, whether this server can serve it
+    GET  /v1/profiles/{id}      config, metrics, record_bytes, whether this server can serve it
     GET  /v1/profiles?offset&limit
     GET  /healthz               (no auth)
     GET  /docs, /redoc          the API's documentation, its assets served from here (no CDN: works offline)
 
 Errors are JSON {"detail": ...} naming the problem and the fix (xpeft.serve.errors): 400 invalid profile id,
-401 missing/wrong token, 404 unknown profile, 409 profile made for another bank or encoder (both fingerprints
-in the message), 413 body or text limits, 415 a body not sent as JSON, 422 malformed JSON, missing or
-wrong-typed fields, empty texts, text_pairs the profile does not take; 503 the profile is stored in a damaged
-part of the store (the detail names the profile, the part and its file; other profiles are served), or no replica
+401 missing/wrong token, 404 unknown profile, 408 a body that did not arrive in time, 409 profile made for
+another bank or encoder (both fingerprints in the message), 413 body or text limits, 415 a body not sent as
+JSON, 422 malformed or too deeply nested JSON, missing or wrong-typed fields, empty texts, text_pairs the
+profile does not take; 503 the profile's part of the store or shared head is damaged (the detail names the
+file; other profiles are served), the replica is starting or at capacity (with Retry-After), or no replica
 answered; each route documents its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query
-from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -35,6 +36,7 @@ from xpeft.profiles.record import MAX_PROFILE_ID, validate_profile_id
 from xpeft.serve import errors
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine, ServeError
+from xpeft.serve.limits import MAX_JSON_DEPTH, BearerAuth, BodyLimits, RequestQueue, token_matches
 
 
 class Server(Protocol):
@@ -83,8 +85,10 @@ class ClassifyRequest(BaseModel):
 class Prediction(BaseModel):
     label: int | None = Field(None, description="the most probable class (classification profiles)")
     label_name: str | None = Field(None, description="its name, when the profile stores label names")
-    probabilities: list[float] | None = Field(None, description="softmax over the profile's classes")
-    score: float | None = Field(None, description="the predicted value (regression profiles)")
+    probabilities: list[float] | None = Field(
+        None, description="the class distribution: softmax over the profile's classes (classification profiles)"
+    )
+    value: float | None = Field(None, description="the predicted value (regression profiles)")
 
 
 class ClassifyResponse(BaseModel):
@@ -101,8 +105,8 @@ class ProfileInfo(BaseModel):
     bank_fingerprint: str | None
     metrics: dict[str, Any]
     label_names: list[str] | None
-    size_bytes: int = Field(description="bytes stored for this profile: mask bits + every tensor")
-    size_report: dict[str, int]
+    record_bytes: int = Field(description="bytes stored for this profile: mask bits + every tensor")
+    record_bytes_by_part: dict[str, int] = Field(description="record_bytes by part (mask_bits, ln, head...) and total")
     created: float
     servable: bool = Field(description="whether this server's backbone and bank can serve it")
     problem: str | None = Field(None, description="why not, when it cannot")
@@ -113,12 +117,27 @@ class Unreadable(BaseModel):
     detail: str = Field(description="why it cannot be read: the damaged part of the store, its file")
 
 
+class UnreadablePart(BaseModel):
+    part: int = Field(description="the part of the store's profile table")
+    files: list[str] = Field(description="its data files")
+    profiles: int = Field(description="profiles stored in it, whose ids cannot be read")
+    detail: str = Field(description="why it cannot be read")
+
+
 class ProfilePage(BaseModel):
-    total: int
+    total: int = Field(description="profiles the pages list (under profiles or unreadable), all pages together")
     offset: int
     limit: int
     profiles: list[ProfileInfo]
     unreadable: list[Unreadable] = Field([], description="profiles of the page in damaged parts of the store")
+    unreadable_parts: list[UnreadablePart] = Field(
+        [], description="damaged parts whose profiles' ids cannot be read, so no page lists them (not in total)"
+    )
+
+
+class Starting(BaseModel):
+    status: str = Field(description='"starting" (with what it waits for), "failed", or "unavailable" (no answer)')
+    detail: str = Field(description="what the replica is waiting for, why it failed, or that none answered in time")
 
 
 class Health(BaseModel):
@@ -150,78 +169,47 @@ class Health(BaseModel):
     rss_bytes: int = Field(description="the replica process's resident memory")
 
 
-CLASSIFY_ERRORS = errors.documented(400, 401, 404, 409, 413, 415, 422, 503)
-PROFILE_ERRORS = errors.documented(400, 401, 404, 503)
-PAGE_ERRORS = errors.documented(401, 413, 422, 503)
-
-
-class BodySizeLimit:
-    """ASGI middleware: refuse request bodies over `max_bytes` with 413, by Content-Length or as they stream."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._too_large(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                return await self._too_large(scope, receive, send)
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope, receive, send):
-        detail = f"request body over {self.max_bytes} bytes (ServeConfig.max_body_bytes)"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+CLASSIFY_ERRORS = errors.documented(400, 401, 404, 408, 409, 413, 415, 422, 503)
+PROFILE_ERRORS = errors.documented(400, 401, 404, 408, 413, 422, 503)
+PAGE_ERRORS = errors.documented(401, 408, 413, 422, 503)
 
 
 def bearer_auth(token: str | None):
     """A FastAPI dependency refusing requests without `Authorization: Bearer <token>` (None: auth is off)."""
     if not token:
         return None
-    expected = token.encode()
     scheme = HTTPBearer(auto_error=False, description="the server's XPEFT_API_TOKEN")
 
     def check(credentials: HTTPAuthorizationCredentials | None = Depends(scheme)) -> None:
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, expected):
-            raise HTTPException(
-                401,
-                "missing or wrong bearer token: send 'Authorization: Bearer <XPEFT_API_TOKEN>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        # BearerAuth has refused a request without the token before its body was read; this documents the
+        # scheme in the OpenAPI schema, and checks again where the app is mounted without the middleware.
+        if not token_matches(credentials.credentials.encode() if credentials else b"", token):
+            raise HTTPException(401, BearerAuth.DETAIL, headers={"WWW-Authenticate": "Bearer"})
 
     return check
 
 
 def make_api(server: Server) -> FastAPI:
-    """The FastAPI app of one replica: routes over `server`, auth, body limit, errors as JSON 4xx, offline docs."""
+    """The FastAPI app of one replica: routes over `server`, behind auth, the body's limits and the request queue
+    (xpeft.serve.limits); errors as JSON; offline docs."""
     cfg = server.cfg
     api = FastAPIOffline(
         title="xpeft profile server",
         version=__version__,
         description="X-PEFT: every stored profile over one shared backbone and adapter bank.",
     )
-    api.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes)
+    # Starlette runs the middleware added last first: auth, then the body, then the queue.
+    api.add_middleware(RequestQueue, max_ongoing=cfg.max_ongoing_requests, max_queued=cfg.max_queued_requests)
+    api.add_middleware(
+        BodyLimits,
+        max_bytes=cfg.max_body_bytes,
+        timeout_s=cfg.body_timeout_s,
+        size_limit="ServeConfig.max_body_bytes",
+        time_limit="ServeConfig.body_timeout_s",
+        max_depth=MAX_JSON_DEPTH,
+    )
+    if cfg.api_token:
+        api.add_middleware(BearerAuth, token=cfg.api_token)
     auth = bearer_auth(cfg.api_token)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)] if auth else [])
 
@@ -241,10 +229,13 @@ def make_api(server: Server) -> FastAPI:
         return await asyncio.to_thread(server.engine.profile_page, offset, limit)
 
     api.include_router(v1)
+    health_thread = ThreadPoolExecutor(1, thread_name_prefix="xpeft-health")  # never behind the requests' work
+    # A 503 comes from the Serve proxy (xpeft.serve.proxy): before a replica is ready, or when none answers in time.
+    starting = {503: {"model": Starting, "description": "the replica is starting, or no replica answered in time"}}
 
-    @api.get("/healthz", response_model=Health, responses=errors.documented(503))
+    @api.get("/healthz", response_model=Health, responses=starting)
     async def healthz() -> dict[str, Any]:
-        return await asyncio.to_thread(server.engine.health)
+        return await asyncio.get_running_loop().run_in_executor(health_thread, server.engine.health)
 
     errors.install(api)
     return api

@@ -1,6 +1,6 @@
 """Scoring a table of texts, each row with its profile, through the serving engine: what every actor of the
 batch-inference job (`xpeft classify-batch`, `ray_jobs/classify_batch.py`) runs on each Ray Data batch, with
-torch and pyarrow only (no Ray here: the job in xpeft.jobs wires it into `map_batches`).
+torch and pyarrow only (no Ray here: the job in xpeft.jobs.classify_batch wires it into `map_batches`).
 
 A batch's rows may name any profiles: each is read and combined once through the engine's caches
 (`ProfileEngine.load_profiles`), and the rows run as mixed-profile forwards of up to `max_batch_size` rows,
@@ -30,8 +30,8 @@ OUTPUT = pa.schema(
     [
         ("label", pa.int64()),  # the class index (null for a regression profile or an error)
         ("label_name", pa.string()),  # its name, when the profile's data set named its classes
-        ("score", pa.float64()),  # the regression value, or the probability of `label`
-        ("scores", pa.list_(pa.float64())),  # the class probabilities (null for regression)
+        ("probabilities", pa.list_(pa.float64())),  # the class distribution (null for regression)
+        ("value", pa.float64()),  # the predicted value of a regression profile (null for a classifier)
         ("profile_created", pa.float64()),  # the stored version of the profile used (its created timestamp)
         ("error", pa.string()),  # why the row was not scored (null when it was)
     ]
@@ -48,12 +48,12 @@ class BatchConfig:
     )
     out: str = option(help="the folder or URI the scored table is written to (Parquet files)")
     num_actors: int = option(1, "actors in the pool, each holding one engine (backbone, bank and caches)")
-    cpus_per_actor: float = option(1.0, "CPUs (torch threads) per actor")
-    gpus_per_actor: float = option(0.0, "> 0: each actor runs its forwards on the GPU Ray gives it")
     batch_size: int = option(256, "rows per Ray Data batch handed to an actor (the forwards take max_batch_size each)")
     overwrite: bool = option(False, "replace what is at --out (otherwise an existing output is refused)")
     progress: bool = option(True, "Ray Data's progress bars")
-    serve: ServeConfig | None = option(None, "the engine's settings", no_flag=True)
+    serve: ServeConfig | None = option(
+        None, "the engine's settings, its cpus_per_actor and gpus_per_actor each actor's", no_flag=True
+    )
 
     def __post_init__(self) -> None:
         if self.num_actors < 1 or self.batch_size < 1:
@@ -65,11 +65,12 @@ class BatchConfig:
 def check_pool(cfg: BatchConfig, cluster_cpus: float) -> None:
     """The actor pool leaves Ray Data a CPU for its read and write tasks: a pool that reserves every CPU of the
     cluster waits for them forever (seen: `--num-actors 2` on 2 cores never read a row)."""
-    need = cfg.num_actors * cfg.cpus_per_actor
+    cpus = cfg.serve.cpus_per_actor
+    need = cfg.num_actors * cpus
     if need > cluster_cpus - 1:
         fit = max(cluster_cpus - 1, 0) / cfg.num_actors
         raise ValueError(
-            f"{cfg.num_actors} actors x {cfg.cpus_per_actor:g} CPUs reserve {need:g} of the cluster's "
+            f"{cfg.num_actors} actors x {cpus:g} CPUs reserve {need:g} of the cluster's "
             f"{cluster_cpus:g} CPUs, leaving none of the one Ray Data's read and write tasks need, so the job would "
             f"wait forever: use fewer --num-actors, or --cpus-per-actor {fit:.2g} or less (the actors still use "
             "--torch-threads each)"
@@ -136,12 +137,8 @@ def _score_chunk(engine: ProfileEngine, chunk: list[int], rows: list[dict], load
         return
     for i, c, z in zip(chunk, combined, logits, strict=True):
         (pred,) = predictions(c, [z])
-        if "probabilities" in pred:
-            out["label"][i], out["label_name"][i] = pred["label"], pred["label_name"]
-            out["scores"][i] = pred["probabilities"]
-            out["score"][i] = pred["probabilities"][pred["label"]]
-        else:
-            out["score"][i] = pred["score"]
+        for name, v in pred.items():  # the API's prediction fields are the output's columns
+            out[name][i] = v
         out["profile_created"][i] = c.created
 
 

@@ -9,7 +9,8 @@ import torch
 from xpeft.config import lora_scale
 from xpeft.core.bank import AdapterBank
 from xpeft.core.combine import combine
-from xpeft.core.multiprofile import CombinedProfile, HeadWeights
+from xpeft.core.head import HeadWeights
+from xpeft.core.multiprofile import CombinedProfile
 from xpeft.profiles.record import Profile, stored_mask_weights
 
 

@@ -8,7 +8,7 @@ the bank once (Â, B̂ per block) into an LRU cache of `CombinedProfile`s. Store
 LN, head), so a second, byte-bounded cache (`RecordCache`) keeps as many as `record_cache_mb` allows (filled
 on reads and, optionally, in the background at start): a request to any of them skips the store and pays only
 for the contraction. Both caches answer only for the stored version they were filled from. `forward` runs rows
-of any profiles as one `MultiProfileModel.forward_mixed` call (per-row adapters, one encoder pass).
+of any profiles as one forward (`xpeft.serve.forward`: per-row adapters, one encoder pass, every head at once).
 
 A background refresher moves the replica to the store's latest version every `staleness_s`: new profiles are
 found, a refit one is served in its new version, a deleted one is a 404. An unknown id is answered from the
@@ -50,14 +50,18 @@ class ProfileEngine:
     calls them from worker threads so the replica's event loop keeps gathering requests. `start()` starts the
     background refresher (and preload); without it the view moves only on `view.refresh()`."""
 
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, step=lambda what: None):
+        """`step(what)` is told what the engine loads next (a replica's /healthz says it while it starts)."""
         self.cfg = cfg
-        threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
+        threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
+        step(f"the store's id index ({cfg.store})")
         self.view = StoreView(cfg)
         self.store = self.view.store
+        step("the bank, verified against its fingerprint")
         self.bank = serving_bank(cfg, self.store)
+        step(f"the backbone {cfg.backbone}")
         encoder = load_encoder(cfg.backbone)
         self.tokenizer = load_tokenizer(cfg.backbone)
         self.collate = Collator(self.tokenizer.pad_token_id or 0)
@@ -75,6 +79,7 @@ class ProfileEngine:
             if self.bank is not None:
                 self.bank = self.bank.to(self.device)
         # ONNX Runtime on CPU (the graph exported once per backbone, or found in cfg.onnx_cache), or torch eager.
+        step(f"the encoder's forward ({cfg.forward}: an ONNX graph is exported once per backbone, then found)")
         self.forward_rows = make_forward(
             cfg.forward, self.model, self.device, token_inputs(self.tokenizer), threads, cfg.onnx_cache,
             self.bank.b if self.bank is not None else None,
@@ -136,15 +141,14 @@ class ProfileEngine:
             if cached is not None:
                 return cached
             loc, p = self.view.record(pid)
+            problem = self.problem(p)
+            if problem is not None:
+                return ServeError(409, problem)
+            if p.head_id is not None:
+                heads[p.head_id] = self.view.shared_head(p.head_id, pid)  # 503 when damaged, 409 when missing
         except ServeError as e:
             return e
-        problem = self.problem(p)
-        if problem is None and p.head_id is not None:
-            try:
-                heads[p.head_id] = self.view.shared_head(p.head_id)
-            except KeyError as e:
-                problem = f"profile {pid} uses a shared head the store lacks: {e.args[0]}"
-        return ServeError(409, problem) if problem is not None else (loc, p)
+        return loc, p
 
     def load_profiles(self, profile_ids: list[str]) -> list[CombinedProfile | ServeError]:
         """Read, check and combine the served versions of profiles that are not cached; cache and return them
@@ -181,7 +185,7 @@ class ProfileEngine:
 
     def profile_info(self, profile_id: str) -> dict[str, Any]:
         _, p = self.view.record(profile_id)
-        problem = self.problem(p)
+        problem = self.problem(p) or self.view.damaged_heads.get(p.head_id or "")
         return {**summary(p), "servable": problem is None, "problem": problem}
 
     def profile_page(self, offset: int, limit: int) -> dict[str, Any]:
@@ -194,7 +198,13 @@ class ProfileEngine:
             except ServeError as e:
                 if e.status != 404:  # 404: deleted since the page's ids were taken
                     unreadable.append({"profile_id": pid, "detail": e.detail})
-        return {"total": total, "offset": offset, "limit": limit, "profiles": profiles, "unreadable": unreadable}
+        parts = [
+            {"part": part, "files": d["files"], "profiles": d["profiles"], "detail": d["error"]}
+            for part, d in self.store.damaged().items()
+            if not d["listed"]
+        ]
+        return {"total": total, "offset": offset, "limit": limit, "profiles": profiles, "unreadable": unreadable,
+                "unreadable_parts": parts}  # fmt: skip
 
     def health(self) -> dict[str, Any]:
         """What /healthz reports: "ok" or "degraded" (with the problems), the store, caches, memory, counters."""
@@ -227,7 +237,7 @@ class ProfileEngine:
         practice one; rows of different b cannot share a batched matmul; head_only rows join any)."""
         by_b: dict[int, list[int]] = {}
         for i, (c, _) in enumerate(items):
-            by_b.setdefault(c.A_hat.shape[1] if c.A_hat is not None else -1, []).append(i)
+            by_b.setdefault(c.b or -1, []).append(i)
         if -1 in by_b and len(by_b) > 1:
             head_only = by_b.pop(-1)
             by_b[next(iter(by_b))] += head_only
@@ -276,7 +286,7 @@ def serving_bank(cfg: ServeConfig, store: ProfileStore) -> AdapterBank | None:
 
 def predictions(c: CombinedProfile, logits: list[torch.Tensor]) -> list[dict[str, Any]]:
     if c.problem_type == "regression":
-        return [{"score": float(z[0])} for z in logits]
+        return [{"value": float(z[0])} for z in logits]
     out = []
     for z in logits:
         probs = torch.softmax(z, dim=-1)

@@ -8,7 +8,6 @@ for programs that want the field by field reasons.
 
 from __future__ import annotations
 
-import email.message
 import logging
 import re
 from typing import Any
@@ -21,6 +20,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from xpeft.serve.engine import ServeError
+from xpeft.serve.limits import is_json
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,17 @@ def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 MEANING = {
     400: "invalid profile id, or a body that cannot be read as UTF-8",
-    401: "missing or wrong bearer token",
+    401: "missing or wrong bearer token (checked before anything else)",
     404: "unknown profile",
+    408: "the request body did not arrive within the server's time limit",
     409: "profile made for another bank or backbone",
     413: "body, text count, text length or page size over the server's limits",
     415: "a body not sent as JSON (its Content-Type header names another type)",
-    422: "malformed JSON, missing, unknown or wrong-typed fields, empty texts, text_pairs the profile does not take",
-    503: "the profile is stored in a damaged part of the store (the detail names the part), or no replica answered "
-    "(it died or is restarting: retry after the Retry-After seconds, from the Serve proxy)",
+    422: "malformed JSON or JSON nested too deep, missing, unknown or wrong-typed fields, empty texts, text_pairs "
+    "the profile does not take",
+    503: "the profile's part of the store, its record or its shared head is damaged (the detail names the file); "
+    "the replica is starting or at capacity; or no replica answered (it died or is restarting): retry after the "
+    "Retry-After seconds where it is given",
 }
 
 
@@ -75,15 +78,6 @@ def escaped(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [escaped(v) for v in value]
     return value
-
-
-def is_json(content_type: str | None) -> bool:
-    if not content_type:
-        return False
-    message = email.message.Message()
-    message["content-type"] = content_type
-    subtype = message.get_content_subtype()
-    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 def where(loc: list) -> str:

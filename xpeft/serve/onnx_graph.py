@@ -13,8 +13,9 @@ tokens T:
     use_ln          bool [R]                  LayerNorm after Âx for this row
     -> last_hidden_state float32 [R, T, d]
 
-Each block's target linear is `xpeft.core.layer.AdaptedLinear` with a per-row `Adapter` (the one adapter
-formula; `ln_rows` switches LN per row), traced by torch's TorchScript exporter (2-3 s for MiniLM, against
+The graph is `xpeft.core.multiprofile.MultiProfileModel.encode_rows`, the eager forward's own per-row encoder
+(each block's target linear an `AdaptedLinear` with a per-row `Adapter`, `ln_rows` switching LN per row),
+traced by torch's TorchScript exporter (2-3 s for MiniLM, against
 13-50 s for the dynamo exporter, and a slightly faster graph: /work/scratch/onnx/REPORT.md). The file is
 named by a key over everything the graph depends on (the encoder's config and class, a sha256 of its
 weights, target, b, token inputs, opset, torch and transformers versions), and a sidecar JSON records the
@@ -35,14 +36,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xpeft.core.layer import Adapter, adapters
-from xpeft.core.multiprofile import MultiProfileModel
+from xpeft.core.multiprofile import ROW_INPUTS, MultiProfileModel
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the graph's inputs or the adapter formula change
 OPSET = 18
-ADAPTER_INPUTS = ("A_hat", "B_hat", "ln_weight", "ln_bias", "use_ln")
+ADAPTER_INPUTS = ROW_INPUTS  # the per-row adapters, as `RowAdapters.gather` stacks them
 OUTPUT = "last_hidden_state"
 
 
@@ -92,7 +92,7 @@ def graph_key(encoder: nn.Module, target: str, b: int, token_names: tuple[str, .
 
 
 class _Exportable(nn.Module):
-    """The encoder with per-row adapters from its inputs: what the graph computes."""
+    """`MultiProfileModel.encode_rows` with its inputs as positional tensors: what the graph computes."""
 
     def __init__(self, encoder: nn.Module, target: str, token_names: tuple[str, ...]):
         super().__init__()
@@ -101,14 +101,7 @@ class _Exportable(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         n = len(self.token_names)
-        tokens = dict(zip(self.token_names, inputs[:n], strict=True))
-        A, B, w, beta, use_ln = inputs[n:]
-        ln_rows = use_ln.reshape(-1, 1, 1)
-        per_block = [
-            Adapter(A[:, i], B[:, i], w[:, i], beta[:, i], ln_rows=ln_rows) for i in range(len(self.model.adapted))
-        ]
-        with adapters(self.model.adapted, per_block):
-            return self.model.encoder(**tokens).last_hidden_state
+        return self.model.encode_rows(dict(zip(self.token_names, inputs[:n], strict=True)), *inputs[n:])
 
 
 def _eager_copy(encoder: nn.Module) -> nn.Module:

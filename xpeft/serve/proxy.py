@@ -1,4 +1,14 @@
-"""What a client gets when no replica answers: a JSON 503 with Retry-After, from the Serve proxy.
+"""What the Serve proxy does before and after a replica: it reads each request's body whole, within a time limit,
+before Serve picks a replica; it answers /healthz within a deadline, and "starting" before the app is deployed;
+and a request no replica answered gets a JSON 503 with Retry-After.
+
+A body is streamed from the proxy to the replica as the replica's app reads it (Serve 2.60's proxy puts each ASGI
+`receive` message on a queue the replica pulls from, `proxy_asgi_receive` in ray/serve/_private/proxy.py), so a
+client that sends its headers and half a body holds one of the replica's `max_ongoing_requests` slots for as long
+as it likes: 66 such connections locked every client out. `BodyLimits` here reads the body in the proxy first
+(xpeft.serve.limits; 408 when it has not all arrived within XPEFT_BODY_TIMEOUT_S, 413 over
+XPEFT_MAX_BODY_BYTES), so a slow client holds a proxy connection (an idle coroutine) and never a replica slot.
+Serve's `HTTPOptions.request_timeout_s` does not help: it times the replica's answer, after the body.
 
 When a replica dies with requests in flight (killed, out of memory, its node lost), Ray Serve 2.60's HTTP
 proxy catches the RayActorError, maps it to a 500 and, since it only writes a body for 408, 429 and 503
@@ -9,25 +19,36 @@ is the proxy callback, an env var the proxy reads when it starts:
 
     RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=xpeft.serve.proxy:middlewares
 
-`install()` sets it for an embedded Ray (before `ray.init`, so the proxy inherits it); on a cluster set it
-where Ray starts (`ray start`, the head's environment). This module imports only Starlette: the proxy loads
-no torch.
+`install(cfg)` sets it, and the body limits from the ServeConfig, for an embedded Ray (before `ray.init`, so the
+proxy inherits them); on a cluster set them where Ray starts (`ray start`, the head's environment). This module
+imports only Starlette: the proxy loads no torch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import time
 
 from starlette.middleware import Middleware
+
+from xpeft.serve.limits import RETRY_AFTER_S, BodyLimits, route_path, send_json
 
 log = logging.getLogger(__name__)
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "xpeft.serve.proxy:middlewares"
-# Serve queues requests while it starts a new replica, so a retry need not wait for the replica itself.
-RETRY_AFTER_S = 1
+# The proxy's limits, read from the environment when it starts (`install` sets them from a ServeConfig).
+# The first two are ServeConfig's body_timeout_s and max_body_bytes as env vars (app_builder reads them too).
+BODY_TIMEOUT_ENV, MAX_BODY_ENV = "XPEFT_BODY_TIMEOUT_S", "XPEFT_MAX_BODY_BYTES"
+HEALTH_DEADLINE_ENV = "XPEFT_HEALTH_DEADLINE_S"
+DEFAULTS = {BODY_TIMEOUT_ENV: "10", MAX_BODY_ENV: str(16 * 2**20), HEALTH_DEADLINE_ENV: "2"}
+
+
+def setting(name: str) -> float:
+    return float(os.environ.get(name) or DEFAULTS[name])
 
 
 class UnansweredIs503:
@@ -75,12 +96,131 @@ async def unavailable(send) -> None:
         log.debug("client gone before the 503 could be sent", exc_info=True)
 
 
+# --- what starting replicas load (Ray's internal key-value store; Ray is imported only where it runs) ---
+
+STARTING = ("xpeft", "starting/")  # the namespace and key prefix where starting replicas say what they load
+
+
+def publish_start(key: str, app: str, since: float, what: str | None = None, failed: str | None = None) -> None:
+    """What a starting replica loads now (xpeft.serve.proxy reads it for /healthz); best effort."""
+    try:
+        from ray.experimental import internal_kv
+
+        value = {"app": app, "waiting_for": what, "since": since, "failed": failed}
+        internal_kv._internal_kv_put(STARTING[1] + key, json.dumps(value), namespace=STARTING[0])
+    except Exception:  # noqa: BLE001 - a health detail, never a reason not to start
+        log.debug("could not publish the replica's start", exc_info=True)
+
+
+def published_starts() -> list[dict]:
+    """What starting replicas said they load (each {"app", "waiting_for", "since", "failed"})."""
+    from ray.experimental import internal_kv
+
+    ns, prefix = STARTING
+    found = []
+    for key in internal_kv._internal_kv_list(prefix, namespace=ns):
+        value = internal_kv._internal_kv_get(key, namespace=ns)
+        if value:
+            found.append(json.loads(value))
+    return found
+
+
+def clear_starts(app: str) -> None:
+    """A replica of `app` is ready: what its replicas said while starting is past (a killed one's too)."""
+    try:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(f"{STARTING[1]}{app}/", del_by_prefix=True, namespace=STARTING[0])
+    except Exception:  # noqa: BLE001
+        log.debug("could not clear the replicas' start", exc_info=True)
+
+
+class HealthWithin:
+    """GET .../healthz answered within `deadline_s`: a JSON 503 with Retry-After when no replica answers by then
+    (it is starting, restarting or overloaded), and 503 "starting" instead of the proxy's plain 404 when no
+    application serves the path yet (the server is starting)."""
+
+    def __init__(self, app, deadline_s: float):
+        self.app, self.deadline_s = app, deadline_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "GET" or not route_path(scope).endswith("/healthz"):
+            return await self.app(scope, receive, send)
+        started, no_route, abandoned = asyncio.Event(), [], []
+
+        async def watched(message):
+            if abandoned:  # answered here already (Serve's proxy answers its own cancellation with nothing, too)
+                return
+            if message["type"] == "http.response.start":
+                started.set()
+                ctype = dict(message.get("headers") or []).get(b"content-type", b"")
+                if message["status"] == 404 and not ctype.startswith(b"application/json"):
+                    no_route.append(message)  # the proxy's own "Path not found": held back
+                    return
+            if not no_route:
+                await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, watched))
+        waiter = asyncio.ensure_future(started.wait())
+        await asyncio.wait({task, waiter}, timeout=self.deadline_s, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not started.is_set() and not task.done():
+            abandoned.append(True)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return await send_json(send, 503, await self.unanswered(), RETRY_AFTER)
+        await task
+        if no_route:
+            detail = (
+                f"no application serves {scope.get('path')} yet: the server is starting (if it stays so, check the "
+                "route prefix: GET /-/routes lists the deployed ones)"
+            )
+            await send_json(send, 503, {"status": "starting", "detail": detail}, RETRY_AFTER)
+
+    async def unanswered(self) -> dict:
+        """What /healthz says when no replica answered in time: what starting replicas wait for, if any do."""
+        try:
+            starts = await asyncio.get_running_loop().run_in_executor(None, published_starts)
+        except Exception:  # noqa: BLE001 - Ray's key-value store unreachable: say what is known
+            starts = []
+        now = time.time()
+        said = [
+            f"app {s['app']!r}: a replica failed to start ({s['failed']}); Serve starts another"
+            if s.get("failed")
+            else f"app {s['app']!r}: waiting for {s['waiting_for']} ({now - s['since']:.0f} s so far)"
+            for s in sorted(starts, key=lambda s: s["since"])
+        ]
+        if said:
+            return {"status": "starting", "detail": "; ".join(said)}
+        detail = (
+            f"no replica answered within {self.deadline_s:g} s ({HEALTH_DEADLINE_ENV}): it is starting, restarting or "
+            f"overloaded; retry after {RETRY_AFTER_S} s"
+        )
+        return {"status": "unavailable", "detail": detail}
+
+
+RETRY_AFTER = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+
+
 def middlewares() -> list[Middleware]:
-    """The proxy callback (CALLBACK): the middlewares Serve wraps its HTTP proxy in."""
-    return [Middleware(UnansweredIs503)]
+    """The proxy callback (CALLBACK): the middlewares Serve wraps its HTTP proxy in (the last one outermost)."""
+    body = {
+        "max_bytes": int(setting(MAX_BODY_ENV)),
+        "timeout_s": setting(BODY_TIMEOUT_ENV),
+        "size_limit": f"{MAX_BODY_ENV} of the Serve proxy",
+        "time_limit": f"{BODY_TIMEOUT_ENV} of the Serve proxy",
+    }
+    return [
+        Middleware(UnansweredIs503),
+        Middleware(HealthWithin, deadline_s=setting(HEALTH_DEADLINE_ENV)),
+        Middleware(BodyLimits, **body),
+    ]
 
 
-def install() -> None:
-    """Have the Serve proxies that a Ray started after this call starts answer unanswered requests with a
-    JSON 503 (an embedded Ray: call before ray.init). A callback already set is kept."""
+def install(cfg=None) -> None:
+    """Have the Serve proxies that a Ray started after this call starts use these middlewares (an embedded Ray:
+    call before ray.init), with the body limits of `cfg` (a ServeConfig). A setting already made is kept."""
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)
+    if cfg is not None:
+        os.environ.setdefault(BODY_TIMEOUT_ENV, str(cfg.body_timeout_s))
+        os.environ.setdefault(MAX_BODY_ENV, str(cfg.max_body_bytes))

@@ -5,7 +5,9 @@ only, like the engine it serves.
 
 Every lookup goes through the index of the version the view holds: an unknown id is a 404 without any I/O, a
 refit profile has a new location (so no cache serves its old version), a deleted one is gone. A profile in a
-damaged part is a 503 naming the part; every other profile is served.
+damaged part, or whose record or shared head does not match its fingerprint, is a 503 naming the part or the
+file; every other profile is served. Damage found while the replica runs makes it "degraded" at once, and the
+refresher reads what is damaged again each time: a restored file is served again and the replica is "ok".
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 
+from xpeft.profiles.fingerprints import FingerprintError
 from xpeft.profiles.record import Profile
 from xpeft.profiles.store import DamagedPartError, Location, ProfileStore
 from xpeft.serve.cache import RecordCache
@@ -65,6 +68,7 @@ class StoreView:
         self.refreshed = time.monotonic()
         self.refresh_error: str | None = None
         self._heads: dict[str, dict[str, torch.Tensor]] = {}  # shared heads (mtl): few, kept for good
+        self.damaged_heads: dict[str, str] = {}  # head_id -> why it was refused (read again on every refresh)
         self._heads_lock = threading.Lock()
         self._stop = threading.Event()
         self._started = False  # start() runs its threads once per view
@@ -98,14 +102,26 @@ class StoreView:
             return loc, p
         raise ServeError(404, not_found(profile_id))
 
-    def shared_head(self, head_id: str) -> dict[str, torch.Tensor]:
+    def shared_head(self, head_id: str, profile_id: str) -> dict[str, torch.Tensor]:
+        """A shared head, verified when it is read: ServeError 503 naming the file when it is damaged (the
+        profiles using it are refused, every other one is served), 409 when the store lacks it."""
         with self._heads_lock:
             if head_id not in self._heads:
-                self._heads[head_id] = self.store.load_head(head_id)
+                try:
+                    self._heads[head_id] = self.store.load_head(head_id)
+                except KeyError as e:
+                    raise ServeError(
+                        409, f"profile {profile_id} uses a shared head the store lacks: {e.args[0]}"
+                    ) from None
+                except FingerprintError as e:
+                    self.damaged_heads[head_id] = str(e)
+                    raise ServeError(503, f"profile {profile_id!r} cannot be served: {e}") from None
+                self.damaged_heads.pop(head_id, None)
             return self._heads[head_id]
 
     def page(self, offset: int, limit: int) -> tuple[int, list[str]]:
-        return len(self.store), self.store.ids(offset, limit)
+        """(how many ids the listing pages through, a page of them); damaged parts' ids are not among them."""
+        return self.store.count_listed(), self.store.ids(offset, limit)
 
     # --- keeping up with the store ---
 
@@ -126,6 +142,7 @@ class StoreView:
         if self._started:
             return
         self._started = True
+        self.refresh()  # the view may be older than the engine's start-up (the backbone, the bank): catch up
         threading.Thread(target=self._refresh_loop, name="xpeft-store-refresh", daemon=True).start()
         if self.cfg.preload and self.cfg.record_cache_mb > 0:
             self.preloading = True
@@ -137,6 +154,23 @@ class StoreView:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.cfg.staleness_s):
             self.refresh()
+            self.recheck()
+
+    def recheck(self) -> bool:
+        """Read what is damaged again (parts of the store, shared heads); True when something was repaired."""
+        try:
+            repaired = self.store.recheck()
+        except Exception:  # noqa: BLE001 - a store that cannot be reached is reported by refresh()
+            log.debug("rechecking the store's damage failed", exc_info=True)
+            repaired = False
+        for head_id in list(self.damaged_heads):
+            try:
+                self.store.load_head(head_id)
+            except (KeyError, FingerprintError):
+                continue
+            self.damaged_heads.pop(head_id, None)
+            repaired = True
+        return repaired
 
     def _preload_in_background(self) -> None:
         start = time.perf_counter()
@@ -168,8 +202,10 @@ class StoreView:
         out = [
             f"part {part} of the profile table ({', '.join(d['files'])}) cannot be read: {d['error']}; "
             f"{d['profiles']} profile(s) in it are refused (503)"
+            + ("" if d["ids_known"] else ", and so is any id the readable parts lack (its ids are not indexed)")
             for part, d in sorted(self.store.damaged().items())
         ]
+        out += [f"{why}; the profiles using it are refused (503)" for why in self.damaged_heads.values()]
         age = time.monotonic() - self.refreshed
         if self.refresh_error is not None or age > 3 * self.cfg.staleness_s + 5:
             out.append(f"the store was last refreshed {age:.0f} s ago: {self.refresh_error or 'the refresher stalled'}")

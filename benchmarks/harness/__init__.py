@@ -1,1 +1,0 @@
-"""Parts the benchmark scripts share (not scripts themselves: tests/test_benchmarks.py runs benchmarks/*.py)."""
