@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import random
 import shutil
 import socket
@@ -92,6 +93,24 @@ def profiles(ids: list[str], version: int) -> list[Profile]:
     return [from_row(r) for r in make_rows(ids, version).to_pylist()]
 
 
+def deleted_ids(n: int, events: int = 5) -> set[str]:
+    """The stored ids the `visible` phase deletes (a later lookup of a stored id never draws them)."""
+    return {pid((e * 7919 + 1) % n) for e in range(events)}
+
+
+def received(q, procs: list, timeout: float = 7200):
+    """The next result on `q`; a child that exits without one fails the run (its traceback is on stderr)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                what = f"exited {dead[0].exitcode}" if dead else f"sent nothing in {timeout:.0f} s"
+                raise SystemExit(f"a {procs[0].name} child process {what}: see its error above") from None
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1000, q)) if xs else float("nan")
 
@@ -138,7 +157,7 @@ def write(uri: str, n: int, batches: int) -> dict:
     start = time.perf_counter()
     for p in procs:
         p.start()
-    out = [q.get(timeout=7200) for _ in procs]
+    out = [received(q, procs) for _ in procs]
     wall = time.perf_counter() - start
     for p in procs:
         p.join(60)
@@ -170,9 +189,11 @@ def _reader(uri: str, n: int, lookups: int, unknown: int, recent: tuple[str, ...
     store = ProfileStore(uri)
     len(store)  # the index: ready to answer after this
     ready = time.perf_counter() - start
-    rng, hits, misses = random.Random(1), [], []
+    rng, hits, misses, gone = random.Random(1), [], [], deleted_ids(n)
     for _ in range(lookups):
         i = rng.choice(recent) if recent and rng.random() < 0.5 else pid(rng.randrange(n))
+        while i in gone and i not in recent:
+            i = pid(rng.randrange(n))
         t = time.perf_counter()
         assert store.get(i).profile_id == i
         hits.append(time.perf_counter() - t)
@@ -220,17 +241,17 @@ def visible(uri: str, n: int, events: int = 5) -> dict:
     inbox, outbox = ctx.Queue(), ctx.Queue()
     proc = ctx.Process(target=_poller, args=(uri, inbox, outbox))
     proc.start()
-    assert outbox.get(timeout=3600) == "ready"
+    assert received(outbox, [proc], 3600) == "ready"
     store, out = ProfileStore(uri), {"upsert": [], "delete": []}
     for e in range(events):
         i = pid(e * 7919 % n)
         inbox.put(("upsert", i, 900_000 + e, time.time()))
         store.write(profiles([i], 900_000 + e))
-        out["upsert"].append(outbox.get(timeout=600))
-        i = pid((e * 7919 + 1) % n)
+        out["upsert"].append(received(outbox, [proc], 600))
+        i = pid((e * 7919 + 1) % n)  # deleted_ids(n)
         inbox.put(("delete", i, None, time.time()))
         store.delete([i])
-        out["delete"].append(outbox.get(timeout=600))
+        out["delete"].append(received(outbox, [proc], 600))
     inbox.put(None)
     proc.join(60)
     return {
@@ -291,7 +312,7 @@ def in_process(target, *args):
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
-    out = q.get(timeout=7200)
+    out = received(q, [p])
     p.join(60)
     return out
 
@@ -414,7 +435,7 @@ def main() -> None:
     print("|" + "---|" * len(COLUMNS))
     print("| " + " | ".join(cell(new, key, fmt) for key, _, fmt in COLUMNS) + " |")
     if trickle:
-        print(f"\nlookups of the new store, {args.lookups} of stored ids (after the upserts, half of them among "
+        print(f"\nlookups of the store, {args.lookups} of stored ids (after the upserts, half of them among "
               f"the ids they wrote) and {args.unknown} unknown, each in a fresh process:\n")  # fmt: skip
         print("| state | parts | id-index segments | upsert p50/p99 ms | ready s | lookup p50/p99 ms "
               "| unknown p50/p99 ms |")  # fmt: skip
