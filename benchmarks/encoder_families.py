@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import torch
+from harness.common import SMOKE_HELP
 from step_time import random_batches, rows_per_second, sst2_rows
 
 from xpeft.config import TrainConfig, XPeftConfig
@@ -49,20 +50,20 @@ SHAPES = {
         "pad_token_id": 0,
     }),
 }  # fmt: skip
-SMOKE = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64,
-         "local_attention": 8, "position_buckets": 16}  # fmt: skip
+SHRUNK = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64,
+          "local_attention": 8, "position_buckets": 16}  # fmt: skip
 N, K, B = 100, 50, 48
 
 
-def random_encoder(name: str, smoke: bool):
+def random_encoder(name: str, shrink: bool):
     """The encoder of `name`: the bundled MiniLM, or a family's real-size shape with random weights, in eval mode."""
     import transformers
 
     if name == "minilm":
-        return load_encoder("tiny" if smoke else "minilm")
+        return load_encoder("tiny" if shrink else "minilm")
     config_class, sizes = SHAPES[name]
     # A setting a family does not have (BERT's local_attention) is kept on its config unused.
-    config = getattr(transformers, config_class)(**{**sizes, **(SMOKE if smoke else {})})
+    config = getattr(transformers, config_class)(**{**sizes, **(SHRUNK if shrink else {})})
     torch.manual_seed(0)
     return transformers.AutoModel.from_config(config).eval()
 
@@ -119,7 +120,10 @@ def forward_ms_per_row(encoder, rows, args) -> dict[str, float]:
     return out
 
 
-def arguments(argv=None) -> argparse.Namespace:
+SMOKE = {"rows": 32, "batch_size": 8, "steps": 2, "warmup": 1, "reps": 2, "shrink": True}
+
+
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", nargs="+", default=["minilm", *SHAPES], help="minilm and/or " + ", ".join(SHAPES))
     ap.add_argument("--rows", type=int, default=256, help="random SST-2 training rows (default: 256)")
@@ -130,15 +134,15 @@ def arguments(argv=None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=10, help="timed serving forwards (default: 10)")
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads (default: 2)")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per row after truncation (default: 128)")
-    ap.add_argument("--smoke", action="store_true", help="the shapes at hidden 32, 2 steps, 2 forwards: seconds")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.rows, args.batch_size, args.steps, args.warmup, args.reps = 32, 8, 2, 1, 2
-    return args
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP + "; here: every shape shrunk to hidden 32")
+    ap.set_defaults(shrink=False)
+    return ap
 
 
 def main(argv=None) -> None:
-    args = arguments(argv)
+    args = arguments().parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer("minilm")
     rows = sst2_rows(args.rows, None, tokenizer, args.max_length, seed=0)
@@ -146,13 +150,14 @@ def main(argv=None) -> None:
     print(
         f"{len(rows)} SST-2 training rows ({mean:.1f} tokens a row), fit batch {args.batch_size}, {args.steps} timed "
         f"steps; serving forward of {args.serve_rows} rows and profiles, median of {args.reps}; {args.threads} "
-        f"threads; x_peft hard N={N}, k={K}, b={B}; 'cls' heads{'; SMOKE shapes (hidden 32)' if args.smoke else ''}"
+        f"threads; x_peft hard N={N}, k={K}, b={B}; 'cls' heads"
+        + ("; shapes shrunk to hidden 32" if args.shrink else "")
     )
     print("\n| backbone | d | L | parameters | fit batches | single_adapter ms/row | x_peft ms/row | x_peft / single "
           "| ORT forward ms/row | eager forward ms/row |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.backbones:
-        encoder = random_encoder(name, args.smoke)
+        encoder = random_encoder(name, args.shrink)
         params = sum(p.numel() for p in encoder.parameters())
         forward = forward_ms_per_row(encoder, rows, args)  # before the fit wraps the shared encoder's linears
         layout, fit = fit_ms_per_row(encoder, rows, args)

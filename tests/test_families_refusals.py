@@ -161,14 +161,12 @@ def test_a_bank_made_for_another_architecture_is_refused_naming_both():
 
 
 def test_the_family_cost_benchmark_prints_a_row_of_fit_and_forward_costs_per_backbone():
-    import subprocess
-    import sys
+    from test_benchmarks import assert_ran, run_smoke
 
-    r = subprocess.run([sys.executable, "benchmarks/encoder_families.py", "--smoke"], cwd=README.parent,
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_smoke("encoder_families.py")  # the suite's one smoke run of it (tests/test_benchmarks.py)
+    assert_ran(r)
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in r.stdout.splitlines() if line[:2] == "| "}
     for name in ("minilm", "bert-base", "modernbert-base", "deberta-v3-base"):
         cells = rows[name]
         assert len(cells) == 10 and all(float(c.strip(" |")) > 0 for c in cells[5:]), r.stdout
-    assert rows["modernbert-base"][4] == "padded, fp32", r.stdout  # its packed forward is not exact: the fit pads
+    assert rows["modernbert-base"][4] == "padded, fp32", r.stdout  # sliding-window layers: the fit pads
