@@ -277,16 +277,12 @@ def test_the_pack_length_suits_the_rows_and_packing_beats_padding_on_real_rows()
 
 
 def test_the_step_time_benchmark_prints_old_and_new_side_by_side():
-    import subprocess
-    import sys
-    from pathlib import Path
+    from test_benchmarks import assert_ran, run_smoke, script_module
 
-    repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "benchmarks/step_time.py", "--smoke"], cwd=repo, capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.splitlines()
-    for mode in ("single_adapter", "x_peft hard N=100", "x_peft soft N=100"):
+    r = run_smoke("step_time.py")  # the suite's one smoke run of it (tests/test_benchmarks.py)
+    assert_ran(r)
+    smoke, lines = script_module("step_time.py").SMOKE, r.stdout.splitlines()
+    for mode in ("single_adapter", f"x_peft hard N={smoke['N']}", f"x_peft soft N={smoke['N']}"):
         assert any(line.startswith(mode) and " new/old " in line for line in lines), r.stdout
-    assert any("x single_adapter" in line and "N=400" in line for line in lines), r.stdout
+    assert any("x single_adapter" in line and f"N={smoke['ratio_N']}" in line for line in lines), r.stdout
     assert "forward + backward" in r.stdout
