@@ -1,0 +1,112 @@
+"""Banks that grow (issue 26): a child bank keeps its parent's members (verified by fingerprinting the parent's
+slice on every load), shrinking or reordering is refused saying why, and a profile fitted on the parent predicts
+the same on the child (its masks zero-extended: hard bits padded with zeros, soft logits with -inf, the
+single-mask ablation's Â the mean over the parent's members) for every mask mode of the case table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from cases import BANK, BY_NAME, CASES, D, L, N, fitted_profile, shared_head_state
+from conftest import tiny_batch, tiny_encoder
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from xpeft.core.bank import AdapterBank, child_of, fingerprint, grow_bank, load_bank, random_bank, save_bank
+from xpeft.core.model import XPeftModel
+from xpeft.profiles.record import apply_profile
+from xpeft.serve.combine import combine_profiles
+
+B = BANK.b
+NEW = random_bank(L, 12, B, D, seed=11)  # 12 new members
+CHILD = grow_bank(BANK, NEW)
+GRANDCHILD = grow_bank(CHILD, random_bank(L, 32, B, D, seed=12))
+MASKED = [c.name for c in CASES if c.xpeft().mode == "x_peft"]  # hard, soft, masks=B, LN off, pooler, mtl...
+
+
+def test_a_grown_bank_keeps_its_parents_members_first_and_records_its_lineage(tmp_path):
+    assert CHILD.N == N + 12 and GRANDCHILD.N == N + 44
+    assert torch.equal(CHILD.A[:, :N], BANK.A) and torch.equal(CHILD.B[:, N:], NEW.B)
+    assert fingerprint(CHILD.A[:, :N], CHILD.B[:, :N], CHILD.target) == BANK.fingerprint
+    assert CHILD.lineage == ((BANK.fingerprint, N),) and (CHILD.parent, CHILD.parent_N) == (BANK.fingerprint, N)
+    assert GRANDCHILD.lineage == ((BANK.fingerprint, N), (CHILD.fingerprint, N + 12))
+    loaded = load_bank(save_bank(GRANDCHILD, tmp_path / "g.safetensors"))
+    assert loaded.lineage == GRANDCHILD.lineage and loaded.fingerprint == GRANDCHILD.fingerprint
+    assert [loaded.members_of(fp) for fp in (BANK.fingerprint, CHILD.fingerprint, loaded.fingerprint)] == [
+        N,
+        N + 12,
+        N + 44,
+    ]
+    assert loaded.members_of(NEW.fingerprint) is None  # the new members alone are no ancestor
+    assert "grown from" in loaded.describe()
+
+
+def test_growing_refuses_shrinking_reordering_and_other_shapes_saying_why():
+    smaller = AdapterBank(A=BANK.A[:, : N - 1].clone(), B=BANK.B[:, : N - 1].clone(), target=BANK.target)
+    with pytest.raises(ValueError, match="shrinking is refused"):
+        child_of(BANK, smaller)
+    order = list(range(N + 12))
+    order[0], order[1] = 1, 0
+    swapped = AdapterBank(A=CHILD.A[:, order].clone(), B=CHILD.B[:, order].clone(), target=BANK.target)
+    with pytest.raises(ValueError, match="reordering is refused.*selects members by position"):
+        child_of(BANK, swapped)
+    with pytest.raises(ValueError, match="nothing to grow"):
+        child_of(BANK, BANK)
+    with pytest.raises(ValueError, match="share L, b"):
+        grow_bank(BANK, random_bank(L, 3, B + 1, D, seed=1))
+
+
+def rewrite(path, tensors: dict, meta: dict) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+
+
+def test_loading_a_child_whose_parent_slice_changed_is_reported_as_damage_naming_the_file(tmp_path):
+    path = save_bank(CHILD, tmp_path / "child.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, A, Bm = f.metadata(), f.get_tensor("A"), f.get_tensor("B")
+    A[0, 3] += 1.0  # a parent member changed, and the whole file's fingerprint recomputed to match
+    rewrite(path, {"A": A, "B": Bm}, {**meta, "fingerprint": fingerprint(A, Bm, meta["target"])})
+    with pytest.raises(ValueError, match=rf"bank {path} says it grows bank {BANK.fingerprint[:12]}.*damaged"):
+        load_bank(path)
+    rewrite(path, {"A": A, "B": Bm}, {**meta, "fingerprint": fingerprint(A, Bm, meta["target"]), "lineage": "[[1"})
+    with pytest.raises(ValueError, match=rf"bank {path} is corrupt: its lineage"):
+        load_bank(path)
+    lineage = json.dumps([[BANK.fingerprint, N + 40]])  # an ancestor larger than the bank
+    rewrite(path, {"A": A, "B": Bm}, {**meta, "fingerprint": fingerprint(A, Bm, meta["target"]), "lineage": lineage})
+    with pytest.raises(ValueError, match=rf"bank {path} is corrupt: its ancestors' sizes"):
+        load_bank(path)
+
+
+def logits_of(model: XPeftModel) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tiny_batch(labels=None))["logits"]
+
+
+@pytest.mark.parametrize("name", MASKED)
+def test_a_lineage_profile_predicts_the_same_on_its_grown_banks_as_on_its_own(name):
+    encoder = tiny_encoder()
+    model, profile = fitted_profile(name, seed=3, encoder=encoder)
+    want = logits_of(model)
+    case = BY_NAME[name]
+    head = shared_head_state(case, encoder) if case.shared_head else None
+    for bank in (CHILD, GRANDCHILD):
+        # a model built on the grown bank, the stored profile loaded into it
+        grown = XPeftModel(encoder, dataclasses.replace(profile.config, N=bank.N), bank).eval()
+        apply_profile(grown, profile, head)
+        torch.testing.assert_close(logits_of(grown), want, atol=1e-6, rtol=0)
+        # the server's combination (Â, B̂ per block) is the one of the profile's own bank
+        (own,) = combine_profiles([profile], BANK, D, {profile.head_id: head} if head else {})
+        (other,) = combine_profiles([profile], bank, D, {profile.head_id: head} if head else {})
+        torch.testing.assert_close(other.A_hat, own.A_hat, atol=1e-6, rtol=0)
+        torch.testing.assert_close(other.B_hat, own.B_hat, atol=1e-6, rtol=0)
+
+
+def test_a_profile_of_a_child_bank_is_refused_by_its_parent_saying_which_bank():
+    _, profile = fitted_profile("hard", "new", seed=4)
+    # as if fitted on the child (its fingerprint and N; the check is by fingerprint before any shape)
+    profile = dataclasses.replace(profile, bank_fingerprint=CHILD.fingerprint)
+    (refused,) = combine_profiles([profile], BANK, D, {})
+    assert isinstance(refused, ValueError) and CHILD.fingerprint in str(refused)
