@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
-from cases import BANK, BY_NAME, CASES, D, L, N, fitted_profile, shared_head_state
+from api_cases import OTHER_BANK
+from cases import BANK, BY_NAME, CASES, Case, D, L, N, fitted_profile, shared_head_state, store_cases
 from conftest import tiny_batch, tiny_encoder
 from safetensors import safe_open
 from safetensors.torch import save_file
+from store_helpers import flip
 
 from xpeft.core.bank import AdapterBank, child_of, fingerprint, grow_bank, load_bank, random_bank, save_bank
+from xpeft.core.encoder import load_encoder
 from xpeft.core.model import XPeftModel
 from xpeft.profiles.record import apply_profile
+from xpeft.profiles.store import ProfileStore
 from xpeft.serve.combine import combine_profiles
+from xpeft.serve.config import ServeConfig
+from xpeft.serve.engine import ProfileEngine, ServeError
 
 B = BANK.b
 NEW = random_bank(L, 12, B, D, seed=11)  # 12 new members
@@ -110,3 +117,87 @@ def test_a_profile_of_a_child_bank_is_refused_by_its_parent_saying_which_bank():
     profile = dataclasses.replace(profile, bank_fingerprint=CHILD.fingerprint)
     (refused,) = combine_profiles([profile], BANK, D, {})
     assert isinstance(refused, ValueError) and CHILD.fingerprint in str(refused)
+
+
+# --- serving across banks (engine level, no Ray) ---------------------------------------------------------------
+
+TEXTS = ["the movie was great fun", "bad boring plot", "news about the election"]
+ON_CHILD = Case("hard-child", {"mode": "x_peft", "mask_type": "hard", "N": CHILD.N})
+
+
+def engine_on(store: ProfileStore, backbone: str, **kwargs) -> ProfileEngine:
+    cfg = ServeConfig(store=store.uri, backbone=backbone, torch_threads=1, preload=False, **kwargs)
+    return ProfileEngine(cfg)
+
+
+def served_logits(engine: ProfileEngine, ids: list[str]) -> dict[str, torch.Tensor]:
+    combined = engine.load_profiles(ids)
+    assert not [c for c in combined if isinstance(c, ServeError)], [c.detail for c in combined if hasattr(c, "detail")]
+    rows = engine.tokenize(TEXTS, None)
+    out = engine.forward([(c, r) for c in combined for r in rows])
+    return {pid: torch.stack(out[i * len(rows) : (i + 1) * len(rows)]) for i, pid in enumerate(ids)}
+
+
+@pytest.mark.parametrize("forward", ["eager", "ort"])
+def test_a_grown_store_serves_its_lineages_old_profiles_from_the_child_with_their_own_logits(
+    tmp_path, backbone, forward
+):
+    store = ProfileStore(tmp_path)
+    store_cases(store, load_encoder(backbone), [BY_NAME[n] for n in MASKED])
+    before = engine_on(store, backbone, forward=forward)
+    want = served_logits(before, MASKED)
+    store.save_bank(CHILD)  # the bank grows; no record is rewritten
+    store.write([fitted_profile(ON_CHILD, "new", seed=9, encoder=load_encoder(backbone), bank=CHILD)[1]])
+    after = engine_on(store, backbone, forward=forward)
+    assert after.bank.fingerprint == CHILD.fingerprint  # the newest bank of the lineage, one bank in memory
+    got = served_logits(after, [*MASKED, "new"])
+    for pid in MASKED:
+        torch.testing.assert_close(got[pid], want[pid], atol=1e-6, rtol=0)
+        assert after.profile_info(pid)["served_from_bank"] == CHILD.fingerprint
+    assert after.profile_info("hard")["bank_fingerprint"] == BANK.fingerprint  # its record is untouched
+    assert after.health()["bank_bytes_in_memory"] == CHILD.nbytes
+
+
+def test_a_server_holding_two_lineages_answers_both_within_its_bank_cache(tmp_path, backbone):
+    store, encoder = ProfileStore(tmp_path), load_encoder(backbone)
+    store_cases(store, encoder, [BY_NAME["hard"]])
+    store.save_bank(OTHER_BANK)
+    store.write([fitted_profile("soft", "other", seed=5, encoder=encoder, bank=OTHER_BANK)[1]])
+    engine = engine_on(store, backbone, bank_cache_mb=0, cache_size=1)  # one bank in memory: the one used last
+    for pid, bank in [("hard", BANK), ("other", OTHER_BANK), ("hard", BANK)]:
+        (c,) = engine.load_profiles([pid])
+        assert not isinstance(c, ServeError) and engine.profile_info(pid)["served_from_bank"] == bank.fingerprint
+        assert engine.health()["bank_bytes_in_memory"] == bank.nbytes
+    health = engine.health()
+    assert {b["fingerprint"] for b in health["banks"]} == {BANK.fingerprint, OTHER_BANK.fingerprint}
+    assert health["status"] == "ok"
+
+
+def test_a_profile_whose_bank_is_missing_gets_409_naming_the_bank(tmp_path, backbone):
+    store, encoder = ProfileStore(tmp_path), load_encoder(backbone)
+    store_cases(store, encoder, [BY_NAME["hard"]], OTHER_BANK)  # 'other-bank': fitted on a bank not stored
+    engine = engine_on(store, backbone)
+    (refused,) = engine.load_profiles(["other-bank"])
+    assert refused.status == 409 and OTHER_BANK.fingerprint in refused.detail and "not in the store" in refused.detail
+    info = engine.profile_info("other-bank")
+    assert not info["servable"] and OTHER_BANK.fingerprint in info["problem"] and info["served_from_bank"] is None
+    assert not isinstance(engine.load_profiles(["hard"])[0], ServeError)
+
+
+def test_a_damaged_child_bank_is_refused_while_the_parents_profiles_are_served_from_the_parent(tmp_path, backbone):
+    store, encoder = ProfileStore(tmp_path), load_encoder(backbone)
+    store_cases(store, encoder, [BY_NAME["hard"]])
+    path = store.save_bank(CHILD)
+    store.write([fitted_profile(ON_CHILD, "new", seed=9, encoder=encoder, bank=CHILD)[1]])
+    good = flip(path, os.path.getsize(path) - 100)  # a tensor byte of the child: its content no longer hashes
+    engine = engine_on(store, backbone)
+    assert engine.bank.fingerprint == BANK.fingerprint
+    (old,) = engine.load_profiles(["hard"])
+    assert not isinstance(old, ServeError) and engine.profile_info("hard")["served_from_bank"] == BANK.fingerprint
+    (new,) = engine.load_profiles(["new"])
+    assert new.status == 503 and str(path) in new.detail and "corrupt" in new.detail
+    health = engine.health()
+    assert health["status"] == "degraded" and any(str(path) in p for p in health["problems"])
+    open(path, "wb").write(good)  # restored: read again on the next refresh, then served
+    assert engine.banks.refresh()
+    assert not isinstance(engine.load_profiles(["new"])[0], ServeError) and engine.health()["status"] == "ok"
