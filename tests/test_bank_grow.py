@@ -21,6 +21,7 @@ from store_helpers import flip
 from xpeft.core.bank import AdapterBank, child_of, fingerprint, grow_bank, load_bank, random_bank, save_bank
 from xpeft.core.encoder import load_encoder
 from xpeft.core.model import XPeftModel
+from xpeft.profiles.lineage import Lineages
 from xpeft.profiles.record import apply_profile
 from xpeft.profiles.store import ProfileStore
 from xpeft.serve.combine import combine_profiles
@@ -201,3 +202,29 @@ def test_a_damaged_child_bank_is_refused_while_the_parents_profiles_are_served_f
     open(path, "wb").write(good)  # restored: read again on the next refresh, then served
     assert engine.banks.refresh()
     assert not isinstance(engine.load_profiles(["new"])[0], ServeError) and engine.health()["status"] == "ok"
+
+
+def test_xpeft_bank_grow_appends_random_profile_and_bank_members_and_refuses_members_that_do_not_fit(
+    tmp_path, capsys
+):
+    from xpeft.cli import main as cli
+
+    store = ProfileStore(tmp_path / "store")
+    store.save_bank(BANK)
+    store.write([fitted_profile("single", "sa-1", seed=1)[1]])
+    out = tmp_path / "child.safetensors"
+    cli(["bank", "grow", BANK.fingerprint[:8], "--store", store.uri, "--random", "3", "--from-profiles", "sa-1",
+         "--out", str(out)])  # fmt: skip
+    child = load_bank(out)
+    assert child.N == N + 4 and child.lineage == ((BANK.fingerprint, N),) and torch.equal(child.A[:, :N], BANK.A)
+    assert torch.equal(child.A[:, -1], store.get("sa-1").tensors["lora_A"])  # the profile's adapter, appended last
+    assert child.fingerprint in store.bank_fingerprints()  # stored beside its parent
+    extra = save_bank(random_bank(L, 2, B, D, seed=3), tmp_path / "extra.safetensors")
+    cli(["bank", "grow", "newest", "--store", store.uri, "--from-bank", str(extra)])
+    assert Lineages.of(store).the_newest() != child.fingerprint
+    grandchild = store.load_bank(Lineages.of(store).the_newest())
+    assert grandchild.lineage == ((BANK.fingerprint, N), (child.fingerprint, N + 4))
+    wrong = save_bank(random_bank(L, 2, B + 1, D, seed=3), tmp_path / "wrong.safetensors")
+    with pytest.raises(SystemExit):
+        cli(["bank", "grow", str(out), "--from-bank", str(wrong), "--out", str(tmp_path / "x.safetensors")])
+    assert "do not fit" in capsys.readouterr().err

@@ -6,7 +6,7 @@ xpeft tune          Appendix C's search with Ray Tune (= ray_jobs/tune_search.py
 xpeft serve         serve a store over HTTP with Ray Serve (= ray_jobs/serve.py)
 xpeft classify-batch  score a Parquet table of texts with Ray Data (= ray_jobs/classify_batch.py)
 xpeft params        trainable parameters and bytes per profile for every mode (Table 1 / Table 4)
-xpeft bank ...      draw a random bank, inspect one, make one from PEFT adapters
+xpeft bank ...      draw a random bank, inspect one, make one from PEFT adapters, grow one (append members)
 xpeft data ...      task data and profile data sets
 xpeft profiles ...  list / show / delete the profiles of a store, compact it, verify its files, migrate an old one,
                     export one to PEFT
@@ -55,6 +55,43 @@ def cmd_bank_from_peft(args: argparse.Namespace) -> None:
     print(f"wrote {bank.describe()} to {args.out}")
     for i, path in enumerate(args.adapters):
         print(f"  member {i}: {path}")
+
+
+def cmd_bank_grow(args: argparse.Namespace) -> None:
+    from xpeft.core.bank import AdapterBank, grow_bank, load_bank, random_bank, save_bank
+    from xpeft.core.peft_bank import bank_from_peft
+    from xpeft.fit.warm_start import bank_from_single_adapters
+    from xpeft.profiles.lineage import Lineages
+    from xpeft.profiles.store import ProfileStore
+
+    if not args.out and not args.store:
+        raise ValueError("say where the grown bank goes: --out FILE, --store STORE (into its banks/), or both")
+    store = ProfileStore(args.store) if args.store else None
+    if store is not None and not args.parent.endswith(".safetensors"):
+        lineages = Lineages.of(store)
+        parent = store.load_bank(lineages.the_newest() or "" if args.parent == "newest" else lineages.find(args.parent))
+    else:
+        parent = load_bank(args.parent)
+    new: list[AdapterBank] = []
+    if args.random:
+        dims = (parent.L, args.random, parent.b, parent.d_in, parent.d_out)
+        new.append(random_bank(*dims, seed=args.seed, target=parent.target, scale=args.scale))
+    if args.from_peft:
+        new.append(bank_from_peft(args.from_peft, parent.target))
+    if args.from_profiles:
+        if store is None:
+            raise ValueError("--from-profiles reads single_adapter profiles of a store: give --store")
+        new.append(bank_from_single_adapters([store.get(pid) for pid in args.from_profiles], parent.target))
+    new += [load_bank(path) for path in args.from_bank]
+    if not new:
+        raise ValueError("nothing to append: give --random K, --from-peft DIR..., --from-profiles ID... or --from-bank")
+    child = grow_bank(parent, *new)
+    if args.out:
+        save_bank(child, args.out)
+        print(f"wrote {child.describe()} to {args.out}")
+    if store is not None:
+        store.save_bank(child)
+        print(f"stored {child.describe()} in {store.uri}: its profiles and its parent's are served from it")
 
 
 def cmd_profiles_export_peft(args: argparse.Namespace) -> None:
@@ -204,6 +241,37 @@ def add_bank(sub) -> None:
         help="keep only --target's pairs of adapters that adapt more linears (default: refuse them)",
     )
     p.set_defaults(func=cmd_bank_from_peft)
+    p = bank.add_parser(
+        "grow",
+        help="a child bank: the parent's members unchanged and in order, new members appended (profiles fitted on "
+        "the parent are served from the child, their masks zero-extended)",
+        description="Grow a bank append-only. Sources are appended in the order --random, --from-peft, "
+        "--from-profiles, --from-bank. The child records its parent's fingerprint and N; every load verifies them.",
+    )
+    p.add_argument(
+        "parent",
+        help="the bank to grow: a bank file (.safetensors), or with --store a bank of the store by fingerprint (a "
+        "unique prefix will do) or 'newest'",
+    )
+    p.add_argument("--out", help="the child bank file (.safetensors) to write")
+    p.add_argument("--store", help="the profile store: the parent may be one of its banks; the child is stored there")
+    p.add_argument("--random", type=int, default=0, metavar="K", help="append K random members (default 0)")
+    p.add_argument("--seed", type=int, default=1, help="the random members' seed (default 1)")
+    p.add_argument("--scale", type=float, default=1.0, help="the random members' scale (default 1)")
+    p.add_argument(
+        "--from-peft", nargs="+", default=[], metavar="DIR", help="append PEFT LoRA folders, one member each"
+    )
+    p.add_argument(
+        "--from-profiles", nargs="+", default=[], metavar="ID", help="append single_adapter profiles of --store"
+    )
+    p.add_argument(
+        "--from-bank",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="append every member of these bank files (e.g. one learned by an mtl warm start over new profiles)",
+    )
+    p.set_defaults(func=cmd_bank_grow)
 
 
 def add_profiles(sub) -> None:

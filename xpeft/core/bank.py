@@ -303,16 +303,19 @@ def child_of(parent: AdapterBank, bank: AdapterBank) -> AdapterBank:
     return replace(bank, lineage=(*parent.lineage, (parent.fingerprint, parent.N)))
 
 
-def grow_bank(parent: AdapterBank, new: AdapterBank) -> AdapterBank:
-    """The child of `parent` with `new`'s members appended (issue 26): the parent's N members first, unchanged."""
-    if _shape(new) != _shape(parent):
-        raise ValueError(
-            f"the new members ({new.describe()}) do not fit {parent.describe()}: a bank's members share L, b, the "
-            "target and its dimensions"
-        )
-    A = torch.cat([parent.A, new.A.to(parent.A.dtype)], dim=1).contiguous()
-    B = torch.cat([parent.B, new.B.to(parent.B.dtype)], dim=1).contiguous()
-    return child_of(parent, AdapterBank(A=A, B=B, target=parent.target, source=f"{parent.source}+{new.source}"))
+def grow_bank(parent: AdapterBank, *new: AdapterBank) -> AdapterBank:
+    """The child of `parent` with the members of each of `new` appended, in order (issue 26): the parent's N
+    members first, unchanged."""
+    for members in new:
+        if _shape(members) != _shape(parent):
+            raise ValueError(
+                f"the new members ({members.describe()}) do not fit {parent.describe()}: a bank's members share L, "
+                "b, the target and its dimensions"
+            )
+    A = torch.cat([parent.A, *(m.A.to(parent.A.dtype) for m in new)], dim=1).contiguous()
+    B = torch.cat([parent.B, *(m.B.to(parent.B.dtype) for m in new)], dim=1).contiguous()
+    source = "+".join(dict.fromkeys([parent.source, *(m.source for m in new)]))
+    return child_of(parent, AdapterBank(A=A, B=B, target=parent.target, source=source))
 
 
 def bank_to_object(bank: AdapterBank) -> dict:
