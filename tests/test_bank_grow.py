@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,9 +205,7 @@ def test_a_damaged_child_bank_is_refused_while_the_parents_profiles_are_served_f
     assert not isinstance(engine.load_profiles(["new"])[0], ServeError) and engine.health()["status"] == "ok"
 
 
-def test_xpeft_bank_grow_appends_random_profile_and_bank_members_and_refuses_members_that_do_not_fit(
-    tmp_path, capsys
-):
+def test_xpeft_bank_grow_appends_random_profile_and_bank_members_and_refuses_members_that_do_not_fit(tmp_path, capsys):
     from xpeft.cli import main as cli
 
     store = ProfileStore(tmp_path / "store")
@@ -228,3 +227,20 @@ def test_xpeft_bank_grow_appends_random_profile_and_bank_members_and_refuses_mem
     with pytest.raises(SystemExit):
         cli(["bank", "grow", str(out), "--from-bank", str(wrong), "--out", str(tmp_path / "x.safetensors")])
     assert "do not fit" in capsys.readouterr().err
+
+
+def test_the_growth_benchmark_smoke_run_carries_profiles_over_unchanged_and_refits_them(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import bank_growth
+
+    lines = bank_growth.main(["--smoke", "--out", str(tmp_path)])
+    assert [(x["profiles"], x["N"]) for x in lines] == [
+        ("fitted", 2), ("carried", 4), ("refitted", 4), ("carried", 8), ("refitted", 8)
+    ]  # fmt: skip
+    fitted = lines[0]
+    for carried in (lines[1], lines[3]):
+        assert carried["max_abs_logit_diff"] <= 1e-5  # the same predictions from the grown bank
+        assert (carried["accuracy"], carried["f1"]) == pytest.approx((fitted["accuracy"], fitted["f1"]))
+    assert len((tmp_path / "bank_growth.jsonl").read_text().splitlines()) == 5
