@@ -52,7 +52,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data-dir", default=None, help="where news_category_huffpost/ is (default: ../shared/data)")
     ap.add_argument("--min-articles", type=int, default=10, help="authors with fewer articles are left out")
     ap.add_argument("--growth", type=int, nargs="+", default=[16, 16, 32], help="warm-start authors per step")
-    ap.add_argument("--scored", type=int, default=40, help="authors whose profiles are fitted and scored")
+    ap.add_argument("--scored", type=int, default=32, help="authors whose profiles are fitted and scored")
     ap.add_argument("--seed", type=int, default=0, help="the authors' shuffle and every fit's seed")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--max-steps", type=int, default=None, help="cap every fit's steps (smoke)")

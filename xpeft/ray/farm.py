@@ -52,6 +52,16 @@ class FarmConfig(RandomBankFields):
         "fit on this bank of the store (its fingerprint, or a unique prefix); default: the newest bank of the "
         "store's lineage (a random bank is drawn only for a store that holds none)",
     )
+    refit: list[str] = option(
+        factory=list,
+        help="profile ids stored on an older bank to fit again on the bank this run fits on (the newest, or the "
+        "pinned one); resumable: a profile already on that bank is skipped",
+    )
+    refit_older_than: str | None = option(
+        None,
+        "fit again every stored profile fitted on a bank older than this one (a fingerprint or prefix): one it "
+        "was grown from",
+    )
     xpeft: XPeftConfig = option(XPeftConfig(head="linear"), "the profiles' mode, masks and head", no_flag=True)
     train: TrainConfig = option(TrainConfig(), "each profile's fit", no_flag=True)
     setting: Setting = option("random", "the bank (§3.1): random, or learned by an sa / mtl warm start")
@@ -224,6 +234,7 @@ class Farm:
         self.buffer: list = []
         self.shared_head: dict[str, torch.Tensor] | None = None
         self.head_id: str | None = None
+        self.on_bank: dict[str, str | None] | None = None  # refitting: each stored profile's bank
 
     def on_result(self, result: dict) -> None:
         p = result["profile"]
@@ -246,6 +257,8 @@ class Farm:
         """Fit the profiles of `part` not stored yet on a pool of actors holding `bank`."""
         cfg = self.cfg
         stored = {d.profile_id for d in part if d.profile_id in self.store}  # index lookups: nothing is read
+        if self.on_bank is not None and bank is not None:  # refitting: done once it is on this run's bank
+            stored = {pid for pid in stored if self.on_bank.get(pid) == bank.fingerprint}
         todo = [d for d in part if d.profile_id not in stored]
         self.report.skipped += [d.profile_id for d in part if d.profile_id in stored]
         if not todo:
@@ -331,6 +344,23 @@ class Farm:
         self.store.save_bank(bank)
         return bank, self.datas
 
+    def to_refit(self, rest: list[ProfileData]) -> list[ProfileData]:
+        """The profiles of `rest` chosen by cfg.refit / cfg.refit_older_than (a ValueError naming the ones the
+        data set lacks); remembers each stored profile's bank, so a resumed refit skips those already moved."""
+        table = self.store.read_table(columns=["profile_id", "bank_fingerprint"]).to_pylist()
+        self.on_bank = {r["profile_id"]: r["bank_fingerprint"] for r in table}
+        ids = set(self.cfg.refit)
+        if self.cfg.refit_older_than:
+            lineages = Lineages.of(self.store)
+            upto = lineages.find(self.cfg.refit_older_than)
+            ids |= {pid for pid, fp in self.on_bank.items() if fp in lineages.older_than(upto)}
+        have = {d.profile_id for d in rest}
+        missing = sorted(pid for pid in ids if pid not in have and pid in set(self.cfg.refit))
+        if missing:
+            raise ValueError(f"cannot refit {missing}: the data set has no rows for them (or they are warm-start "
+                             "profiles, which are their bank's own members)")  # fmt: skip
+        return [d for d in rest if d.profile_id in ids]
+
     def newest(self, learned: AdapterBank | None) -> AdapterBank:
         """The bank new profiles are fitted on: the one cfg.bank_fingerprint pins, else the newest bank of the
         store grown from `learned` (`learned` itself when none was), else (no learned bank) the store's newest."""
@@ -353,6 +383,8 @@ class Farm:
         start = time.perf_counter()
         xcfg = self.cfg.xpeft
         bank, rest = self.bank()
+        if self.cfg.refit or self.cfg.refit_older_than:
+            rest = self.to_refit(rest)
         if bank is not None:
             self.report.bank = {**bank.metadata(), "nbytes": bank.nbytes}
             xcfg, self.report.masks = resolve_k(replace(xcfg, b=bank.b), bank, self.cfg.setting)
