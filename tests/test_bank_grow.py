@@ -72,7 +72,7 @@ def rewrite(path, tensors: dict, meta: dict) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
 
-def test_loading_a_child_whose_parent_slice_changed_is_reported_as_damage_naming_the_file(tmp_path):
+def test_loading_a_grown_bank_whose_parent_slice_changed_is_reported_as_damage_naming_the_file(tmp_path):
     path = save_bank(CHILD, tmp_path / "child.safetensors")
     with safe_open(str(path), framework="pt") as f:
         meta, A, Bm = f.metadata(), f.get_tensor("A"), f.get_tensor("B")
@@ -113,7 +113,7 @@ def test_a_lineage_profile_predicts_the_same_on_its_grown_banks_as_on_its_own(na
         torch.testing.assert_close(other.B_hat, own.B_hat, atol=1e-6, rtol=0)
 
 
-def test_a_profile_of_a_child_bank_is_refused_by_its_parent_saying_which_bank():
+def test_a_profile_of_a_grown_bank_is_refused_by_its_parent_saying_which_bank():
     _, profile = fitted_profile("hard", "new", seed=4)
     # as if fitted on the child (its fingerprint and N; the check is by fingerprint before any shape)
     profile = dataclasses.replace(profile, bank_fingerprint=CHILD.fingerprint)
@@ -175,7 +175,7 @@ def test_a_server_holding_two_lineages_answers_both_within_its_bank_cache(tmp_pa
     assert health["status"] == "ok"
 
 
-def test_a_profile_whose_bank_is_missing_gets_409_naming_the_bank(tmp_path, backbone):
+def test_a_profile_whose_bank_is_in_no_lineage_of_the_store_gets_409_naming_the_bank(tmp_path, backbone):
     store, encoder = ProfileStore(tmp_path), load_encoder(backbone)
     store_cases(store, encoder, [BY_NAME["hard"]], OTHER_BANK)  # 'other-bank': fitted on a bank not stored
     engine = engine_on(store, backbone)
@@ -186,7 +186,7 @@ def test_a_profile_whose_bank_is_missing_gets_409_naming_the_bank(tmp_path, back
     assert not isinstance(engine.load_profiles(["hard"])[0], ServeError)
 
 
-def test_a_damaged_child_bank_is_refused_while_the_parents_profiles_are_served_from_the_parent(tmp_path, backbone):
+def test_a_damaged_grown_bank_is_refused_while_the_parents_profiles_are_served_from_the_parent(tmp_path, backbone):
     store, encoder = ProfileStore(tmp_path), load_encoder(backbone)
     store_cases(store, encoder, [BY_NAME["hard"]])
     path = store.save_bank(CHILD)
