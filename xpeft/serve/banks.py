@@ -141,8 +141,10 @@ class ServedBanks:
             "profile on a bank of the store (xpeft profiles refit)"
         )
 
-    def loaded(self, fp: str | None) -> AdapterBank | None:
-        return self._loaded.get(fp) if fp else None
+    def last(self) -> AdapterBank | None:
+        """The bank used last (None: none is loaded)."""
+        with self._lock:
+            return next(reversed(self._loaded.values()), None)
 
     # --- keeping up, health ---
 

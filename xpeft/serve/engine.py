@@ -66,19 +66,20 @@ class ProfileEngine:
         self.store = self.view.store
         step("the bank, verified against its fingerprint")
         self.banks = ServedBanks(cfg, self.store)
-        self.bank = self.banks.start(self.device)  # the bank it starts with; the others on first use
+        bank = self.banks.start(self.device)  # the bank it starts with; the others on first use
+        self.bank_fingerprint = bank.fingerprint if bank is not None else None
         self.view.on_refresh.append(self.banks.refresh)
         step(f"the backbone {cfg.backbone}")
         encoder = load_encoder(cfg.backbone)
         self.tokenizer = load_tokenizer(cfg.backbone)
         self.collate = Collator(self.tokenizer.pad_token_id or 0)
-        self.model = MultiProfileModel(encoder, self.bank.target if self.bank else DEFAULT_TARGET)
+        self.model = MultiProfileModel(encoder, bank.target if bank else DEFAULT_TARGET)
         self.dims = model_dims(self.model)
         self.d = self.dims.d
-        misfit = bank_misfit(self.bank, encoder, self.model.target) if self.bank is not None else []
+        misfit = bank_misfit(bank, encoder, self.model.target) if bank is not None else []
         if misfit:
             raise ValueError(
-                f"{self.bank.describe()} does not fit backbone {cfg.backbone!r}: {'; '.join(misfit)}; serve the "
+                f"{bank.describe()} does not fit backbone {cfg.backbone!r}: {'; '.join(misfit)}; serve the "
                 "backbone the bank was made for"
             )
         if self.device.type != "cpu":
@@ -87,7 +88,7 @@ class ProfileEngine:
         step(f"the encoder's forward ({cfg.forward}: an ONNX graph is exported once per backbone, then found)")
         self.forward_rows = make_forward(
             cfg.forward, self.model, self.device, token_inputs(self.tokenizer), threads, cfg.onnx_cache,
-            self.bank.b if self.bank is not None else None,
+            bank.b if bank is not None else None,
         )  # fmt: skip
         self.cache = ProfileCache(cfg.cache_size)
         self.records = self.view.records
@@ -106,7 +107,7 @@ class ProfileEngine:
         log.info(
             "profile server ready: backbone %s, %s, store %s (%d profiles)",
             cfg.backbone,
-            self.bank.describe() if self.bank else "no bank (x_peft profiles refused)",
+            bank.describe() if bank else "no bank (x_peft profiles refused)",
             cfg.store,
             self.view.profiles_at_start,
         )
@@ -119,6 +120,11 @@ class ProfileEngine:
         self.view.close()
 
     # --- profiles ---
+
+    @property
+    def bank(self) -> AdapterBank | None:
+        """The bank used last (the start's until another is used); the cache bounds what else is held."""
+        return self.banks.last()
 
     def bank_for(self, p: Profile) -> AdapterBank | None:
         """The bank that combines `p` (None for a profile that needs none): ServeError 409 when its bank is not in
@@ -233,7 +239,7 @@ class ProfileEngine:
             "status": "degraded" if problems else "ok",
             "problems": problems,
             "backbone": self.cfg.backbone,
-            "bank_fingerprint": self.bank.fingerprint if self.bank else None,
+            "bank_fingerprint": self.bank_fingerprint,
             "banks": self.banks.health(),
             "bank_bytes_in_memory": self.banks.nbytes,
             "cached_profiles": len(self.cache),
