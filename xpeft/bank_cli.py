@@ -49,7 +49,10 @@ def cmd_bank_grow(args: argparse.Namespace) -> None:
     store = ProfileStore(args.store) if args.store else None
     if store is not None and not args.parent.endswith(".safetensors"):
         lineages = Lineages.of(store)
-        parent = store.load_bank(lineages.the_newest() or "" if args.parent == "newest" else lineages.find(args.parent))
+        fp = lineages.the_newest() if args.parent == "newest" else lineages.find(args.parent)
+        if fp is None:
+            raise ValueError(f"the store {store.uri} holds no bank to grow: give a bank file as the parent")
+        parent = store.load_bank(fp)
     else:
         parent = load_bank(args.parent)
     new: list[AdapterBank] = []

@@ -124,11 +124,3 @@ class Lineages:
             f"{FLAG} {value!r} matches {len(matches)} of the banks of {self.where} ({shown}); give one of them "
             "(a unique prefix will do)"
         )
-
-
-def lineage_head(state: dict, bank: AdapterBank) -> str | None:
-    """The shared head of the mtl warm start that learned `bank` or a bank it was grown from (the farm's run state
-    `state/farm.json`), None when there is none: every profile of an mtl lineage reuses that one head."""
-    if state.get("setting") == "mtl" and state.get("head_id") and bank.members_of(state.get("bank")) is not None:
-        return state["head_id"]
-    return None
