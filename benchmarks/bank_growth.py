@@ -44,9 +44,10 @@ from xpeft.fit.warm_start import fit_mtl
 from xpeft.profiles.record import apply_profile
 
 SMOKE = {"backbone": "tiny", "growth": [2, 2, 4], "scored": 3, "max_steps": 2, "max_length": 32}
+SMOKE_ALSO = ("out",)  # --smoke writes into a new temporary folder (tests/test_benchmarks.py)
 
 
-def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="minilm", help="the encoder (default minilm)")
     ap.add_argument("--data-dir", default=None, help="where news_category_huffpost/ is (default: ../shared/data)")
@@ -61,13 +62,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", default=None, help="folder of bank_growth.jsonl (default results/; --smoke: a new temporary one)"
     )
     ap.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
-    args = ap.parse_args(argv)
-    if args.smoke:
-        for k, v in SMOKE.items():
-            setattr(args, k, v)
-    if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="bank-growth-") if args.smoke else "results"
-    return args
+    return ap
 
 
 def authors(args) -> tuple[list[list], list, object]:
@@ -146,7 +141,12 @@ def row(kind: str, bank: AdapterBank, metrics: dict, seconds: float, **extra) ->
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = arguments(argv)
+    args = arguments().parse_args(argv)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="bank-growth-") if args.smoke else "results"
     groups, scored, labels = authors(args)
     run = Growth(args, labels)
     os.makedirs(args.out, exist_ok=True)
