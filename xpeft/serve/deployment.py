@@ -14,23 +14,36 @@ A replica gets requests once its engine is built (the store's index, the bank, t
 Serve does it; meanwhile it publishes what it is loading (`xpeft.serve.proxy.publish_start`: Ray's internal
 key-value store), and the Serve proxy answers /healthz with 503 "starting" and that. Serve's own limit on a replica's
 requests is set above the app's queue (xpeft.serve.limits.RequestQueue), so /healthz always reaches the replica.
+
+Fits on demand run beside the replicas, not in them: one `FitService` replica (no CPUs of its own) holds the
+app's job queue (xpeft.serve.fits.FitJobs) and `fit_workers` Ray actors, the farm's (xpeft.ray.farm), each with
+`fit_cpus_per_actor` CPUs reserved, over the store's bank put in the object store once. Ray restarts an actor
+killed mid-fit and retries its fit (`fit_retries`); Serve restarts a FitService that dies, which takes up its
+app's jobs from the store's job table.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
+import queue
 import sys
 import time
+from typing import Any
 
+import ray
 from fastapi import FastAPI
 from ray import serve
 
+from xpeft.core.bank import bank_to_object
 from xpeft.flags import from_strings, renamed_fields
+from xpeft.ray.farm import ProfileActor
 from xpeft.serve.api import make_api
 from xpeft.serve.config import ServeConfig
-from xpeft.serve.engine import ProfileEngine
+from xpeft.serve.engine import ProfileEngine, ServeError
+from xpeft.serve.fits import FitJobs, WorkerDied
 from xpeft.serve.local import LocalServer
 from xpeft.serve.proxy import clear_starts, publish_start
 
@@ -46,7 +59,8 @@ class ProfileServer(LocalServer):
     `classify` is LocalServer's (the same checks, one call per step for a request's rows), its two steps go
     through the queues."""
 
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, fits=None):
+        self.fits = fits  # the FitService's handle; None without fit workers
         # The event loops' Python then yields the GIL to a forward waiting for it within ~1 ms, not 5.
         sys.setswitchinterval(cfg.switch_interval_s)
         ctx = serve.get_replica_context()
@@ -60,6 +74,16 @@ class ProfileServer(LocalServer):
         engine.start()  # it keeps up with the store and, with cfg.preload, preloads
         clear_starts(ctx.app_name)  # ready: what this app's replicas said while starting is past (a killed one's too)
 
+    async def fit(self, profile_id: str, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        if self.fits is None:
+            raise ServeError(409, "this server runs no fit workers (ServeConfig.fit_workers=0): deploy it with >= 1")
+        return answered(await self.fits.submit.remote(profile_id, request))
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        if self.fits is None:
+            raise ServeError(404, f"no fit job {job_id!r}: this server runs no fit workers (ServeConfig.fit_workers=0)")
+        return answered(await self.fits.job.remote(job_id))
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         # The app needs this replica's state (its engine, config and batch queues), so it is built per replica,
         # after __init__: `@serve.ingress()` without an app and this method, as serve.ingress documents it in
@@ -68,13 +92,76 @@ class ProfileServer(LocalServer):
         return make_api(self)
 
 
+class FitActors:
+    """The fit workers: the farm's actors (`ProfileActor`), each with its own CPUs, over the store's bank in the
+    object store; a fit goes to an idle one. Ray restarts an actor that dies and retries its fit `fit_retries`
+    times; then the fit fails as `WorkerDied`."""
+
+    def __init__(self, cfg: ServeConfig, recipe, store):
+        self.retries = cfg.fit_retries
+        bank_ref = ray.put(bank_to_object(store.load_bank(recipe.bank))) if recipe.bank else None
+        head = store.load_head(recipe.head_id) if recipe.head_id else None
+        opts = {"num_cpus": cfg.fit_cpus_per_actor, "max_restarts": -1, "max_task_retries": cfg.fit_retries}
+        args = (recipe.backbone, bank_ref, recipe.xpeft, recipe.train, head, recipe.head_id, recipe.label_names)
+        self.idle: queue.Queue = queue.Queue()
+        for _ in range(cfg.fit_workers):
+            self.idle.put(ProfileActor.options(**opts).remote(*args, max(1, int(cfg.fit_cpus_per_actor))))
+
+    def fit(self, data, xcfg, tcfg) -> dict[str, Any]:
+        actor = self.idle.get()
+        try:
+            return ray.get(actor.fit.remote(data, xcfg, tcfg))
+        except ray.exceptions.RayActorError as e:
+            raise WorkerDied(
+                f"the fit worker died {self.retries + 1} times while fitting it ({type(e).__name__}; "
+                f"ServeConfig.fit_retries={self.retries})"
+            ) from None
+        except ray.exceptions.RayTaskError as e:
+            raise (e.cause if isinstance(e.cause, Exception) else e) from None
+        finally:
+            self.idle.put(actor)
+
+
+@serve.deployment
+class FitService:
+    """The app's fit jobs (`FitJobs`) and workers (`FitActors`): one replica, asked by the ProfileServers."""
+
+    def __init__(self, cfg: ServeConfig):
+        owner = serve.get_replica_context().app_name  # a restarted FitService takes up its app's jobs
+        self.jobs = FitJobs(cfg, owner, runner=lambda recipe, store: FitActors(cfg, recipe, store))
+
+    async def submit(self, profile_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await refusal_or(self.jobs.submit, profile_id, request)
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await refusal_or(self.jobs.job, job_id)
+
+
+async def refusal_or(fn, *args) -> dict[str, Any]:
+    """{"answer": fn(*args)}, or its ServeError as {"status", "detail", "headers"} (it crosses the handle as data)."""
+    try:
+        return {"answer": await asyncio.to_thread(fn, *args)}
+    except ServeError as e:
+        return {"status": e.status, "detail": e.detail, "headers": e.headers}
+
+
+def answered(reply: dict[str, Any]) -> Any:
+    if "answer" not in reply:
+        raise ServeError(reply["status"], reply["detail"], reply["headers"])
+    return reply["answer"]
+
+
 def build_app(cfg: ServeConfig) -> serve.Application:
-    """The Serve application for `cfg`: `serve.run(build_app(cfg))`."""
+    """The Serve application for `cfg`: `serve.run(build_app(cfg))`; with `fit_workers`, its FitService too."""
+    fits = None
+    if cfg.fit_workers:
+        opts = {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}}
+        fits = FitService.options(**opts).bind(cfg)
     return ProfileServer.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests + cfg.max_queued_requests + HEALTH_SLOTS,
         ray_actor_options={"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor},
-    ).bind(cfg)
+    ).bind(cfg, fits)
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
