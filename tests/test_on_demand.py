@@ -201,3 +201,136 @@ def test_the_same_rows_give_the_same_profile_through_the_farm_path_and_on_demand
     assert farm.mask_bits == on_demand.mask_bits and farm.tensors.keys() == on_demand.tensors.keys()
     assert all(torch.equal(farm.tensors[k], on_demand.tensors[k]) for k in farm.tensors)
     assert BANK.fingerprint == on_demand.bank_fingerprint
+
+
+# --- over real HTTP, against Serve: the fit workers are Ray actors ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, backbone):
+    """A farm run into a fresh store (which records its recipe), then two Serve apps over it: '/' with one fit
+    worker and a queue of one fit, '/secure' with a bearer token."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+    from test_farm import farm_config, profile_table
+    from test_serving import free_port
+
+    from xpeft.ray.farm import run_farm
+    from xpeft.serve.deployment import build_app
+
+    table = profile_table(n_profiles=3)
+    path = tmp_path_factory.mktemp("farm-store")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    run_farm(farm_config(path, backbone, num_actors=1), profile_datas(table).profiles)
+    store = ProfileStore(path)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = dict(store=store.uri, backbone=backbone, cpus_per_actor=0.5, staleness_s=0.5)
+    fits = dict(fit_cpus_per_actor=0.5, max_queued_fits=1, fit_retries=1, max_fit_epochs=5000)
+    serve.run(build_app(ServeConfig(**common, **fits)), name="fits", route_prefix="/")
+    secure = ServeConfig(**{**common, "cpus_per_actor": 0.25}, fit_workers=0, api_token=TOKEN)
+    serve.run(build_app(secure), name="fits-secure", route_prefix="/secure")
+    yield f"http://127.0.0.1:{port}", store, table
+    serve.shutdown()
+    ray.shutdown()
+
+
+def rows_of(table, profile_id: str) -> dict:
+    """A farm profile's rows, in the data set's order, as a fit request (labels by their class names: this farm
+    run was given none, so the class ids as text)."""
+    rows = [r for r in table.to_pylist() if r["profile_id"] == profile_id]
+    return {"texts": [r["text"] for r in rows], "labels": [str(r["label"]) for r in rows]}
+
+
+class Http:
+    """requests with the TestClient's calls, so wait_for serves both."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def get(self, path: str, headers: dict | None = None):
+        return requests().get(self.url + path, headers=headers, timeout=30)
+
+    def post(self, path: str, json: dict, headers: dict | None = None):
+        return requests().post(self.url + path, json=json, headers=headers, timeout=30)
+
+
+def requests():
+    return pytest.importorskip("requests")
+
+
+@pytest.mark.ray
+def test_on_demand_over_http_the_endpoint_refits_the_farm_profile_it_was_given_the_rows_of_identically(served):
+    """The batch job and the endpoint agree: the same rows, seed, bank and recipe give the same profile; and
+    classify serves the new version once the job is done."""
+    url, store, table = served
+    http = Http(url)
+    farm = store.get("author-00")
+    start = time.perf_counter()
+    r = http.post("/v1/profiles/author-00/fit", rows_of(table, "author-00"))
+    assert r.status_code == 202, r.text
+    job = wait_for(http, r.json()["job_id"])
+    assert job["status"] == "succeeded", job
+    while http.get("/v1/profiles/author-00").json()["metrics"].get("job_id") != job["job_id"]:
+        assert time.perf_counter() - start < 60, "the refit profile was never served"
+        time.sleep(0.05)
+    answer = http.post("/v1/classify", {"profile_id": "author-00", "texts": ["vote election politics"]})
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in range(4)
+    store.refresh()
+    refit = store.get("author-00")
+    assert refit.created > farm.created and refit.mask_bits == farm.mask_bits
+    assert all(torch.equal(refit.tensors[k], farm.tensors[k]) for k in farm.tensors)
+
+
+@pytest.mark.ray
+def test_a_fit_worker_killed_mid_fit_the_job_completes_with_one_version_written_and_a_full_queue_gets_429(served):
+    import os
+    import signal
+
+    from test_farm import _actor_pids
+
+    url, store, table = served
+    http = Http(url)
+    store.refresh()
+    before = store.table.version()
+    r = http.post("/v1/profiles/author-01/fit", {**rows_of(table, "author-01"), "epochs": 80})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    full = http.post("/v1/profiles/author-02/fit", rows_of(table, "author-02"))  # max_queued_fits=1
+    assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1, full.text
+    deadline = time.time() + 60
+    while http.get(f"/v1/jobs/{job_id}").json()["status"] != "running" or not _actor_pids():
+        assert time.time() < deadline, "the job never started on a fit worker"
+        time.sleep(0.1)
+    time.sleep(1.0)  # into the fit
+    [worker] = _actor_pids()
+    os.kill(worker, signal.SIGKILL)
+    job = wait_for(http, job_id, timeout=300)
+    assert job["status"] == "succeeded", job
+    assert [p for p in _actor_pids() if p != worker], "Ray restarted no fit worker"
+    # Exactly one version of the profile was written (a retried fit writes only when it ends).
+    import lance
+
+    ds = lance.dataset(f"{store.root}/profiles.lance")
+    versions = [v["version"] for v in ds.versions() if v["version"] > before]
+    created = {
+        t
+        for v in versions
+        for t in ds.checkout_version(v)
+        .to_table(filter="profile_id = 'author-01'", columns=["created"])["created"]
+        .to_pylist()
+    }
+    assert len(created) == 1 and store.get("author-01") is not None
+
+
+@pytest.mark.ray
+def test_fit_route_with_auth_on_is_refused_401_without_the_token_and_answered_with_it(served):
+    url, _, table = served
+    http, token = Http(f"{url}/secure"), {"Authorization": f"Bearer {TOKEN}"}
+    body = rows_of(table, "author-02")
+    assert http.post("/v1/profiles/author-02/fit", body).status_code == 401
+    assert http.get("/v1/jobs/0123456789abcdef0123456789abcdef").status_code == 401
+    wrong = http.post("/v1/profiles/author-02/fit", body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    right = http.post("/v1/profiles/author-02/fit", body, headers=token)  # this app runs no fit workers
+    assert right.status_code == 409 and "fit_workers=0" in right.json()["detail"], right.text

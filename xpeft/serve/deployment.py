@@ -94,15 +94,17 @@ class ProfileServer(LocalServer):
 
 class FitActors:
     """The fit workers: the farm's actors (`ProfileActor`), each with its own CPUs, over the store's bank in the
-    object store; a fit goes to an idle one. Ray restarts an actor that dies and retries its fit `fit_retries`
-    times; then the fit fails as `WorkerDied`."""
+    object store; a fit goes to an idle one. Ray restarts an actor that dies; its fit is retried here, on the
+    restarted actor, `fit_retries` times, then fails as `WorkerDied`. (Ray's own `max_task_retries` also spends
+    a retry on each call that meets the actor while it restarts.)"""
 
     def __init__(self, cfg: ServeConfig, recipe, store):
         self.retries = cfg.fit_retries
-        bank_ref = ray.put(bank_to_object(store.load_bank(recipe.bank))) if recipe.bank else None
+        # Held here: a restarted actor gets the bank from the object store again.
+        self.bank_ref = ray.put(bank_to_object(store.load_bank(recipe.bank))) if recipe.bank else None
         head = store.load_head(recipe.head_id) if recipe.head_id else None
-        opts = {"num_cpus": cfg.fit_cpus_per_actor, "max_restarts": -1, "max_task_retries": cfg.fit_retries}
-        args = (recipe.backbone, bank_ref, recipe.xpeft, recipe.train, head, recipe.head_id, recipe.label_names)
+        opts = {"num_cpus": cfg.fit_cpus_per_actor, "max_restarts": -1}
+        args = (recipe.backbone, self.bank_ref, recipe.xpeft, recipe.train, head, recipe.head_id, recipe.label_names)
         self.idle: queue.Queue = queue.Queue()
         for _ in range(cfg.fit_workers):
             self.idle.put(ProfileActor.options(**opts).remote(*args, max(1, int(cfg.fit_cpus_per_actor))))
@@ -110,16 +112,32 @@ class FitActors:
     def fit(self, data, xcfg, tcfg) -> dict[str, Any]:
         actor = self.idle.get()
         try:
-            return ray.get(actor.fit.remote(data, xcfg, tcfg))
-        except ray.exceptions.RayActorError as e:
+            for attempt in range(self.retries + 1):
+                try:
+                    return ray.get(actor.fit.remote(data, xcfg, tcfg))
+                except ray.exceptions.RayActorError as e:
+                    log.warning("fit worker died fitting %s (%d of %d)", data.profile_id, attempt + 1, self.retries + 1)
+                    died = e
+                    restarted(actor)
+                except ray.exceptions.RayTaskError as e:
+                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
             raise WorkerDied(
-                f"the fit worker died {self.retries + 1} times while fitting it ({type(e).__name__}; "
+                f"the fit worker died {self.retries + 1} times while fitting it ({type(died).__name__}; "
                 f"ServeConfig.fit_retries={self.retries})"
-            ) from None
-        except ray.exceptions.RayTaskError as e:
-            raise (e.cause if isinstance(e.cause, Exception) else e) from None
+            )
         finally:
             self.idle.put(actor)
+
+
+def restarted(actor, timeout_s: float = 120.0) -> None:
+    """Wait until Ray has restarted `actor` (it answers `ready`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ready.remote(), timeout=30)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
 
 
 @serve.deployment
