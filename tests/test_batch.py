@@ -16,7 +16,7 @@ from cases import BANK, BY_NAME, B, D, L, N, store_cases
 from xpeft.core.bank import random_bank
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.core.model import XPeftModel
-from xpeft.fit.loop import Collator, tokenize
+from xpeft.data.tokens import Collator, tokenize
 from xpeft.profiles.record import apply_profile
 from xpeft.profiles.store import ProfileStore
 from xpeft.serve.batch import OUTPUT, BatchConfig, check_columns, check_pool, score_table

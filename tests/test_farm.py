@@ -230,7 +230,8 @@ def assert_mtl_warm_profiles_are_served_by_their_bank_member(cfg, datas, report,
     from xpeft.core.encoder import load_encoder, load_tokenizer
     from xpeft.core.masks import mask_bytes
     from xpeft.core.model import XPeftModel
-    from xpeft.fit.loop import evaluate, profile_metric_fn, tokenize
+    from xpeft.data.tokens import tokenize
+    from xpeft.fit.loop import evaluate, profile_metric_fn
     from xpeft.profiles.record import apply_profile, stored_mask_weights
     from xpeft.profiles.store import ProfileStore
     from xpeft.ray.farm import split_warm

@@ -133,6 +133,19 @@ def test_the_grid_and_news_plans_are_the_issues():
     assert set(fidelity_news.ROWS) == {row for row, _ in fidelity_news.VARIANTS}
 
 
+def test_a_stage_stopped_early_has_every_task_and_mode_at_the_first_seed_before_any_second():
+    cfg = HarnessConfig()
+    for plan in (fidelity_runs.plan_parity(cfg), fidelity_runs.plan_grid(cfg)):
+        seeds = [r.seed for r in plan]
+        assert seeds == sorted(seeds) and {r.seed for r in plan} == {0, 1, 2}
+        first = {(r.task, r.mode, r.mask_type, r.N) for r in plan if r.seed == 0}
+        assert first == {(r.task, r.mode, r.mask_type, r.N) for r in plan}
+    only = fidelity_runs.plan_parity(dataclasses.replace(cfg, seeds=[0]))
+    assert {r.seed for r in only} == {0} and len(only) == 6  # three modes, old loop and new
+    with pytest.raises(ValueError, match="--seeds"):
+        fidelity_runs.plan_grid(dataclasses.replace(cfg, seeds=[7]))
+
+
 def test_smoke_runs_never_write_into_the_results_and_a_stage_is_required_without_it(capsys):
     stages, cfg, overrides = fidelity.parse(["grid", "--smoke"])
     assert (

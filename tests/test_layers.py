@@ -18,6 +18,8 @@ LAYERS = [
     ("xpeft.core.multiprofile", ("ray", "fastapi")),
     ("xpeft.profiles.store", ("ray", "fastapi")),
     ("xpeft.data.dataset", ("ray", "fastapi", "torch")),
+    ("xpeft.data.tokens", ("ray", "fastapi")),  # token rows and batches, for the fit and the server
+    ("xpeft.fit.batching", ("ray", "fastapi")),
     ("xpeft.fit.warm_start", ("ray", "fastapi")),
     ("xpeft.fit.task", ("ray", "fastapi")),
     ("xpeft.serve.engine", ("ray", "fastapi")),

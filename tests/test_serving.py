@@ -33,7 +33,7 @@ from conftest import API_CASES
 
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.core.model import XPeftModel
-from xpeft.fit.loop import Collator, tokenize
+from xpeft.data.tokens import Collator, tokenize
 from xpeft.flags import from_strings
 from xpeft.profiles.record import apply_profile
 from xpeft.profiles.store import Location, ProfileStore

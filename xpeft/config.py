@@ -18,6 +18,7 @@ Mode = Literal["x_peft", "single_adapter", "head_only"]
 MaskType = Literal["soft", "hard"]
 HeadType = Literal["pooler", "linear"]
 ProblemType = Literal["classification", "regression"]
+Bf16 = Literal["auto", "on", "off"]
 
 MODES: tuple[str, ...] = ("x_peft", "single_adapter", "head_only")
 MASK_TYPES: tuple[str, ...] = ("soft", "hard")
@@ -205,6 +206,17 @@ class TrainConfig(Config):
     tau_final: float | None = option(None, "anneal tau linearly to this value over the fit (hard masks)")
     nu_final: float | None = option(None, "anneal the Gumbel noise nu linearly to this value over the fit")
     log_every: int = option(0, "log the running loss every n steps (0: never)")
+    packing: bool = option(
+        True,
+        "pack each batch's rows back to back into a few sequences (attention within a row only, positions from 0 "
+        "per row): the padded batch's results without its padding, where the model's packed forward equals its "
+        "padded one (checked; else padded, logged); False: pad each batch to its longest row",
+    )
+    bf16: Bf16 = option(
+        "auto",
+        "bf16 autocast of the forward, fp32 weights and optimizer: auto = on where the device has native bf16 (a "
+        "CPU with AVX512-BF16 or AMX-BF16, a CUDA GPU that supports it), on, or off",
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 8:
@@ -214,3 +226,5 @@ class TrainConfig(Config):
             )
         if self.lr <= 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ValueError(f"bf16 must be 'auto', 'on' or 'off', got {self.bf16!r}")

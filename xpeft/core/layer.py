@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xpeft.core.packing import Packing, repack, unpack
+
 
 @dataclass
 class Adapter:
@@ -32,6 +34,9 @@ class Adapter:
     # Per row only: R × 1 × 1 bools, LayerNorm for the rows where True and the raw Âx elsewhere, so rows with
     # and without LN share one forward (the exported serving graph, xpeft.serve.onnx_graph). None: every row.
     ln_rows: torch.Tensor | None = None
+    # Per row only: the layout of a packed batch (xpeft.core.packing), whose sequences hold several rows: the
+    # per-row matmuls run on the rows' tokens unpacked, and their output is packed back. None: one row a sequence.
+    packing: Packing | None = None
 
     @property
     def per_row(self) -> bool:
@@ -60,7 +65,9 @@ class AdaptedLinear(nn.Module):
         if a is None:
             return out
         if a.per_row:
-            # x: R × T × d_in; each row r uses its own Â_r, B̂_r.
+            # x: R × T × d_in (a packed batch's P × W × d_in, unpacked to it); each row r uses its own Â_r, B̂_r.
+            if a.packing is not None:
+                x = unpack(x, a.packing)
             h = torch.bmm(x, a.A_hat.transpose(1, 2))
             if a.ln_weight is not None:
                 # int(): b as a constant, which the ONNX exporter's LayerNormalization needs (b is static there)
@@ -68,6 +75,8 @@ class AdaptedLinear(nn.Module):
                 normed = normed * a.ln_weight.unsqueeze(1) + a.ln_bias.unsqueeze(1)
                 h = normed if a.ln_rows is None else torch.where(a.ln_rows, normed, h)
             delta = torch.bmm(h, a.B_hat.transpose(1, 2))
+            if a.packing is not None:
+                delta = repack(delta, a.packing)
         else:
             h = F.linear(x, a.A_hat)
             if a.ln_weight is not None:

@@ -20,6 +20,7 @@ from xpeft.core.encoder import adapted_dims, encoder_blocks, load_encoder
 from xpeft.core.head import Head
 from xpeft.core.layer import AdaptedLinear, Adapter, adapters, wrap_linear
 from xpeft.core.masks import gumbel_topk, khot, soft_mask
+from xpeft.core.packing import Packing, encode_packed
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +114,26 @@ class XPeftModel(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------------
 
-    def encode(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    def encode(self, input_ids, attention_mask, token_type_ids=None, packing: Packing | None = None) -> torch.Tensor:
+        """The encoder's last hidden states, R × T × d; a packed batch's (`packing`) unpacked to that layout."""
+        if packing is not None:
+            return encode_packed(self.encoder, input_ids, token_type_ids, packing)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         return self.encoder(**kwargs).last_hidden_state
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, input_ids, attention_mask, token_type_ids=None, labels=None, packing: Packing | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Logits (and the loss, given labels) of a padded batch, or of a packed one (`packing`: input_ids and
+        attention_mask are then the packed sequences', and the head reads each row's own tokens)."""
         per_block = self.combined_adapters() if self.adapted else None
         # Training keeps the adapters set after the forward: gradient checkpointing re-runs the blocks in
         # backward() and must find them (see `adapters`).
         with adapters(self.adapted, per_block, keep=self.training and torch.is_grad_enabled()):
-            hidden = self.encode(input_ids, attention_mask, token_type_ids)
-        logits = self.head(hidden, attention_mask)
+            hidden = self.encode(input_ids, attention_mask, token_type_ids, packing)
+        logits = self.head(hidden, attention_mask if packing is None else packing.row_mask)
         out = {"logits": logits}
         if labels is not None:
             out["loss"] = task_loss(logits, labels, self.cfg.problem_type)

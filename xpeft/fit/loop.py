@@ -2,10 +2,13 @@
 warm start.
 
 Plain and visible, as in nanoGPT: AdamW with one learning rate per role (mask, ln, adapter, head), linear
-decay, epochs over a DistributedSampler (one shard per rank; one rank without data parallelism) with
-per-batch (dynamic) padding, a loss per step. Hooks add what a caller needs at epoch boundaries: Ray Train's
-checkpoint and report, a test's injected failure. `FitState` is what a checkpoint keeps, so a fit resumes
-where it stopped and continues as the uninterrupted one would.
+decay, epochs over a DistributedSampler (one shard per rank; one rank without data parallelism), a loss per
+step. Each batch keeps its random rows but not their padding: they are packed back to back into a few
+sequences (TrainConfig.packing, where the model's packed forward equals its padded one; else padded to the
+longest row), and the forward runs under bf16 autocast where the device has native bf16 (TrainConfig.bf16;
+both in xpeft.fit.batching). Hooks add what a caller needs at epoch boundaries: Ray Train's checkpoint and
+report, a test's injected failure. `FitState` is what a checkpoint keeps, so a fit resumes where it stopped
+and continues as the uninterrupted one would.
 
 Seeding: the fit owns the randomness of shuffling, dropout and the Gumbel noise, reseeded each epoch from
 (TrainConfig.seed, epoch, rank); the initial trainable tensors come from the seed the model was built with
@@ -15,11 +18,12 @@ the same loss curve on CPU, whatever the global RNG's state before.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -30,10 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from xpeft.config import TrainConfig
+from xpeft.fit.batching import Batching, batching_for, to_device
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
 
@@ -63,6 +67,8 @@ class FitResult:
     world_size: int = 1
     per_worker_batch: int = 0
     torch_threads: int = 1
+    packed: bool = False  # the batches were packed (TrainConfig.packing, where the model packs exactly)
+    bf16: bool = False  # the forward ran under bf16 autocast (TrainConfig.bf16)
 
 
 @dataclass
@@ -83,48 +89,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def tokenize(examples: Iterable[dict] | object, tokenizer, max_length: int) -> list[dict]:
-    """Rows with `text` (and `text_pair`, `label`) → token ids without padding (padding is per batch).
-
-    Accepts a `datasets.Dataset` or any iterable of dicts."""
-    rows = []
-    for ex in examples:
-        pair = ex.get("text_pair") or None
-        enc = tokenizer(ex["text"], pair, truncation=True, max_length=max_length)
-        row = {k: enc[k] for k in MODEL_INPUTS if k in enc}
-        if ex.get("label") is not None:
-            row["labels"] = ex["label"]
-        rows.append(row)
-    return rows
-
-
-class Collator:
-    """Pads a list of token rows to the longest in the batch; other integer keys (e.g. the mtl warm start's
-    `profile_index`) become tensors as they are."""
-
-    def __init__(self, pad_token_id: int = 0):
-        self.pad = pad_token_id
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        T = max(len(r["input_ids"]) for r in rows)
-        batch = {}
-        for key in MODEL_INPUTS:
-            if key not in rows[0]:
-                continue
-            fill = self.pad if key == "input_ids" else 0
-            batch[key] = torch.tensor([list(r[key]) + [fill] * (T - len(r[key])) for r in rows], dtype=torch.long)
-        if "labels" in rows[0]:
-            labels = [r["labels"] for r in rows]
-            dtype = torch.float if isinstance(labels[0], float) else torch.long
-            batch["labels"] = torch.tensor(labels, dtype=dtype)
-        for key in rows[0].keys() - set(MODEL_INPUTS) - {"labels"}:
-            batch[key] = torch.tensor([r[key] for r in rows])
-        return batch
-
-
 def make_loader(
-    rows: list[dict], batch_size: int, shuffle: bool, seed: int = 0, pad_token_id: int = 0, sampler=None
+    rows: list[dict],
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    pad_token_id: int = 0,
+    sampler=None,
+    batching: Batching = Batching(),
 ) -> DataLoader:
+    """Batches of `rows` (xpeft.data.tokens.tokenize), padded or packed as `batching` says."""
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
         rows,
@@ -132,7 +106,7 @@ def make_loader(
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         generator=g,
-        collate_fn=Collator(pad_token_id),
+        collate_fn=batching.collator(pad_token_id),
     )
 
 
@@ -185,8 +159,10 @@ def anneal(start: float, final: float | None, step: int, steps: int) -> float:
     return start + (final - start) * step / (steps - 1)
 
 
-def train_step(model: nn.Module, batch: dict, optimizer, scheduler) -> float:
-    out = model(**batch)
+def train_step(model: nn.Module, batch: dict, optimizer, scheduler, autocast=contextlib.nullcontext) -> float:
+    """One optimiser step on `batch`; its forward (and loss) under `autocast()` (bf16), the backward after."""
+    with autocast():
+        out = model(**batch)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     optimizer.step()
@@ -212,7 +188,7 @@ def fit(
     on_epoch_start: EpochStart | None = None,
     on_epoch_end: EpochEnd | None = None,
 ) -> FitResult:
-    """Fit `model`'s trainable tensors on tokenized rows (see `tokenize`); returns the loss curve and the
+    """Fit `model`'s trainable tensors on tokenized rows (xpeft.data.tokens.tokenize); returns the loss curve and the
     metrics of the last evaluation (after every epoch with `eval_every_epoch`, else after the last; rank 0).
 
     `session` shards the rows over data-parallel ranks (global batch `cfg.batch_size` whatever the world
@@ -224,13 +200,15 @@ def fit(
     if cfg.gradient_checkpointing:
         enable = getattr(model.encoder, "activation_checkpointing_enable", None)
         (enable or model.encoder.gradient_checkpointing_enable)()
+    batching = batching_for(model, rows, cfg, session.device, pad_token_id, batch)
     sampler = DistributedSampler(rows, num_replicas=session.world_size, rank=session.rank, shuffle=True, seed=cfg.seed)
-    loader = make_loader(rows, batch, shuffle=True, seed=cfg.seed, pad_token_id=pad_token_id, sampler=sampler)
+    loader = make_loader(rows, batch, True, cfg.seed, pad_token_id, sampler, batching)
     steps = total_steps(len(loader), cfg)
     wrapped = session.prepare(model)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, steps, cfg.warmup_ratio)
     state, result = FitState(), FitResult(world_size=session.world_size, per_worker_batch=batch)
+    result.packed, result.bf16 = batching.pack_length is not None, batching.bf16
     if resume is not None:
         state, opt_state, sched_state = resume
         optimizer.load_state_dict(opt_state)
@@ -245,12 +223,15 @@ def fit(
         seed_everything(cfg.seed + 1009 * (epoch + 1) + session.rank)  # the same noise after a resume
         sampler.set_epoch(epoch)
         wrapped.train()
-        losses = session.mean(_epoch(model, wrapped, loader, cfg, state, steps, optimizer, scheduler, session, result))
+        losses = session.mean(
+            _epoch(model, wrapped, loader, cfg, state, steps, optimizer, scheduler, session, result, batching)
+        )
         state.losses += losses
         state.epoch = epoch + 1
         metrics: dict[str, float] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan}
         if eval_rows and session.rank == 0 and (eval_every_epoch or epoch + 1 == epochs):
-            metrics.update(evaluate(model, eval_rows, metric_fn or profile_metric_fn(model), batch, pad_token_id))
+            metric = metric_fn or profile_metric_fn(model)
+            metrics.update(evaluate(model, eval_rows, metric, batch, pad_token_id, batching=batching))
         state.history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(state, metrics, optimizer, scheduler)
@@ -265,10 +246,12 @@ def fit(
 
 
 def _epoch(
-    model, wrapped, loader, cfg: TrainConfig, state: FitState, steps: int, optimizer, scheduler, session, result
-):
+    model, wrapped, loader, cfg: TrainConfig, state: FitState, steps: int, optimizer, scheduler, session, result,
+    batching: Batching,
+):  # fmt: skip
     """One pass over the loader (or up to `steps`): the loss of each step on this rank."""
     schedules = hasattr(model, "tau")
+    autocast = partial(batching.autocast, session.device)
     losses = []
     for rows_batch in loader:
         if state.step >= steps:
@@ -276,10 +259,10 @@ def _epoch(
         if schedules:
             model.tau = anneal(model.cfg.tau, cfg.tau_final, state.step, steps)
             model.nu = anneal(model.cfg.nu, cfg.nu_final, state.step, steps)
-        rows_batch = {k: v.to(session.device) for k, v in rows_batch.items()}
-        losses.append(train_step(wrapped, rows_batch, optimizer, scheduler))
+        rows_batch = to_device(rows_batch, session.device)
+        losses.append(train_step(wrapped, rows_batch, optimizer, scheduler, autocast))
         state.step += 1
-        result.examples += len(rows_batch["input_ids"])
+        result.examples += len(rows_batch["labels"])
         if cfg.log_every and state.step % cfg.log_every == 0:
             log.info("step %d/%d loss %.4f", state.step, steps, np.mean(losses[-cfg.log_every :]))
     return losses
@@ -291,24 +274,33 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, rows: list[dict], batch_size: int = 64, pad_token_id: int = 0) -> np.ndarray:
-    """Logits for tokenized rows, in order."""
+def predict(
+    model: nn.Module, rows: list[dict], batch_size: int = 64, pad_token_id: int = 0, batching: Batching = Batching()
+) -> np.ndarray:
+    """Logits for tokenized rows, in order (`batching`: packed or padded, bf16 or fp32; a fit passes its own)."""
     was_training = model.training
     model.eval()
-    loader = make_loader(rows, batch_size, shuffle=False, pad_token_id=pad_token_id)
+    loader = make_loader(rows, batch_size, shuffle=False, pad_token_id=pad_token_id, batching=batching)
     device = model_device(model)
     outs = []
     for batch in loader:
         batch.pop("labels", None)
-        outs.append(model(**{k: v.to(device) for k, v in batch.items()})["logits"].float().cpu().numpy())
+        with batching.autocast(device):
+            logits = model(**to_device(batch, device))["logits"]
+        outs.append(logits.float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(outs) if outs else np.zeros((0, model.cfg.num_labels), dtype=np.float32)
 
 
 def evaluate(
-    model: nn.Module, rows: list[dict], metric_fn: MetricFn, batch_size: int = 64, pad_token_id: int = 0
+    model: nn.Module,
+    rows: list[dict],
+    metric_fn: MetricFn,
+    batch_size: int = 64,
+    pad_token_id: int = 0,
+    batching: Batching = Batching(),
 ) -> dict[str, float]:
-    logits = predict(model, rows, batch_size, pad_token_id)
+    logits = predict(model, rows, batch_size, pad_token_id, batching)
     labels = np.array([r["labels"] for r in rows])
     preds = logits.squeeze(-1) if model.cfg.problem_type == "regression" else logits.argmax(-1)
     return metric_fn(preds, labels)

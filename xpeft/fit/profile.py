@@ -20,7 +20,8 @@ from xpeft.core.bank import AdapterBank
 from xpeft.core.model import XPeftModel
 from xpeft.data.dataset import ProfileData
 from xpeft.data.labels import label_counts
-from xpeft.fit.loop import FitResult, Session, fit, tokenize
+from xpeft.data.tokens import tokenize
+from xpeft.fit.loop import FitResult, Session, fit
 from xpeft.profiles.record import Profile, profile_from_model
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,9 @@ from xpeft.config import RandomBankFields, TrainConfig, XPeftConfig, option
 from xpeft.core.bank import load_bank, random_bank_for
 from xpeft.core.encoder import load_encoder
 from xpeft.core.model import XPeftModel
+from xpeft.data.tokens import tokenize
 from xpeft.fit.checkpoints import resume_from
-from xpeft.fit.loop import FitResult, FitState, Session, fit, per_worker_batch, tokenize
+from xpeft.fit.loop import FitResult, FitState, Session, fit, per_worker_batch
 from xpeft.profiles.record import Profile, profile_from_model
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class FitConfig(RandomBankFields):
 
 @dataclass
 class TaskData:
-    """Tokenized rows (xpeft.fit.loop.tokenize) to fit on and to evaluate on."""
+    """Tokenized rows (xpeft.data.tokens.tokenize) to fit on and to evaluate on."""
 
     train: list[dict]
     eval: list[dict] = field(default_factory=list)

@@ -16,8 +16,11 @@ from xpeft.core.bank import AdapterBank, bank_from_adapters
 from xpeft.core.layer import Adapter, adapters
 from xpeft.core.masks import pack_bits
 from xpeft.core.model import XPeftModel, task_loss
+from xpeft.core.packing import Packing
 from xpeft.data.dataset import ProfileData
-from xpeft.fit.loop import Session, evaluate, fit, profile_metric_fn, tokenize
+from xpeft.data.tokens import tokenize
+from xpeft.fit.batching import batching_for
+from xpeft.fit.loop import Session, evaluate, fit, profile_metric_fn
 from xpeft.fit.profile import ProfileFitter, clean
 from xpeft.profiles.record import Profile
 
@@ -60,16 +63,23 @@ class MultiTaskAdapters(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"adapter": [self.lora_A, self.lora_B], "head": list(self.model.head.parameters())}
 
-    def forward(self, input_ids, attention_mask, profile_index, token_type_ids=None, labels=None):
+    def forward(
+        self, input_ids, attention_mask, profile_index, token_type_ids=None, labels=None, packing: Packing | None = None
+    ):
         base = self.model
         per_row = [
-            Adapter(self.lora_A[layer, profile_index], self.lora_B[layer, profile_index], scale=self.scale)
+            Adapter(
+                self.lora_A[layer, profile_index], self.lora_B[layer, profile_index], scale=self.scale, packing=packing
+            )
             for layer in range(base.L)
         ]
         with adapters(base.adapted, per_row, keep=self.training):
-            hidden = base.encode(input_ids, attention_mask, token_type_ids)
-        logits = base.head(hidden, attention_mask)
-        return {"logits": logits, "loss": task_loss(logits, labels, base.cfg.problem_type)}
+            hidden = base.encode(input_ids, attention_mask, token_type_ids, packing)
+        logits = base.head(hidden, attention_mask if packing is None else packing.row_mask)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = task_loss(logits, labels, base.cfg.problem_type)
+        return out
 
 
 def fit_mtl(
@@ -98,11 +108,12 @@ def fit_mtl(
     head = {k: v.detach().cpu().clone() for k, v in mtl.model.head.state_dict().items()}
     bank = bank_from_adapters(pairs, target=fitter.xcfg.target, source="mtl")
     metrics, base = {}, mtl.model
+    tests = [tokenize(d.test, fitter.tokenizer, tcfg.max_length) for d in cleaned]
+    batching = batching_for(base, [r for t in tests for r in t], tcfg, fitter.device, fitter.pad)
     for m, d in enumerate(cleaned):
         base.lora_A.data.copy_(mtl.lora_A[:, m].detach())
         base.lora_B.data.copy_(mtl.lora_B[:, m].detach())
-        test = tokenize(d.test, fitter.tokenizer, tcfg.max_length)
-        metrics[d.profile_id] = evaluate(base, test, profile_metric_fn(base), tcfg.batch_size, fitter.pad)
+        metrics[d.profile_id] = evaluate(base, tests[m], profile_metric_fn(base), tcfg.batch_size, fitter.pad, batching)
     return bank, head, metrics
 
 

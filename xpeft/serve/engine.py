@@ -31,7 +31,7 @@ from xpeft.core.bank import AdapterBank, load_bank
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.core.model import bank_misfit
 from xpeft.core.multiprofile import CombinedProfile, MultiProfileModel
-from xpeft.fit.loop import Collator, tokenize
+from xpeft.data.tokens import Collator, tokenize
 from xpeft.profiles.record import Profile, compatibility, model_dims, summary
 from xpeft.profiles.store import Location, ProfileStore
 from xpeft.serve.cache import ProfileCache

@@ -26,7 +26,7 @@ import torch
 
 from xpeft.core.head import row_heads
 from xpeft.core.multiprofile import CombinedProfile, MultiProfileModel
-from xpeft.fit.loop import MODEL_INPUTS
+from xpeft.data.tokens import MODEL_INPUTS
 from xpeft.serve.onnx_graph import cached_graph, open_session
 
 log = logging.getLogger(__name__)
