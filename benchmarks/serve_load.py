@@ -9,6 +9,7 @@ number of requests per scenario and a time limit; it stops by itself and shuts i
     python benchmarks/serve_load.py --forwards ort --no-peer --requests 300 --time-limit 30   # quicker
     python benchmarks/serve_load.py --store /tmp/xpeft-load              # keep (and reuse) the 10,000 profiles
     python benchmarks/serve_load.py --no-load --slow-clients 200         # the slow-clients scenario alone
+    python benchmarks/serve_load.py --no-load --fits 20                  # the fits-on-demand scenario alone
     python benchmarks/serve_load.py --smoke                              # a tiny random backbone: every stage, small
 
 For each server it prints the load table; then, per payload and scenario, the forward's ms a row inside the
@@ -20,6 +21,9 @@ requests next to the one-row forward alone), and xpeft against the peer (request
 With --slow-clients N (harness/slow_clients.py): a normal client's requests/s and /healthz's latency without, then
 with, N connections holding half-sent bodies, behind xpeft.serve.proxy's middlewares as `xpeft serve` sets them
 up (installed before Ray starts: with the load stage too, it then runs behind them).
+
+With --fits N (harness/fit_on_demand.py): N profiles of --fit-examples texts fitted over HTTP one after another
+(POST → first answer p50 / p99), and classify p50 / p99 without and with that stream of fits.
 
 The profiles are random (k-hot masks, LN affine, a 'linear' head): serving cost does not depend on how well
 a profile was fitted. They are written 8 a commit, as the farm flushes them (FarmConfig.flush_every).
@@ -41,7 +45,7 @@ import threading
 import time
 
 import torch
-from harness import slow_clients
+from harness import fit_on_demand, slow_clients
 from serve_procs import cpu_by_role, memory_mb, replica_pids
 from serve_report import SCENARIOS, report
 
@@ -338,6 +342,27 @@ def slow_clients_phase(args, root: str, port: int, hot: str) -> dict:
         undeploy("xpeft-slow")
 
 
+def fits_phase(args, root: str, port: int, hot: str) -> dict:
+    """Fits on demand (harness/fit_on_demand.py) beside classify, with a recipe as the farm records it."""
+    from ray import serve
+
+    from xpeft.fit.on_demand import FitRecipe, save_recipe
+    from xpeft.fit.recipes import FARM_TRAIN
+
+    store, labels = ProfileStore(root), [f"class-{i}" for i in range(args.num_labels)]
+    xcfg = XPeftConfig(N=args.N, k=args.k, b=args.b, head="linear", num_labels=args.num_labels)
+    save_recipe(store, FitRecipe(args.backbone, xcfg, FARM_TRAIN, store.bank_fingerprints()[0], label_names=labels))
+    cfg = ServeConfig(
+        store=root, backbone=args.backbone, cpus_per_actor=args.cpus_per_actor, forward=args.forwards[0],
+        onnx_cache=args.onnx_cache, fit_workers=1, fit_cpus_per_actor=1.0, api_token=None,
+    )  # fmt: skip
+    url = deploy(build_app(cfg), "xpeft-fits", port)
+    try:
+        return fit_on_demand.scenario(url, hot, labels, args.fits, args.fit_examples, args.fit_seconds, 4)
+    finally:
+        serve.delete("xpeft-fits")
+
+
 def smoke_settings(args) -> None:
     """--smoke: a tiny random BERT (tests/tiny_backbone.py), a few profiles and requests, every stage."""
     import sys
@@ -351,12 +376,22 @@ def smoke_settings(args) -> None:
     args.N, args.k, args.b, args.num_labels = 20, 5, 4, 4
     args.forwards, args.peer, args.unloaded, args.alone_reps, args.time_limit = ["eager"], False, 5, 1, 30
     args.slow_clients, args.slow_seconds = args.slow_clients or 20, 3.0
+    args.fits, args.fit_examples, args.fit_seconds = args.fits or 3, 12, 2.0
 
 
 def parse_payload(text: str) -> tuple[int, int]:
     """'4x20' → 4 texts of 20 words per request."""
     texts, _, words = text.partition("x")
     return int(texts), int(words)
+
+
+def print_reports(args, phases: list[dict], slow: dict | None, fits: dict | None) -> None:
+    if phases:
+        report(args, phases)
+    if slow is not None:
+        slow_clients.report(slow)
+    if fits is not None:
+        fit_on_demand.report(fits)
 
 
 def main() -> None:
@@ -427,6 +462,9 @@ def main() -> None:
         help="then a normal client beside this many connections holding half-sent bodies (0: skip; issue 23: 200)",
     )
     ap.add_argument("--slow-seconds", type=float, default=20.0, help="the normal client's seconds, each way")
+    ap.add_argument("--fits", type=int, default=0, help="then this many profiles fitted over HTTP (0: skip; 20)")
+    ap.add_argument("--fit-examples", type=int, default=40, help="labelled texts per profile fitted on demand")
+    ap.add_argument("--fit-seconds", type=float, default=20.0, help="classify alone this long before the fits")
     ap.add_argument("--no-load", dest="load", action="store_false", help="skip the load stage (xpeft and the peer)")
     ap.add_argument("--smoke", action="store_true", help="a tiny random backbone, a few requests: seconds")
     args = ap.parse_args()
@@ -466,7 +504,7 @@ def main() -> None:
         for per_request, words in args.payload
     }
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    phases, slow = [], None
+    phases, slow, fits = [], None, None
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -476,15 +514,14 @@ def main() -> None:
             phases.append(peer_phase(args, store, port, payloads))
         if args.slow_clients:
             slow = slow_clients_phase(args, root, port, hot)
+        if args.fits:
+            fits = fits_phase(args, root, port, hot)
     finally:
         serve.shutdown()
         ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
-    if phases:
-        report(args, phases)
-    if slow is not None:
-        slow_clients.report(slow)
+    print_reports(args, phases, slow, fits)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,14 @@ from fastapi import FastAPI
 from ray import serve
 
 from xpeft.core.bank import bank_to_object
+from xpeft.fit.on_demand import load_recipe
 from xpeft.flags import from_strings, renamed_fields
+from xpeft.profiles.store import ProfileStore
 from xpeft.ray.farm import ProfileActor
 from xpeft.serve.api import make_api
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine, ServeError
-from xpeft.serve.fits import FitJobs, WorkerDied
+from xpeft.serve.fits import FitJobs, WorkerDied, why_no_fits
 from xpeft.serve.local import LocalServer
 from xpeft.serve.proxy import clear_starts, publish_start
 
@@ -59,8 +61,8 @@ class ProfileServer(LocalServer):
     `classify` is LocalServer's (the same checks, one call per step for a request's rows), its two steps go
     through the queues."""
 
-    def __init__(self, cfg: ServeConfig, fits=None):
-        self.fits = fits  # the FitService's handle; None without fit workers
+    def __init__(self, cfg: ServeConfig, fits=None, no_fits: str | None = None):
+        self.fits, self.no_fits = fits, no_fits  # the FitService's handle, or why there is none
         # The event loops' Python then yields the GIL to a forward waiting for it within ~1 ms, not 5.
         sys.setswitchinterval(cfg.switch_interval_s)
         ctx = serve.get_replica_context()
@@ -76,12 +78,12 @@ class ProfileServer(LocalServer):
 
     async def fit(self, profile_id: str, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         if self.fits is None:
-            raise ServeError(409, "this server runs no fit workers (ServeConfig.fit_workers=0): deploy it with >= 1")
+            raise ServeError(409, self.no_fits or "this server fits no profiles")
         return answered(await self.fits.submit.remote(profile_id, request))
 
     async def job(self, job_id: str) -> dict[str, Any]:
         if self.fits is None:
-            raise ServeError(404, f"no fit job {job_id!r}: this server runs no fit workers (ServeConfig.fit_workers=0)")
+            raise ServeError(404, f"no fit job {job_id!r}: {self.no_fits or 'this server fits no profiles'}")
         return answered(await self.fits.job.remote(job_id))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -170,16 +172,17 @@ def answered(reply: dict[str, Any]) -> Any:
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:
-    """The Serve application for `cfg`: `serve.run(build_app(cfg))`; with `fit_workers`, its FitService too."""
-    fits = None
-    if cfg.fit_workers:
+    """The Serve application for `cfg`: `serve.run(build_app(cfg))`; with `fit_workers` and a store with a fit
+    recipe, its FitService too (read now: a recipe written later is taken up when the app is deployed again)."""
+    fits, no_fits = None, why_no_fits(cfg, load_recipe(ProfileStore(cfg.store)) if cfg.fit_workers else None)
+    if not no_fits:
         opts = {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}}
         fits = FitService.options(**opts).bind(cfg)
     return ProfileServer.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests + cfg.max_queued_requests + HEALTH_SLOTS,
         ray_actor_options={"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor},
-    ).bind(cfg, fits)
+    ).bind(cfg, fits, no_fits)
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:

@@ -69,6 +69,19 @@ class LocalRunner:
 Runner = Callable[[FitRecipe, ProfileStore], Any]  # (recipe, store) -> an object with fit(data, xcfg, tcfg)
 
 
+def why_no_fits(cfg: ServeConfig, recipe: FitRecipe | None) -> str | None:
+    """Why a server over `cfg.store` fits nothing (POST .../fit answers 409 with it); None when it fits."""
+    if not cfg.fit_workers:
+        return "this server runs no fit workers (ServeConfig.fit_workers=0): deploy it with fit_workers >= 1"
+    if recipe is None:
+        return (
+            f"the store {cfg.store} has no fit recipe (state/recipe.json, which `xpeft fit-profiles` writes): fill "
+            "it once with the farm, whose recipe (bank, masks, fit, labels) every fit on demand repeats; then "
+            "restart the server"
+        )
+    return None
+
+
 def shown(job: dict[str, Any]) -> dict[str, Any]:
     """What GET /v1/jobs/{id} answers: the job without its request, its result's fields at the top."""
     return {**{k: job[k] for k in SHOWN_FIELDS}, **(job["result"] or {})}
@@ -137,14 +150,9 @@ class FitJobs:
 
     def _check(self, profile_id: str, request: dict[str, Any]) -> None:
         cfg = self.cfg
-        if self.recipe is None:
-            raise ServeError(
-                409,
-                f"the store {cfg.store} has no fit recipe (state/recipe.json, which `xpeft fit-profiles` writes): "
-                "fill it once with the farm, whose recipe (bank, masks, fit, labels) every on-demand fit repeats",
-            )
-        if not self.threads:
-            raise ServeError(409, "this server runs no fit workers (ServeConfig.fit_workers=0): deploy it with >= 1")
+        why = why_no_fits(cfg, self.recipe)
+        if why:
+            raise ServeError(409, why)
         texts = request["texts"] + (request.get("text_pairs") or [])
         if len(request["texts"]) > cfg.max_fit_examples:
             raise ServeError(
