@@ -142,8 +142,8 @@ class FitJob(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed"]
     attempts: int = Field(description="times a worker started it")
     error: str | None = Field(None, description="why it failed")
-    created: float
-    updated: float
+    submitted: float = Field(description="when the job was accepted (Unix seconds)")
+    updated: float = Field(description="its last change")
     metrics: dict[str, Any] | None = Field(None, description="the fitted profile's holdout metrics (succeeded)")
     fingerprint: str | None = Field(None, description="the fitted profile's record fingerprint (succeeded)")
     store_version: int | None = Field(

@@ -43,7 +43,7 @@ from xpeft.serve.view import ServeError
 log = logging.getLogger(__name__)
 
 JOB_ID_CHARS = set("0123456789abcdef")
-SHOWN_FIELDS = ("job_id", "profile_id", "status", "attempts", "error", "created", "updated")
+SHOWN_FIELDS = ("job_id", "profile_id", "status", "attempts", "error", "updated")
 
 
 class WorkerDied(RuntimeError):
@@ -84,7 +84,7 @@ def why_no_fits(cfg: ServeConfig, recipe: FitRecipe | None) -> str | None:
 
 def shown(job: dict[str, Any]) -> dict[str, Any]:
     """What GET /v1/jobs/{id} answers: the job without its request, its result's fields at the top."""
-    return {**{k: job[k] for k in SHOWN_FIELDS}, **(job["result"] or {})}
+    return {**{k: job[k] for k in SHOWN_FIELDS}, "submitted": job["created"], **(job["result"] or {})}
 
 
 class FitJobs:
