@@ -1,36 +1,43 @@
-"""Batch inference with Ray Data (`xpeft.jobs.classify_batch.run_batch`, ray_jobs/classify_batch.py) against the same
-engine's bare forward: rows/s of the whole job (read Parquet, score on the actor pool, write Parquet; starting the
-actors included) over rows/s of `ProfileEngine.forward` alone on the same rows, in the same chunks, with the
-same threads, the profiles already combined and the texts already tokenized. Target: job >= 0.8 x bare.
+"""Batch inference with Ray Data (`run_batch`, ray_jobs/classify_batch.py) against the same engine's bare forward:
+rows/s of the whole job (read Parquet, score on the actor pool, write Parquet; starting the actors included)
+over rows/s of `ProfileEngine.forward` alone on the same rows, in the same chunks, with the same threads, the
+profiles already combined and the texts already tokenized. Target: job >= 0.8 x bare.
 
     python benchmarks/batch_inference.py                          # MiniLM, 200 profiles, 20,000 news texts
-    python benchmarks/batch_inference.py --rows 2000 --profiles 20 --backbone tiny   # a smoke run
+    python benchmarks/batch_inference.py --smoke                  # a tiny random backbone, a few rows: seconds
 
 In between it prints `score_table` in this process (tokenize + combine + forward, no Ray), so the gap splits
 into what scoring a table adds and what Ray Data adds. Each row names a random one of the profiles (random
-k-hot masks, LN, a linear head: serving cost does not depend on how well a profile was fitted).
+k-hot masks, LN, a linear head: serving cost does not depend on how well a profile was fitted). The job's and
+the engine's settings are BatchConfig's and ServeConfig's flags, as `xpeft classify-batch` takes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import tempfile
 import time
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from serve_load import make_store
+from harness.common import SMOKE_HELP, machine, make_store, smoke_backbone
 
+from xpeft.config import XPeftConfig
 from xpeft.data.dataset import SAMPLE_SOURCE, read_profile_source
+from xpeft.flags import add_flags, from_flags
 from xpeft.jobs.classify_batch import run_batch
 from xpeft.ray.cluster import init_ray
 from xpeft.serve.batch import BatchConfig, score_table
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine
+
+SMOKE = {"rows": 48, "profiles": 4, "batch_size": 16, "max_batch_size": 8, "N": 8, "k": None, "b": 4, "store": None}
+SMOKE_ALSO = ("backbone",)
+ONE_THREAD = types.SimpleNamespace(torch_threads=1)
 
 
 def texts_table(rows: int, profiles: int, seed: int = 0) -> pa.Table:
@@ -65,35 +72,34 @@ def bare_forward_rows_per_s(engine: ProfileEngine, table: pa.Table, batch_size: 
     return table.num_rows / seconds
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--store", default=None, help="the profile store, made if empty (default: a temporary one)")
-    ap.add_argument("--backbone", default="minilm", help="'minilm' or 'tiny' (default: minilm)")
     ap.add_argument("--profiles", type=int, default=200, help="stored profiles the rows name (default: 200)")
     ap.add_argument("--rows", type=int, default=20_000, help="rows of the table scored (default: 20000)")
-    ap.add_argument("--num-actors", type=int, default=1, help="actors of the job's pool (default: 1)")
-    ap.add_argument(
-        "--threads", type=int, default=1, help="torch threads per actor and for the bare forward (default: 1)"
-    )
-    ap.add_argument(
-        "--cpus-per-actor", type=float, default=None,
-        help="CPUs each actor reserves (default: --threads); the pool must leave Ray Data one CPU",
-    )  # fmt: skip
-    ap.add_argument("--batch-size", type=int, default=256, help="rows per Ray Data batch (default: 256)")
-    ap.add_argument("--max-batch-size", type=int, default=32, help="rows per forward (default: 32)")
-    args = ap.parse_args()
+    add_flags(ap.add_argument_group("the profiles (XPeftConfig)"), XPeftConfig, only=("N", "k", "b", "num_labels"),
+              defaults=XPeftConfig(num_labels=15))  # fmt: skip
+    add_flags(ap.add_argument_group("the job (BatchConfig)"), BatchConfig, only=("num_actors", "batch_size"))
+    engine = ap.add_argument_group("the engine (ServeConfig; one torch thread by default, as the bare forward's)")
+    add_flags(engine, ServeConfig, only=("backbone", "cpus_per_actor", "torch_threads", "max_batch_size"),
+              defaults=ONE_THREAD)  # fmt: skip
+    return ap
+
+
+def main() -> None:
+    args = arguments().parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="xpeft-batch-")
+    if args.smoke:
+        vars(args).update(SMOKE, backbone=smoke_backbone(tmp.name))
+    threads = args.torch_threads
     root = args.store or os.path.join(tmp.name, "store")
-    make_store(root, args.profiles, args.backbone, N=100, k=50, b=48, num_labels=15)
+    make_store(root, args.profiles, args.backbone, from_flags(args, XPeftConfig))
     table = texts_table(args.rows, args.profiles)
     data = os.path.join(tmp.name, "texts.parquet")
     pq.write_table(table, data)
-    serve = ServeConfig(
-        store=root, backbone=args.backbone, torch_threads=args.threads,
-        cpus_per_actor=args.cpus_per_actor or args.threads, max_batch_size=args.max_batch_size,
-        cache_size=max(256, args.profiles),
-    )  # fmt: skip
-    torch.set_num_threads(args.threads)
+    serve = from_flags(args, ServeConfig, store=root, cache_size=max(256, args.profiles))
+    torch.set_num_threads(threads)
     engine = ProfileEngine(serve)
     bare = bare_forward_rows_per_s(engine, table, args.batch_size)
     start = time.perf_counter()
@@ -102,24 +108,23 @@ def main() -> None:
     in_process = table.num_rows / (time.perf_counter() - start)
     del engine
     init_ray(num_cpus=os.cpu_count(), log_to_driver=False)
-    cfg = BatchConfig(
-        data=data, out=os.path.join(tmp.name, "scored"), num_actors=args.num_actors,
-        batch_size=args.batch_size, progress=False, serve=serve,
-    )  # fmt: skip
+    cfg = from_flags(args, BatchConfig, data=data, out=os.path.join(tmp.name, "scored"), progress=False, serve=serve)
     start = time.perf_counter()
     result = run_batch(cfg)
     wall = time.perf_counter() - start
     job = result["rows"] / wall
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; backbone {args.backbone}")
+    print(f"machine: {machine()}; backbone {args.backbone}")
     print(
         f"{args.rows} rows over {args.profiles} profiles, batch {args.batch_size}, {args.max_batch_size} rows a forward"
     )
-    print(f"bare forward ({args.threads} thread(s)):        {bare:8.1f} rows/s")
+    print(f"bare forward ({threads} thread(s)):        {bare:8.1f} rows/s")
     print(f"score_table in process (no Ray): {in_process:8.1f} rows/s")
     print(
         f"Ray Data job, {args.num_actors} actor(s), {wall:.1f} s: {job:8.1f} rows/s = {job / bare:.2f} x bare forward"
     )
     print(f"  scored {result['scored']}, errors {result['rows'] - result['scored']}")
+    if result["scored"] < result["rows"]:
+        raise SystemExit(f"{result['rows'] - result['scored']} rows failed: {result.get('errors')}")
 
 
 if __name__ == "__main__":

@@ -1,34 +1,44 @@
-"""Load test of the profile server on 127.0.0.1, with its forward in ONNX Runtime ('ort') and in torch
-('eager'), and of the peer a user would deploy instead (PEFT LoRA adapters behind `@serve.multiplexed`,
-benchmarks/serve_peer.py), one after another on the same cores, client and payloads. Scenarios: (a) every
-request to one profile, (b) every request to a different profile (xpeft: never requested before, among
-10,000 stored ones; the peer: a cycle over its 1,000 adapters, more than its LRU holds). Bounded: a fixed
-number of requests per scenario and a time limit; it stops by itself and shuts its Ray down.
+"""The serving harness: the profile server on 127.0.0.1 under load, against the peer a user would deploy
+instead, and a replica killed mid-stream. Every stage runs on one local Ray and stops by itself.
 
     python benchmarks/serve_load.py --payload 1x20 1x100 4x20            # the recorded run (BENCHMARKS.md)
     python benchmarks/serve_load.py --forwards ort --no-peer --requests 300 --time-limit 30   # quicker
     python benchmarks/serve_load.py --store /tmp/xpeft-load              # keep (and reuse) the 10,000 profiles
-    python benchmarks/serve_load.py --no-load --slow-clients 200         # the slow-clients scenario alone
-    python benchmarks/serve_load.py --no-load --fits 20                  # the fits-on-demand scenario alone
-    python benchmarks/serve_load.py --smoke                              # a tiny random backbone: every stage, small
+    python benchmarks/serve_load.py --stages kill --concurrency 8        # a replica killed (docs/serving.md)
+    python benchmarks/serve_load.py --stages slow --slow-clients 200     # slow clients beside a normal one
+    python benchmarks/serve_load.py --stages fits --fits 20              # profiles fitted over HTTP, beside classify
+    python benchmarks/serve_load.py --stages load kill slow --smoke      # every stage, tiny: seconds
 
-For each server it prints the load table; then, per payload and scenario, the forward's ms a row inside the
-replica next to the same engine's forward alone (in this process, after the server is gone) at the batch
-sizes the replica formed (`replica/alone`), requests/s ort against eager, the CPU seconds the client, the
-Serve proxy, the replica and the rest of Ray used (/proc), unloaded latency (sequential single-text
-requests next to the one-row forward alone), and xpeft against the peer (requests/s, p50/p99, replica RSS).
+Stage `load`: the server with its forward in ONNX Runtime ('ort') and in torch ('eager'), then the peer (PEFT
+LoRA adapters behind `@serve.multiplexed`, harness/peer.py), one after another on the same cores, client and
+payloads. Scenarios: (a) every request to one profile, (b) every request to a different profile (xpeft: never
+requested before, among the stored ones; the peer: a cycle over its adapters, more than its LRU holds), a
+fixed number of requests each, within a time limit. For each server it prints the load table; then, per
+payload and scenario, the forward's ms a row inside the replica next to the same engine's forward alone (in
+this process, after the server is gone) at the batch sizes the replica formed (`replica/alone`), requests/s
+ort against eager, the CPU seconds the client, the Serve proxy, the replica and the rest of Ray used (/proc),
+unloaded latency (sequential single-text requests next to the one-row forward alone), and xpeft against the
+peer (requests/s, p50/p99, replica RSS). In (b) the combined cache holds far fewer than the profiles, so every
+request reads its profile from the store (or the record cache) and combines it with the bank: the cost that
+mixed-profile serving adds.
 
-With --slow-clients N (harness/slow_clients.py): a normal client's requests/s and /healthz's latency without, then
-with, N connections holding half-sent bodies, behind xpeft.serve.proxy's middlewares as `xpeft serve` sets them
-up (installed before Ray starts: with the load stage too, it then runs behind them).
+Stage `kill`: a steady stream of classify requests from --concurrency threads; after --kill-at seconds the
+replica process (one of --num-replicas) gets SIGKILL. It reports how many requests failed and how (status,
+Content-Type, Retry-After, body), and how long until requests were served again. The proxy has
+xpeft.serve.proxy's middleware (a JSON 503 with Retry-After for a request no replica answered), as `xpeft
+serve` sets it up, unless --plain-proxy; it is installed when Ray starts, so with both stages the load stage
+runs behind it too.
 
-With --fits N (harness/fit_on_demand.py): N profiles of --fit-examples texts fitted over HTTP one after another
-(POST → first answer p50 / p99), and classify p50 / p99 without and with that stream of fits.
+Stage `slow` (harness/slow_clients.py): a normal client's requests/s and /healthz's latency without, then with,
+--slow-clients connections holding half-sent bodies, behind the same middleware (the proxy reads each body,
+within XPEFT_BODY_TIMEOUT_S, before a replica is picked).
 
-The profiles are random (k-hot masks, LN affine, a 'linear' head): serving cost does not depend on how well
-a profile was fitted. They are written 8 a commit, as the farm flushes them (FarmConfig.flush_every).
-In (b) the cache holds far fewer than the profiles, so every request reads its profile from the store (or
-the record cache) and combines it with the bank: the cost that mixed-profile serving adds.
+Stage `fits` (harness/fit_on_demand.py): --fits profiles of --fit-examples texts fitted over HTTP one after
+another (POST → first answer p50 / p99), and classify p50 / p99 without and with that stream of fits; the store
+gets a recipe as the farm records it (FARM_TRAIN), the server its fit workers (--fit-workers, --fit-cpus-per-actor).
+
+The server's settings are ServeConfig's flags (as `xpeft serve` takes them); N, k, b and the classes of the
+random profiles XPeftConfig's.
 """
 
 from __future__ import annotations
@@ -38,127 +48,24 @@ import dataclasses
 import itertools
 import os
 import random
-import socket
+import signal
 import statistics
 import tempfile
-import threading
 import time
 
-import torch
 from harness import fit_on_demand, slow_clients
-from serve_procs import cpu_by_role, memory_mb, replica_pids
-from serve_report import SCENARIOS, report
+from harness.client import Client, run_load
+from harness.common import SMOKE_HELP, WORDS, free_port, make_store, smoke_backbone
+from harness.procs import cpu_by_role, memory_mb, replica_pids
+from harness.report import SCENARIOS, kill_report, report
 
 from xpeft.config import XPeftConfig
-from xpeft.core.bank import random_bank_for
-from xpeft.core.encoder import load_encoder
-from xpeft.core.masks import khot, pack_bits
-from xpeft.profiles.record import Profile
-from xpeft.profiles.store import ProfileStore
+from xpeft.flags import add_flags, from_flags
 from xpeft.serve.config import ServeConfig
-from xpeft.serve.deployment import build_app
 from xpeft.serve.engine import ProfileEngine
 
-WORDS = (
-    "the a new old big small good bad great awful movie film story news politics sports music art travel food "
-    "health business school science tech style culture love fun game team vote election money market trip "
-    "recipe city world people week year report study season police court family home life"
-).split()
-DEFAULTS = {f.name: f for f in dataclasses.fields(ServeConfig)}
-FLUSH_EVERY = 8  # FarmConfig.flush_every: profiles per store write (one commit) as the farm writes them
-
-
-def make_store(root: str, n: int, backbone: str, N: int, k: int, b: int, num_labels: int) -> ProfileStore:
-    """A store with `n` random hard-mask profiles on one random bank (reused when it already has them)."""
-    store = ProfileStore(root)
-    if len(store) >= n and store.bank_fingerprints():
-        return store
-    cfg = XPeftConfig(N=N, k=k, b=b, head="linear", num_labels=num_labels)
-    bank = random_bank_for(load_encoder(backbone), cfg, seed=0)
-    L, d = bank.L, bank.d_in
-    store.save_bank(bank)
-    g = torch.Generator().manual_seed(0)
-    batch = []
-    for i in range(n):
-        masks = [khot(torch.randn(L, N, generator=g), cfg.top_k) for _ in range(2)]
-        tensors = {
-            "ln_weight": 1 + 0.1 * torch.randn(L, b, generator=g),
-            "ln_bias": 0.1 * torch.randn(L, b, generator=g),
-            "head.classifier.weight": torch.randn(num_labels, d, generator=g) / d**0.5,
-            "head.classifier.bias": torch.zeros(num_labels),
-        }
-        batch.append(
-            Profile(
-                f"p{i:05d}",
-                cfg,
-                tensors,
-                mask_bits=pack_bits(masks[0]) + pack_bits(masks[1]),
-                bank_fingerprint=bank.fingerprint,
-                metrics={"accuracy": 0.5},
-            )
-        )
-        if len(batch) == FLUSH_EVERY:
-            store.write(batch)
-            batch = []
-    store.write(batch)
-    return store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_load(
-    url: str, profile_ids: list[str], texts: list[list[str]], concurrency: int, time_limit: float, header: str = ""
-) -> dict:
-    """Send request i (profile_ids[i], texts[i]) from `concurrency` threads until all are sent or time is up;
-    with `header`, each request also names its profile in that header (the peer's multiplexed model id)."""
-    import requests
-
-    latencies: list[float] = []
-    failures: list[str] = []
-    next_i = iter(range(len(profile_ids)))
-    lock = threading.Lock()
-    deadline = time.perf_counter() + time_limit
-
-    def worker() -> None:
-        session = requests.Session()
-        while time.perf_counter() < deadline:
-            with lock:
-                i = next(next_i, None)
-            if i is None:
-                return
-            body = {"profile_id": profile_ids[i], "texts": texts[i]}
-            start = time.perf_counter()
-            headers = {header: profile_ids[i]} if header else None
-            r = session.post(f"{url}/v1/classify", json=body, headers=headers, timeout=60)
-            elapsed = time.perf_counter() - start
-            with lock:
-                if r.status_code == 200:
-                    latencies.append(elapsed)
-                else:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    return {
-        "requests": len(latencies),
-        "failed": len(failures),
-        "seconds": wall,
-        "rps": len(latencies) / wall,
-        "p50_ms": 1000 * q[49],
-        "p99_ms": 1000 * q[98],
-        "latencies": latencies,
-        "first_failure": failures[0] if failures else None,
-    }
+STAGES = ("load", "kill", "slow", "fits")
+NOT_FLAGS = ("store", "bank_path", "bank_fingerprint", "forward")  # the harness makes the store; --forwards
 
 
 def healthz(url: str) -> dict:
@@ -195,7 +102,7 @@ def scenarios(url: str, args, payloads: dict, hot: str, cold: list[str], header:
     results = []
     cold_ids = iter(cold)
     for payload, (_, _, texts) in payloads.items():
-        warm = run_load(url, [hot] * 32, texts[:32], args.concurrency, args.time_limit, header)
+        warm = run_load(url, [hot] * len(texts[:32]), texts[:32], args.concurrency, args.time_limit, header)
         if warm["failed"]:
             raise RuntimeError(f"the warm-up failed: {warm['first_failure']}")
         for round_ in range(args.rounds):
@@ -223,11 +130,11 @@ def deploy(app, name: str, port: int) -> str:
 
 
 def undeploy(name: str) -> dict:
-    """Memory of the app's replica, then the app deleted and its replica gone (so what follows runs alone)."""
+    """Memory of the app's (first) replica, then the app deleted and its replicas gone (so what follows runs
+    alone)."""
     from ray import serve
 
-    (pid,) = replica_pids()
-    memory = memory_mb(pid)
+    memory = memory_mb(replica_pids()[0])
     serve.delete(name)
     deadline = time.perf_counter() + 60
     while replica_pids() and time.perf_counter() < deadline:
@@ -267,19 +174,14 @@ def alone_timings(engine: ProfileEngine, args, runs: list[dict], payloads: dict,
     return out
 
 
+def server_config(args, root: str, **overrides) -> ServeConfig:
+    return from_flags(args, ServeConfig, store=root, api_token=None, **overrides)
+
+
 def xpeft_phase(args, root: str, port: int, forward: str, payloads: dict, hot: str, cold: list[str]) -> dict:
-    cfg = ServeConfig(
-        store=root,
-        backbone=args.backbone,
-        cpus_per_actor=args.cpus_per_actor,
-        cache_size=args.cache_size,
-        record_cache_mb=args.record_cache_mb,
-        max_batch_size=args.max_batch_size,
-        batch_wait_s=args.batch_wait_s,
-        forward=forward,
-        onnx_cache=args.onnx_cache,
-        api_token=None,
-    )
+    from xpeft.serve.deployment import build_app
+
+    cfg = server_config(args, root, forward=forward)
     start = time.perf_counter()
     # Built first, so the replica finds the encoder graph in the cache: it starts without exporting.
     local = ProfileEngine(dataclasses.replace(cfg, record_cache_mb=0))
@@ -300,24 +202,24 @@ def xpeft_phase(args, root: str, port: int, forward: str, payloads: dict, hot: s
             "one_row_s": one_row, "memory": memory, "alone": alone}  # fmt: skip
 
 
-def peer_phase(args, store: ProfileStore, port: int, payloads: dict) -> dict:
+def peer_phase(args, store, port: int, payloads: dict) -> dict:
     import ray.cloudpickle
-    import serve_peer
+    from harness import peer
 
-    ray.cloudpickle.register_pickle_by_value(serve_peer)  # benchmarks/ is not importable in the workers
+    ray.cloudpickle.register_pickle_by_value(peer)  # benchmarks/ is not importable in the workers
     tmp = tempfile.TemporaryDirectory(prefix="xpeft-peer-") if args.peer_adapters is None else None
     root = args.peer_adapters or tmp.name
     start = time.perf_counter()
-    ids = serve_peer.write_adapters(store, root, args.peer_profiles, args.backbone)
+    ids = peer.write_adapters(store, root, args.peer_profiles, args.backbone)
     print(f"[peer] {len(ids)} PEFT adapters at {root} ({time.perf_counter() - start:.1f} s)")
     try:
-        app = serve_peer.peer_app(root, args.backbone, args.peer_models, args.cpus_per_actor, args.max_batch_size)
+        app = peer.peer_app(root, args.backbone, args.peer_models, args.cpus_per_actor, args.max_batch_size)
         url = deploy(app, "peft-peer", port)
         hot, rest = ids[0], random.Random(0).sample(ids[1:], len(ids) - 1)
         cold = list(itertools.islice(itertools.cycle(rest), args.requests * len(payloads) * args.rounds))
-        runs = scenarios(url, args, payloads, hot, cold, serve_peer.MODEL_ID_HEADER)
+        runs = scenarios(url, args, payloads, hot, cold, peer.MODEL_ID_HEADER)
         text = " ".join(random.Random(1).choices(WORDS, k=20))
-        lone = unloaded(url, args, hot, text, serve_peer.MODEL_ID_HEADER)
+        lone = unloaded(url, args, hot, text, peer.MODEL_ID_HEADER)
         memory = undeploy("peft-peer")
     finally:
         if tmp is not None:
@@ -325,58 +227,80 @@ def peer_phase(args, store: ProfileStore, port: int, payloads: dict) -> dict:
     return {"system": "PEFT + multiplexing", "forward": "eager", "runs": runs, "unloaded": lone, "memory": memory}
 
 
-def slow_clients_phase(args, root: str, port: int, hot: str) -> dict:
+def load_stage(args, store, port: int) -> None:
+    rng = random.Random(0)
+    ids = store.ids()
+    hot, cold = ids[0], rng.sample(ids[1:], args.requests * len(args.payload) * args.rounds)  # (b): never twice
+    payloads = {
+        f"{per_request} × {words} words": (
+            per_request,
+            words,
+            [[" ".join(rng.choices(WORDS, k=words)) for _ in range(per_request)] for _ in range(args.requests)],
+        )
+        for per_request, words in args.payload
+    }
+    phases = [xpeft_phase(args, store.uri, port, forward, payloads, hot, cold) for forward in args.forwards]
+    if args.peer:
+        phases.append(peer_phase(args, store, port, payloads))
+    report(args, phases)
+
+
+def kill_stage(args, store, port: int) -> None:
+    from xpeft.serve.deployment import build_app
+
+    ids, rng = store.ids(), random.Random(0)
+    url = deploy(build_app(server_config(args, store.uri, forward=args.forwards[0])), "xpeft-kill", port)
+    warm = run_load(url, ids[:1], [["warm up"]], 1, args.time_limit)
+    if warm["failed"]:
+        raise RuntimeError(f"the warm-up failed: {warm['first_failure']}")
+    pid = replica_pids()[0]
+    texts = lambda: [" ".join(rng.choices(WORDS, k=12))]  # noqa: E731
+    client = Client(url).start(lambda: (rng.choice(ids), texts()), args.kill_concurrency)
+    time.sleep(args.kill_at)
+    killed_at = time.perf_counter()
+    os.kill(pid, signal.SIGKILL)
+    print(f"kill -9 {pid} (the replica) after {args.kill_at:.0f} s of requests", flush=True)
+    while time.perf_counter() - killed_at < args.after_kill:
+        with client.lock:
+            served = sum(1 for e in client.log if e[2] == 200 and e[0] > killed_at)
+        if served >= args.served_after:
+            break
+        time.sleep(0.2)
+    log = client.stop(drain_s=args.drain_s)
+    kill_report(args, log, killed_at, pid, replica_pids(), client.unanswered)
+
+
+def slow_stage(args, store, port: int) -> None:
     """The slow-clients scenario (harness/slow_clients.py) against the server with the first of --forwards."""
-    cfg = ServeConfig(
-        store=root, backbone=args.backbone, cpus_per_actor=args.cpus_per_actor, cache_size=args.cache_size,
-        record_cache_mb=args.record_cache_mb, max_batch_size=args.max_batch_size,
-        batch_wait_s=args.batch_wait_s, forward=args.forwards[0], onnx_cache=args.onnx_cache,
-        api_token=None,
-    )  # fmt: skip
+    from xpeft.serve.deployment import build_app
+
+    cfg = server_config(args, store.uri, forward=args.forwards[0])
     ProfileEngine(dataclasses.replace(cfg, record_cache_mb=0))  # the encoder graph into the cache first
     url = deploy(build_app(cfg), "xpeft-slow", port)
     text = " ".join(random.Random(2).choices(WORDS, k=20))
     try:
-        return slow_clients.scenario(url, port, "/", args.slow_clients, args.slow_seconds, hot, text)
+        result = slow_clients.scenario(url, port, "/", args.slow_clients, args.slow_seconds, store.ids()[0], text)
     finally:
         undeploy("xpeft-slow")
+    slow_clients.report(result)
 
 
-def fits_phase(args, root: str, port: int, hot: str) -> dict:
+def fits_stage(args, store, port: int) -> None:
     """Fits on demand (harness/fit_on_demand.py) beside classify, with a recipe as the farm records it."""
     from ray import serve
 
     from xpeft.fit.on_demand import FitRecipe, save_recipe
     from xpeft.fit.recipes import FARM_TRAIN
+    from xpeft.serve.deployment import build_app
 
-    store, labels = ProfileStore(root), [f"class-{i}" for i in range(args.num_labels)]
-    xcfg = XPeftConfig(N=args.N, k=args.k, b=args.b, head="linear", num_labels=args.num_labels)
+    labels, xcfg = [f"class-{i}" for i in range(args.num_labels)], from_flags(args, XPeftConfig, head="linear")
     save_recipe(store, FitRecipe(args.backbone, xcfg, FARM_TRAIN, store.bank_fingerprints()[0], label_names=labels))
-    cfg = ServeConfig(
-        store=root, backbone=args.backbone, cpus_per_actor=args.cpus_per_actor, forward=args.forwards[0],
-        onnx_cache=args.onnx_cache, fit_workers=1, fit_cpus_per_actor=1.0, api_token=None,
-    )  # fmt: skip
-    url = deploy(build_app(cfg), "xpeft-fits", port)
+    url = deploy(build_app(server_config(args, store.uri, forward=args.forwards[0])), "xpeft-fits", port)
     try:
-        return fit_on_demand.scenario(url, hot, labels, args.fits, args.fit_examples, args.fit_seconds, 4)
+        result = fit_on_demand.scenario(url, store.ids()[0], labels, args.fits, args.fit_examples, args.fit_seconds, 4)
     finally:
         serve.delete("xpeft-fits")
-
-
-def smoke_settings(args) -> None:
-    """--smoke: a tiny random BERT (tests/tiny_backbone.py), a few profiles and requests, every stage."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from tiny_backbone import make_tiny_backbone
-
-    args.smoke_dir = tempfile.TemporaryDirectory(prefix="xpeft-load-smoke-")
-    args.backbone = make_tiny_backbone(os.path.join(args.smoke_dir.name, "tiny-bert"))
-    args.profiles, args.requests, args.rounds, args.payload = 60, 8, 1, [(1, 20)]
-    args.N, args.k, args.b, args.num_labels = 20, 5, 4, 4
-    args.forwards, args.peer, args.unloaded, args.alone_reps, args.time_limit = ["eager"], False, 5, 1, 30
-    args.slow_clients, args.slow_seconds = args.slow_clients or 20, 3.0
-    args.fits, args.fit_examples, args.fit_seconds = args.fits or 3, 12, 2.0
+    fit_on_demand.report(result)
 
 
 def parse_payload(text: str) -> tuple[int, int]:
@@ -385,143 +309,140 @@ def parse_payload(text: str) -> tuple[int, int]:
     return int(texts), int(words)
 
 
-def print_reports(args, phases: list[dict], slow: dict | None, fits: dict | None) -> None:
-    if phases:
-        report(args, phases)
-    if slow is not None:
-        slow_clients.report(slow)
-    if fits is not None:
-        fit_on_demand.report(fits)
-
-
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profiles", type=int, default=10_000)
-    ap.add_argument("--backbone", default="minilm")
-    ap.add_argument("--N", type=int, default=100)
-    ap.add_argument("--k", type=int, default=None, help="default: half the bank (N/2)")
-    ap.add_argument("--b", type=int, default=48)
-    ap.add_argument("--num-labels", type=int, default=15)
-    ap.add_argument("--store", default=None, help="default: a temporary directory, removed afterwards")
-    ap.add_argument("--requests", type=int, default=600, help="requests per scenario, payload and round")
-    ap.add_argument(
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="default: load")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+    ap.add_argument("--profiles", type=int, default=10_000, help="random profiles in the store (default: 10000)")
+    ap.add_argument("--store", default=None, help="the store, kept and reused (default: a temporary directory)")
+    ap.add_argument("--concurrency", type=int, default=None, help="client threads (default: 16; stage kill: 4)")
+    ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario and payload (default: 60)")
+    group = ap.add_argument_group("the profiles (XPeftConfig)")
+    add_flags(group, XPeftConfig, only=("N", "k", "b", "num_labels"), defaults=XPeftConfig(num_labels=15))
+    add_flags(ap.add_argument_group("the server (ServeConfig, as `xpeft serve` takes it)"), ServeConfig, skip=NOT_FLAGS)
+    load = ap.add_argument_group("stage load")
+    load.add_argument("--requests", type=int, default=600, help="requests a scenario, payload and round (default: 600)")
+    load.add_argument(
         "--rounds",
         type=int,
         default=3,
-        help="(a) then (b), this many times per payload: alternating spreads a shared machine's drift over both",
+        help="(a) then (b), this many times per payload: alternating spreads a machine's drift over both (default: 3)",
     )
-    ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario and payload")
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument(
+    load.add_argument(
         "--payload",
         nargs="+",
-        default=["1x20"],
+        default=[(1, 20)],
         type=parse_payload,
-        help="TEXTSxWORDS per request, one or more (e.g. 1x20 1x100 4x20)",
+        help="TEXTSxWORDS per request, one or more (e.g. 1x20 1x100 4x20; default: 1x20)",
     )
-    ap.add_argument(
+    load.add_argument(
         "--forwards",
         nargs="+",
         choices=["ort", "eager"],
         default=["ort", "eager"],
-        help="the xpeft servers to run, one after another (ServeConfig.forward)",
+        help="the xpeft servers, one after another (ServeConfig.forward; stage kill runs the first)",
     )
-    ap.add_argument(
+    load.add_argument(
         "--peer",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="then the PEFT LoRA + @serve.multiplexed peer on the same payloads (benchmarks/serve_peer.py)",
+        help="then the PEFT LoRA + @serve.multiplexed peer on the same payloads (harness/peer.py)",
     )
-    ap.add_argument("--peer-profiles", type=int, default=1000, help="the store's first profiles, as PEFT adapters")
-    ap.add_argument(
+    load.add_argument("--peer-profiles", type=int, default=1000, help="the store's first profiles, as PEFT adapters")
+    load.add_argument(
         "--peer-models",
         type=int,
         default=None,
         help="the peer's max_num_models_per_replica (default: --cache-size, the combined profiles xpeft keeps)",
     )
-    ap.add_argument("--peer-adapters", default=None, help="the peer's adapter directory (kept and reused)")
-    ap.add_argument("--unloaded", type=int, default=200, help="sequential single-text requests (unloaded latency)")
-    ap.add_argument("--alone-reps", type=int, default=3, help="timed forwards alone per batch size")
-    ap.add_argument(
-        "--cpus-per-actor", type=float, default=1.0, help="CPUs reserved by the replica (its compute threads)"
+    load.add_argument("--peer-adapters", default=None, help="the peer's adapter directory (kept and reused)")
+    load.add_argument("--unloaded", type=int, default=200, help="sequential single-text requests (unloaded latency)")
+    load.add_argument("--alone-reps", type=int, default=3, help="timed forwards alone per batch size")
+    kill = ap.add_argument_group("stage kill")
+    kill.add_argument("--kill-at", type=float, default=5.0, help="seconds of the stream before the kill")
+    kill.add_argument("--after-kill", type=float, default=60.0, help="seconds of the stream after it, at most")
+    kill.add_argument("--served-after", type=int, default=50, help="stop once this many were served after the kill")
+    kill.add_argument("--plain-proxy", action="store_true", help="without xpeft.serve.proxy's middleware")
+    kill.add_argument(
+        "--drain-s", type=float, default=130.0, help="then seconds to wait for the requests still in flight"
     )
-    ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--batch-wait-s", type=float, default=DEFAULTS["batch_wait_s"].default)
-    ap.add_argument("--cache-size", type=int, default=256)
-    ap.add_argument(
-        "--record-cache-mb",
-        type=float,
-        default=DEFAULTS["record_cache_mb"].default,
-        help="stored records kept in memory (0: every miss of the combined cache reads the store)",
+    slow = ap.add_argument_group("stage slow")
+    slow.add_argument(
+        "--slow-clients", type=int, default=200, help="connections holding half-sent bodies (issue 23: 200)"
     )
-    ap.add_argument("--onnx-cache", default=None, help=DEFAULTS["onnx_cache"].metadata["help"])
-    ap.add_argument(
-        "--slow-clients",
-        type=int,
-        default=0,
-        help="then a normal client beside this many connections holding half-sent bodies (0: skip; issue 23: 200)",
-    )
-    ap.add_argument("--slow-seconds", type=float, default=20.0, help="the normal client's seconds, each way")
-    ap.add_argument("--fits", type=int, default=0, help="then this many profiles fitted over HTTP (0: skip; 20)")
-    ap.add_argument("--fit-examples", type=int, default=40, help="labelled texts per profile fitted on demand")
-    ap.add_argument("--fit-seconds", type=float, default=20.0, help="classify alone this long before the fits")
-    ap.add_argument("--no-load", dest="load", action="store_false", help="skip the load stage (xpeft and the peer)")
-    ap.add_argument("--smoke", action="store_true", help="a tiny random backbone, a few requests: seconds")
-    args = ap.parse_args()
+    slow.add_argument("--slow-seconds", type=float, default=20.0, help="the normal client's seconds, each way")
+    fits = ap.add_argument_group("stage fits")
+    fits.add_argument("--fits", type=int, default=20, help="profiles fitted over HTTP, one after another")
+    fits.add_argument("--fit-examples", type=int, default=40, help="labelled texts a profile (default: 40)")
+    fits.add_argument("--fit-seconds", type=float, default=20.0, help="classify alone this long before the fits")
+    return ap
+
+
+SMOKE = {  # sizes only (two payloads: the tables' loops over them): what runs (stages, forwards, peer, proxy) is kept
+    **{"requests": 4, "rounds": 1, "time_limit": 60.0, "unloaded": 3, "alone_reps": 1, "peer_profiles": 4},
+    **{"payload": [(1, 8), (2, 8)]},
+    **{"N": 8, "k": None, "b": 4, "num_labels": 3, "store": None, "peer_adapters": None},
+    **{"num_replicas": 1, "cpus_per_actor": 1.0},  # one replica is killed either way
+    **{"kill_at": 1.0, "after_kill": 2.0, "served_after": 2, "drain_s": 1.0},
+    **{"slow_clients": 20, "slow_seconds": 3.0},
+    **{"fits": 3, "fit_examples": 12, "fit_seconds": 2.0},
+}
+SMOKE_ALSO = ("backbone", "profiles", "concurrency")  # also set by the smoke setting (settle)
+
+
+def settle(ap: argparse.ArgumentParser, args, tmp: str) -> None:
+    """Defaults that depend on other flags, the smoke setting's sizes, and the refusals."""
+    args.stages = args.stages or ["load"]
     if args.smoke:
-        smoke_settings(args)
+        vars(args).update(SMOKE, backbone=smoke_backbone(tmp), concurrency=min(args.concurrency or 2, 2))
+        args.profiles = args.requests * len(args.payload) * args.rounds + args.peer_profiles
+        if not (args.onnx_cache or os.environ.get("XPEFT_ONNX_CACHE")):  # never ~/.cache for a smoke run
+            args.onnx_cache = os.path.join(tmp, "onnx")
+    args.kill_concurrency = args.concurrency or 4
+    args.concurrency = args.concurrency or 16
     args.peer_models = args.peer_models or args.cache_size
-    n = args.requests
-    if n * len(args.payload) * args.rounds > args.profiles - 1:
+    if "load" in args.stages and args.requests * len(args.payload) * args.rounds > args.profiles - 1:
         ap.error("(b) never sends two requests to one profile: need requests × payloads × rounds < profiles")
-    if args.peer and args.peer_profiles > args.profiles:
+    if "load" in args.stages and args.peer and args.peer_profiles > args.profiles:
         ap.error("--peer-profiles must not exceed --profiles: the peer serves the store's first profiles")
+
+
+def main() -> None:
+    ap = arguments()
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory(prefix="xpeft-load-")
+    settle(ap, args, tmp.name)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.slow_clients:
+    if {"kill", "slow"} & set(args.stages) and not args.plain_proxy:
         from xpeft.serve.proxy import install
 
-        install()  # before ray.init: the proxy reads each body (within XPEFT_BODY_TIMEOUT_S) before a replica
+        install()  # before ray.init: the proxy process inherits the environment
     import ray
     from ray import serve
 
-    tmp = tempfile.TemporaryDirectory(prefix="xpeft-load-") if args.store is None else None
-    root = args.store or tmp.name
-    t0 = time.perf_counter()
-    store = make_store(root, args.profiles, args.backbone, args.N, args.k, args.b, args.num_labels)
-    print(
-        f"store: {len(store)} profiles in {store.stats()['parts']} parts at {root} ({time.perf_counter() - t0:.1f} s)"
-    )
-    rng = random.Random(0)
-    ids = store.ids()
-    hot, cold = ids[0], rng.sample(ids[1:], n * len(args.payload) * args.rounds)  # (b): never twice a server
-    payloads = {
-        f"{per_request} × {words} words": (
-            per_request,
-            words,
-            [[" ".join(rng.choices(WORDS, k=words)) for _ in range(per_request)] for _ in range(n)],
-        )
-        for per_request, words in args.payload
-    }
+    root = args.store or os.path.join(tmp.name, "store")
+    start = time.perf_counter()
+    cfg = from_flags(args, XPeftConfig)
+    store = make_store(root, args.profiles, args.backbone, cfg)
+    print(f"store: {len(store)} profiles in {store.stats()['parts']} parts at {root} "
+          f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    phases, slow, fits = [], None, None
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for forward in args.forwards if args.load else []:
-            phases.append(xpeft_phase(args, root, port, forward, payloads, hot, cold))
-        if args.peer and args.load:
-            phases.append(peer_phase(args, store, port, payloads))
-        if args.slow_clients:
-            slow = slow_clients_phase(args, root, port, hot)
-        if args.fits:
-            fits = fits_phase(args, root, port, hot)
+        if "load" in args.stages:
+            load_stage(args, store, port)
+        if "kill" in args.stages:
+            kill_stage(args, store, port)
+        if "slow" in args.stages:
+            slow_stage(args, store, port)
+        if "fits" in args.stages:
+            fits_stage(args, store, port)
     finally:
         serve.shutdown()
         ray.shutdown()
-        if tmp is not None:
-            tmp.cleanup()
-    print_reports(args, phases, slow, fits)
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -22,11 +22,12 @@ from dataclasses import replace
 from functools import partial
 
 import torch
+from harness.common import SMOKE_HELP
 
 from xpeft.config import TrainConfig, XPeftConfig
 from xpeft.core.bank import random_bank_for
 from xpeft.core.encoder import load_encoder, load_tokenizer
-from xpeft.core.layer import AdaptedLinear
+from xpeft.core.layer import AdaptedLinear, adapters
 from xpeft.core.model import XPeftModel, task_loss
 from xpeft.core.packing import encode_packed
 from xpeft.data.tasks import SAMPLE, default_data_dir, load_task
@@ -56,8 +57,9 @@ class PerTokenXPeft(XPeftModel):
                 return out + y
 
             handles.append(module.base.register_forward_hook(hook))
-        try:
-            hidden = self.encode(input_ids, attention_mask, token_type_ids, packing)
+        try:  # no combined adapter: clear what the last training forward left set (see xpeft.core.layer.adapters)
+            with adapters(self.adapted, None):
+                hidden = self.encode(input_ids, attention_mask, token_type_ids, packing)
         finally:
             for h in handles:
                 h.remove()
@@ -146,7 +148,13 @@ def padding_stats(batches: list[list[dict]], pack_length: int | None, pad: int) 
     return sum(collate(b)["input_ids"].numel() for b in batches) / sum(len(b) for b in batches)
 
 
-def arguments() -> argparse.Namespace:
+SMOKE = {  # sizes, and every path once: the per-token model and a pack length beside the default loops
+    **{"backbone": "tiny", "rows": 48, "batch_size": 8, "steps": 2, "warmup": 1, "rounds": 1, "threads": 1},
+    **{"N": 8, "ratio_N": 16, "per_token": [8], "pack_lengths": [32]},
+}
+
+
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(ap, FitConfig, only=("backbone",))
     add_flags(ap, TrainConfig, only=("batch_size", "max_length", "seed", "packing", "bf16"), defaults=TCFG)
@@ -167,16 +175,15 @@ def arguments() -> argparse.Namespace:
         help="rows per CPU-second of this process instead of per wall second: steadier beside other work "
         "(default: wall)",
     )
-    ap.add_argument("--smoke", action="store_true", help="tiny random backbone, 2 steps: seconds (default: off)")
-    args = ap.parse_args()
-    if args.smoke:
-        args.backbone, args.rows, args.batch_size, args.steps, args.warmup = "tiny", 48, 8, 2, 1
-    return args
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+    return ap
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    args = arguments()
+    args = arguments().parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     torch.set_num_threads(args.threads)
     tokenizer, encoder = load_tokenizer(args.backbone), load_encoder(args.backbone)
     pad = tokenizer.pad_token_id or 0

@@ -1,16 +1,13 @@
 """The profile store at scale: writes from 2 processes, open-to-ready, lookups, staleness, compaction, memory.
 
-    python benchmarks/store_scale.py --profiles 1000000                 # the new store alone (local disk)
-    python benchmarks/store_scale.py --profiles 100000                  # and today's Parquet layout beside it
+    python benchmarks/store_scale.py --profiles 1000000                 # local disk
     python benchmarks/store_scale.py --profiles 100000 --s3             # on moto_server (S3 API) on 127.0.0.1
     python benchmarks/store_scale.py --profiles 1000000 --upserts 10000 # and lookups after 10,000 single writes
-    python benchmarks/store_scale.py --smoke                            # seconds: every phase on 2,000 profiles
+    python benchmarks/store_scale.py --smoke                            # seconds: every phase, a few hundred
 
 Records are hard mtl profiles with a shared head as the farm writes them (MiniLM, N=100, k=50, b=48: 156 bytes
-of mask bits + the LN affine, 2,460 bytes a record; random content). Phases, each store in turn:
-  build     the store of --profiles profiles. New store: bulk appends (what `xpeft profiles migrate` does);
-            old layout (--compare-old, the default up to 100,000): one Parquet file of 8 per write, as the farm
-            flushes them (FarmConfig.flush_every), via a copy of the old store (benchmarks/old_store.py)
+of mask bits + the LN affine, 2,460 bytes a record; random content). Phases:
+  build     the store of --profiles profiles: bulk appends (what `xpeft profiles migrate` does)
   write     2 writer processes at once, each --writer-batches writes of 8 (half new ids, half refits of
             stored ids), through ProfileStore.write; then checks nothing was lost and the newest version won
   read      a fresh process: open-to-ready (the store opened and its index built), --lookups random stored
@@ -18,13 +15,14 @@ of mask bits + the LN affine, 2,460 bytes a record; random content). Phases, eac
   visible   a process polling refresh() every 50 ms; this one refits an id / deletes one, 5 times each: seconds
             from the write's start until the poller serves the new version / a 404 (a server adds at most its
             staleness_s on top)
-  compact   `xpeft profiles compact` (new store: rewrite + cleanup; deleted bytes gone), bytes before and after
-  upserts   (with --upserts U, new store) lookups in a fresh process on the freshly compacted store, then after U
+  compact   `xpeft profiles compact` (rewrite + cleanup; deleted bytes gone), bytes before and after
+  upserts   (with --upserts U) lookups in a fresh process on the freshly compacted store, then after U
             single-profile upserts (half new ids, half refits, one ProfileStore.write each, as a trickle of fits
             lands) without a compaction, then after compacting again: parts, segments of the id index, ready s,
             lookup and unknown-id p50/p99
-The last line, for the new store: `<n> profiles: ready <s> s, lookup p99 <ms> ms, unknown p99 <ms> ms`; with
---upserts, also `after <U> single upserts: lookup p99 <ms> ms (compacted: <ms> ms)`.
+The last line: `<n> profiles: ready <s> s, lookup p99 <ms> ms, unknown p99 <ms> ms`; with --upserts, also
+`after <U> single upserts: lookup p99 <ms> ms (compacted: <ms> ms)`. (The Parquet layout the store replaced
+was measured beside it with benchmarks/old_store.py and --compare-old at commit 1210ec9.)
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import random
 import shutil
 import socket
@@ -49,7 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from old_store import OldProfileStore  # noqa: E402
+from harness.common import SMOKE_HELP, machine  # noqa: E402
 
 from xpeft.config import XPeftConfig  # noqa: E402
 from xpeft.profiles.record import Profile, from_row, to_row  # noqa: E402
@@ -94,8 +93,22 @@ def profiles(ids: list[str], version: int) -> list[Profile]:
     return [from_row(r) for r in make_rows(ids, version).to_pylist()]
 
 
-def open_store(kind: str, uri: str):
-    return ProfileStore(uri) if kind == "new" else OldProfileStore(uri)
+def deleted_ids(n: int, events: int = 5) -> set[str]:
+    """The stored ids the `visible` phase deletes (a later lookup of a stored id never draws them)."""
+    return {pid((e * 7919 + 1) % n) for e in range(events)}
+
+
+def received(q, procs: list, timeout: float = 7200):
+    """The next result on `q`; a child that exits without one fails the run (its traceback is on stderr)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                what = f"exited {dead[0].exitcode}" if dead else f"sent nothing in {timeout:.0f} s"
+                raise SystemExit(f"a {procs[0].name} child process {what}: see its error above") from None
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -110,24 +123,19 @@ def rss_mb() -> float:
 # --- phases ---------------------------------------------------------------------------------------------
 
 
-def build(kind: str, uri: str, n: int) -> float:
+def build(uri: str, n: int) -> float:
     start = time.perf_counter()
-    if kind == "new":
-        batches = (
-            b
-            for s in range(0, n, 20_000)
-            for b in make_rows([pid(i) for i in range(s, min(n, s + 20_000))], seed=s).to_batches()
-        )
-        ProfileStore(uri).table.bulk_load(batches, SCHEMA)
-    else:
-        old = OldProfileStore(uri)
-        for s in range(0, n, 8):
-            old.write(profiles([pid(i) for i in range(s, min(n, s + 8))], 0))
+    batches = (
+        b
+        for s in range(0, n, 20_000)
+        for b in make_rows([pid(i) for i in range(s, min(n, s + 20_000))], seed=s).to_batches()
+    )
+    ProfileStore(uri).table.bulk_load(batches, SCHEMA)
     return time.perf_counter() - start
 
 
-def _writer(kind: str, uri: str, n: int, w: int, batches: int, q) -> None:
-    store, rng = open_store(kind, uri), random.Random(w)
+def _writer(uri: str, n: int, w: int, batches: int, q) -> None:
+    store, rng = ProfileStore(uri), random.Random(w)
     new, refits, seconds = [], {}, []
     for b in range(batches):
         ids = [pid(NEW_BASE + w * 1_000_000 + b * 4 + j) for j in range(4)]
@@ -142,14 +150,14 @@ def _writer(kind: str, uri: str, n: int, w: int, batches: int, q) -> None:
     q.put((new, refits, seconds))
 
 
-def write(kind: str, uri: str, n: int, batches: int) -> dict:
+def write(uri: str, n: int, batches: int) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(kind, uri, n, w, batches, q)) for w in (1, 2)]
+    procs = [ctx.Process(target=_writer, args=(uri, n, w, batches, q)) for w in (1, 2)]
     start = time.perf_counter()
     for p in procs:
         p.start()
-    out = [q.get(timeout=7200) for _ in procs]
+    out = [received(q, procs) for _ in procs]
     wall = time.perf_counter() - start
     for p in procs:
         p.join(60)
@@ -158,7 +166,7 @@ def write(kind: str, uri: str, n: int, batches: int) -> dict:
     for _, refits, _ in out:
         for i, cv in refits.items():
             newest[i] = max(newest.get(i, cv), cv)
-    store = open_store(kind, uri)
+    store = ProfileStore(uri)
     lost = [i for i in new if i not in store]
     sample = random.Random(0).sample(sorted(newest), min(300, len(newest)))
     stale = [i for i in sample if store.get(i).metrics["version"] != newest[i][1]]
@@ -174,16 +182,18 @@ def write(kind: str, uri: str, n: int, batches: int) -> dict:
     }
 
 
-def _reader(kind: str, uri: str, n: int, lookups: int, unknown: int, recent: tuple[str, ...], q) -> None:
+def _reader(uri: str, n: int, lookups: int, unknown: int, recent: tuple[str, ...], q) -> None:
     """A fresh process: open-to-ready, then `lookups` random stored ids (half of them among `recent`, when given)
     and `unknown` ids never stored."""
     start = time.perf_counter()
-    store = open_store(kind, uri)
+    store = ProfileStore(uri)
     len(store)  # the index: ready to answer after this
     ready = time.perf_counter() - start
-    rng, hits, misses = random.Random(1), [], []
+    rng, hits, misses, gone = random.Random(1), [], [], deleted_ids(n)
     for _ in range(lookups):
         i = rng.choice(recent) if recent and rng.random() < 0.5 else pid(rng.randrange(n))
+        while i in gone and i not in recent:
+            i = pid(rng.randrange(n))
         t = time.perf_counter()
         assert store.get(i).profile_id == i
         hits.append(time.perf_counter() - t)
@@ -199,7 +209,7 @@ def _reader(kind: str, uri: str, n: int, lookups: int, unknown: int, recent: tup
             "unknown_p50_ms": pct(misses, 50),
             "unknown_p99_ms": pct(misses, 99),
             "rss_mb": rss_mb(),
-            **(table_shape(store) if kind == "new" else {}),
+            **table_shape(store),
         }
     )
 
@@ -210,8 +220,8 @@ def table_shape(store: ProfileStore) -> dict:
     return {"parts": store.stats()["parts"], "index_segments": len(found[0].segments) if found else 0}
 
 
-def _poller(kind: str, uri: str, inbox, outbox) -> None:
-    store = open_store(kind, uri)
+def _poller(uri: str, inbox, outbox) -> None:
+    store = ProfileStore(uri)
     len(store)
     outbox.put("ready")
     while (event := inbox.get()) is not None:
@@ -226,28 +236,27 @@ def _poller(kind: str, uri: str, inbox, outbox) -> None:
             time.sleep(0.05)
 
 
-def visible(kind: str, uri: str, n: int, events: int = 5) -> dict:
+def visible(uri: str, n: int, events: int = 5) -> dict:
     ctx = mp.get_context("spawn")
     inbox, outbox = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_poller, args=(kind, uri, inbox, outbox))
+    proc = ctx.Process(target=_poller, args=(uri, inbox, outbox))
     proc.start()
-    assert outbox.get(timeout=3600) == "ready"
-    store, out = open_store(kind, uri), {"upsert": [], "delete": []}
+    assert received(outbox, [proc], 3600) == "ready"
+    store, out = ProfileStore(uri), {"upsert": [], "delete": []}
     for e in range(events):
         i = pid(e * 7919 % n)
         inbox.put(("upsert", i, 900_000 + e, time.time()))
         store.write(profiles([i], 900_000 + e))
-        out["upsert"].append(outbox.get(timeout=600))
-        if kind == "new":  # the old layout cannot delete
-            i = pid((e * 7919 + 1) % n)
-            inbox.put(("delete", i, None, time.time()))
-            store.delete([i])
-            out["delete"].append(outbox.get(timeout=600))
+        out["upsert"].append(received(outbox, [proc], 600))
+        i = pid((e * 7919 + 1) % n)  # deleted_ids(n)
+        inbox.put(("delete", i, None, time.time()))
+        store.delete([i])
+        out["delete"].append(received(outbox, [proc], 600))
     inbox.put(None)
     proc.join(60)
     return {
         "upsert_visible_s": float(np.median(out["upsert"])),
-        "delete_404_s": float(np.median(out["delete"])) if out["delete"] else float("nan"),
+        "delete_404_s": float(np.median(out["delete"])),
     }
 
 
@@ -258,9 +267,7 @@ def stored_bytes(uri: str, s3) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(uri) for f in fs)
 
 
-def compact(kind: str, uri: str, s3) -> dict:
-    if kind != "new":
-        return {"compact_s": float("nan"), "gb_before": stored_bytes(uri, s3) / 1e9, "gb_after": float("nan")}
+def compact(uri: str, s3) -> dict:
     before = stored_bytes(uri, s3)
     start = time.perf_counter()
     ProfileStore(uri).compact()
@@ -278,7 +285,7 @@ def small_writes(uri: str, args) -> list[dict]:
     store.compact()
     n, rows = args.profiles, []
     written: list[str] = []
-    r = in_process(_reader, "new", uri, n, args.lookups, args.unknown, ())
+    r = in_process(_reader, uri, n, args.lookups, args.unknown, ())
     rows.append({"state": "freshly compacted", **r})
     rng, seconds = random.Random(7), []
     print(f"[upserts] {args.upserts} single-profile upserts ...", flush=True)
@@ -289,13 +296,13 @@ def small_writes(uri: str, args) -> list[dict]:
         store.write(batch)
         seconds.append(time.perf_counter() - start)
         written.append(i)
-    r = in_process(_reader, "new", uri, n, args.lookups, args.unknown, tuple(written))
+    r = in_process(_reader, uri, n, args.lookups, args.unknown, tuple(written))
     rows.append({"state": f"after {args.upserts:,} single upserts", "upsert_p50_ms": pct(seconds, 50),
                  "upsert_p99_ms": pct(seconds, 99), **r})  # fmt: skip
     start = time.perf_counter()
     store.compact()
     compact_s = time.perf_counter() - start
-    r = in_process(_reader, "new", uri, n, args.lookups, args.unknown, tuple(written))
+    r = in_process(_reader, uri, n, args.lookups, args.unknown, tuple(written))
     rows.append({"state": f"compacted again ({compact_s:.1f} s)", **r})
     return rows
 
@@ -305,24 +312,21 @@ def in_process(target, *args):
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
-    out = q.get(timeout=7200)
+    out = received(q, [p])
     p.join(60)
     return out
 
 
-def measure(kind: str, uri: str, args, s3) -> dict:
-    print(f"[{kind}] building {args.profiles} profiles at {uri} ...", flush=True)
-    r = {
-        "store": "Lance table (this code)" if kind == "new" else "Parquet files (old layout)",
-        "build_s": build(kind, uri, args.profiles),
-    }
-    print(f"[{kind}] built in {r['build_s']:.1f} s; 2 writers ...", flush=True)
-    r.update(write(kind, uri, args.profiles, args.writer_batches))
-    print(f"[{kind}] reading ...", flush=True)
-    r.update(in_process(_reader, kind, uri, args.profiles, args.lookups, args.unknown, ()))
-    r.update(visible(kind, uri, args.profiles))
-    print(f"[{kind}] compacting ...", flush=True)
-    r.update(compact(kind, uri, s3))
+def measure(uri: str, args, s3) -> dict:
+    print(f"building {args.profiles} profiles at {uri} ...", flush=True)
+    r = {"store": "Lance table", "build_s": build(uri, args.profiles)}
+    print(f"built in {r['build_s']:.1f} s; 2 writers ...", flush=True)
+    r.update(write(uri, args.profiles, args.writer_batches))
+    print("reading ...", flush=True)
+    r.update(in_process(_reader, uri, args.profiles, args.lookups, args.unknown, ()))
+    r.update(visible(uri, args.profiles))
+    print("compacting ...", flush=True)
+    r.update(compact(uri, s3))
     return r
 
 
@@ -381,16 +385,14 @@ def cell(r: dict, key: str, fmt: str | None) -> str:
     return special[key] if fmt is None else ("n/a" if r[key] != r[key] else fmt.format(r[key]))
 
 
-def main() -> None:
+SMOKE = {"profiles": 300, "writer_batches": 3, "lookups": 30, "unknown": 30, "upserts": 40}  # every phase
+
+
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--profiles", type=int, default=100_000, help="profiles in the store (default 100,000)")
     ap.add_argument("--s3", action="store_true", help="on moto_server (an S3 API) on 127.0.0.1 instead of disk")
-    ap.add_argument(
-        "--compare-old",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also measure today's Parquet layout (default: on up to 100,000 profiles, local disk)",
-    )
     ap.add_argument("--writer-batches", type=int, default=None, help="writes of 8 per writer (150; 20 on S3)")
     ap.add_argument("--lookups", type=int, default=None, help="stored-id lookups (3000; 200 on S3)")
     ap.add_argument("--unknown", type=int, default=1500, help="unknown-id lookups (default 1500)")
@@ -398,17 +400,15 @@ def main() -> None:
     ap.add_argument(
         "--upserts", type=int, default=0, help="then lookups after this many single-profile upserts (0: skip)"
     )
-    ap.add_argument("--smoke", action="store_true", help="seconds: 2,000 profiles, every phase small")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = arguments().parse_args()
     if args.smoke:
-        args.profiles, args.writer_batches, args.lookups, args.unknown = 2000, 2, 100, 100
-        args.upserts = args.upserts or 80
-        args.compare_old = bool(args.compare_old)
+        vars(args).update(SMOKE)
     args.writer_batches = args.writer_batches or (20 if args.s3 else 150)
     args.lookups = args.lookups or (200 if args.s3 else 3000)
-    compare_old = args.compare_old if args.compare_old is not None else (args.profiles <= 100_000 and not args.s3)
-    if compare_old and args.s3:
-        ap.error("--compare-old runs on local disk only")
     torch.set_num_threads(1)
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
@@ -417,29 +417,25 @@ def main() -> None:
     try:
         if args.s3:
             moto, url, s3 = start_moto()
-            uris = {"new": f"s3://bench/store?endpoint={url}"}
+            uri = f"s3://bench/store?endpoint={url}"
         else:
-            uris = {"new": f"{tmp}/new"}
-        if compare_old:
-            uris["old"] = f"{tmp}/old"
-        results = [measure(kind, uri, args, s3) for kind, uri in uris.items()]
-        trickle = small_writes(uris["new"], args) if args.upserts else []
+            uri = f"{tmp}/store"
+        new = measure(uri, args, s3)
+        trickle = small_writes(uri, args) if args.upserts else []
     finally:
         if moto is not None:
             moto.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
     where = "moto S3 on 127.0.0.1" if args.s3 else "local disk"
     print(
-        f"\n{args.profiles:,} profiles, {where}, {os.cpu_count()} CPUs; {2 * args.writer_batches} writes of 8 "
+        f"\n{args.profiles:,} profiles, {where}, {machine()}; {2 * args.writer_batches} writes of 8 "
         f"from 2 processes, {args.lookups} lookups, {args.unknown} unknown ids\n"
     )
     print("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
-    for r in results:
-        print("| " + " | ".join(cell(r, key, fmt) for key, _, fmt in COLUMNS) + " |")
-    new = results[0]
+    print("| " + " | ".join(cell(new, key, fmt) for key, _, fmt in COLUMNS) + " |")
     if trickle:
-        print(f"\nlookups of the new store, {args.lookups} of stored ids (after the upserts, half of them among "
+        print(f"\nlookups of the store, {args.lookups} of stored ids (after the upserts, half of them among "
               f"the ids they wrote) and {args.unknown} unknown, each in a fresh process:\n")  # fmt: skip
         print("| state | parts | id-index segments | upsert p50/p99 ms | ready s | lookup p50/p99 ms "
               "| unknown p50/p99 ms |")  # fmt: skip

@@ -17,14 +17,22 @@ from xpeft.profiles.record import Profile, profile_from_model
 L, N, K, B, D = 2, 20, 5, 4, 32  # the tiny encoder of conftest: 2 blocks, hidden 32
 BANK = random_bank(L, N, B, D, seed=7)
 SHARED_HEAD_ID = "shared-1"
+# The tensors a fit trains besides the head, by mode: the profile's own (tests/test_core.py checks that only
+# these and the head change in a step, and that the backbone and the bank stay frozen).
+MASKS_LN = frozenset({"mask_logits_A", "mask_logits_B", "ln_weight", "ln_bias"})
+MASK_B_LN = frozenset({"mask_logits_B", "ln_weight", "ln_bias"})  # the single-mask ablation: M_A is never trained
+MASKS = frozenset({"mask_logits_A", "mask_logits_B"})
+LORA = frozenset({"lora_A", "lora_B"})
 
 
 @dataclass(frozen=True)
 class Case:
-    """A mode: its config (over N, k, b of this table) and whether its head is shared (the mtl setting)."""
+    """A mode: its config (over N, k, b of this table), the tensors its fit trains besides the head, and whether
+    its head is shared (the mtl setting)."""
 
     name: str
     config: dict = field(default_factory=dict)
+    trains: frozenset[str] = MASKS_LN
     shared_head: bool = False
     label_names: tuple[str, ...] | None = None
 
@@ -35,12 +43,12 @@ class Case:
 CASES = [
     Case("hard", {"mode": "x_peft", "mask_type": "hard", "num_labels": 3}, label_names=("neg", "neu", "pos")),
     Case("soft", {"mode": "x_peft", "mask_type": "soft"}),
-    Case("hard-no-ln", {"mode": "x_peft", "mask_type": "hard", "layer_norm": False}),
-    Case("hard-B", {"mode": "x_peft", "mask_type": "hard", "masks": "B"}),
-    Case("soft-B", {"mode": "x_peft", "mask_type": "soft", "masks": "B"}),
-    Case("single", {"mode": "single_adapter"}),
-    Case("single-alpha", {"mode": "single_adapter", "lora_alpha": 8.0}),
-    Case("head-only", {"mode": "head_only", "num_labels": 4}),
+    Case("hard-no-ln", {"mode": "x_peft", "mask_type": "hard", "layer_norm": False}, MASKS),
+    Case("hard-B", {"mode": "x_peft", "mask_type": "hard", "masks": "B"}, MASK_B_LN),
+    Case("soft-B", {"mode": "x_peft", "mask_type": "soft", "masks": "B"}, MASK_B_LN),
+    Case("single", {"mode": "single_adapter"}, LORA),
+    Case("single-alpha", {"mode": "single_adapter", "lora_alpha": 8.0}, LORA),
+    Case("head-only", {"mode": "head_only", "num_labels": 4}, frozenset()),
     Case("pooler", {"mode": "x_peft", "mask_type": "hard", "head": "pooler"}),
     Case("regress", {"mode": "x_peft", "mask_type": "hard", "num_labels": 1, "problem_type": "regression"}),
     Case("mtl-a", {"mode": "x_peft", "mask_type": "hard"}, shared_head=True),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import uuid
 
+import boto3
+import moto.server
 import pytest
 
 ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
@@ -15,12 +17,10 @@ ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_
 @pytest.fixture(scope="module")
 def s3():
     """A function making a fresh bucket's store URI: `s3("name")` -> s3://<bucket>/name?endpoint=http://…"""
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
     saved = {k: os.environ.get(k) for k in (*ENV, "AWS_ENDPOINT_URL")}
     os.environ.update(ENV)
     os.environ.pop("AWS_ENDPOINT_URL", None)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = moto.server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"

@@ -5,7 +5,6 @@ profile, empty text) written with its reason, never failing the job."""
 from __future__ import annotations
 
 import random
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -147,9 +146,7 @@ def test_the_ray_data_job_scores_every_row_and_writes_the_bad_ones_with_their_er
         data=str(tmp_path / "in"), out=str(tmp_path / "scored"), num_actors=2, batch_size=64,
         progress=False, serve=serve,
     )  # fmt: skip
-    start = time.perf_counter()
-    result = run_batch(cfg)
-    assert time.perf_counter() - start < 60
+    result = run_batch(cfg)  # its rows/s: benchmarks/batch_inference.py
     scored = pq.read_table(tmp_path / "scored").sort_by("id")
     assert scored.num_rows == table.num_rows == result["rows"]
     assert result["scored"] == sum(e is None for e in scored.column("error").to_pylist())

@@ -28,12 +28,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import yaml
 
 from xpeft.config import TrainConfig, XPeftConfig
 from xpeft.data.dataset import profile_datas
-
-ray = pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -264,11 +263,7 @@ def test_news_profiles_from_shared_data_have_stable_stats_and_split():
 
 @pytest.mark.shared_data
 def test_committed_samples_regenerate_byte_for_byte(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_samples", REPO / "benchmarks" / "make_samples.py")
-    make_samples = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_samples)
-    make_samples.sample_sst2(shared_data_dir(), 0, tmp_path)
-    make_samples.sample_news(shared_data_dir(), 0, tmp_path)
+    assert _run_cli("data", "make-samples", "--data-dir", str(shared_data_dir()), "--out-dir", str(tmp_path)) == 0
     samples = REPO / "xpeft" / "data" / "samples"
     for name in ("sst2_train_sample.tsv", "sst2_dev_sample.tsv"):
         assert (tmp_path / name).read_bytes() == (samples / name).read_bytes()

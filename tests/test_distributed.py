@@ -1,4 +1,4 @@
-"""Ray Train DDP fitting (xpeft.distributed): replicas in sync, the global batch fixed across worker counts,
+"""Ray Train DDP fitting (xpeft.ray.train): replicas in sync, the global batch fixed across worker counts,
 resume from the last checkpoint after a worker dies. Tiny random BERT, local Ray on 2 CPUs."""
 
 from __future__ import annotations

@@ -1,33 +1,39 @@
 """Every command the docs show still works: no documented command can rot.
 
-The convention (README.md and docs/*.md): each fenced ```bash block is preceded, on the line before its
-fence (blank lines between are allowed), by one marker:
+The convention (README.md, docs/*.md and BENCHMARKS.md): each fenced ```bash block is preceded, on the line
+before its fence (blank lines between are allowed), by one marker:
 
     <!-- test: run -->                    run the block here: it must exit 0
     <!-- test: run timeout=300 append="--max-profiles 4 --epochs 1" -->
                                           the same, with a time limit in seconds (default 120) and flags
-                                          appended to every `xpeft ...` / `python ray_jobs/...` command
-                                          in the block, to run it at a small size
+                                          appended to every `xpeft ...` / `python ray_jobs/...` /
+                                          `python benchmarks/...` command in the block, to run it at a
+                                          small size (BENCHMARKS.md's: append="--smoke")
+    <!-- test: run needs=shared-data -->  run where ../shared/data (or XPEFT_DATA_DIR) is, skipped with the
+                                          reason elsewhere
     <!-- test: skip (needs an AWS account) -->
                                           not run (a cluster, a long run, a server); the reason is required
 
 A ```bash (or ```sh / ```shell) block without a marker fails the test, so a new block cannot slip by
-untested; transcripts with output belong in ```text blocks, which are neither run nor checked. Run blocks
-run in document order (README.md, then docs/*.md), each as one bash script (`set -euo pipefail`), in one
-scratch copy of the repository (so `runs/...` outputs never land in the checkout; a block sees what earlier
-blocks wrote), with the virtualenv first on PATH, Hugging Face offline and Ray's token auth off. `append`
-flags go at the end of each xpeft / ray_jobs command, before any pipe, redirection or comment.
+untested, and so does a command (an `xpeft`, ray_jobs or benchmarks call) in any other fenced block: output
+belongs in ```text blocks, without the command. Run blocks run in document order (README.md, docs/*.md, then
+BENCHMARKS.md), each as one bash script (`set -euo pipefail`), in one scratch copy of the repository (so
+`runs/...` outputs never land in the checkout; a block sees what earlier blocks wrote), with the virtualenv
+first on PATH, Hugging Face offline and Ray's token auth off. `append` flags go at the end of each command,
+before any pipe, redirection or comment. A block running a benchmark that has no smoke setting yet
+(tests/test_benchmarks.py's PENDING) is a strict expected failure.
 
-Skipped blocks are still checked: every `xpeft SUBCOMMAND ...` and `python ray_jobs/SCRIPT.py ...` in any
-block (also after `ray job submit ... --`) must name an existing command and use only flags its `--help`
-lists, and every `make TARGET` must be a Makefile target. Besides the docs, `xpeft --help`, the `--help` of
-every xpeft subcommand and of every ray_jobs script must exit 0.
+Skipped blocks are still checked: every `xpeft SUBCOMMAND ...`, `python ray_jobs/SCRIPT.py ...` and `python
+benchmarks/SCRIPT.py ...` in any block (also after `ray job submit ... --`) must name an existing command and
+use only flags its `--help` lists, and every `make TARGET` must be a Makefile target. A benchmark script that
+has left the tree may be named only beside the commit that still has it, and every dotted `xpeft.` name in
+the docs must resolve. Besides the docs, `xpeft --help`, the `--help` of every xpeft subcommand and of every
+ray_jobs script must exit 0.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
 import re
@@ -39,13 +45,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import shared_data_dir
+from test_benchmarks import PENDING, assert_ran, run_smoke, script_help
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "BENCHMARKS.md"]
 MARKER = re.compile(r"<!--\s*test:\s*(?P<kind>run|skip)\b(?P<rest>.*?)-->")
 SEPARATORS = {"&&", "||", "|", ";", "&"}
 SCRIPTS = sorted(p.name for p in (REPO / "ray_jobs").glob("*.py") if not p.name.startswith("_"))
+SCRIPT_DIRS = ("ray_jobs/", "benchmarks/")  # `python DIR/NAME.py ...`: documented scripts
+NEEDS = {"shared-data"}
 
 
 @dataclass
@@ -57,6 +67,7 @@ class Block:
     reason: str = ""
     timeout: float = 120
     append: list[str] = field(default_factory=list)
+    needs: str = ""
 
     @property
     def name(self) -> str:
@@ -72,27 +83,45 @@ def parse_marker(text: str) -> dict:
         reason = rest[1:-1].strip() if rest.startswith("(") and rest.endswith(")") else ""
         return {"kind": "skip", "reason": reason}
     opts = dict(token.split("=", 1) for token in shlex.split(rest))
-    unknown = set(opts) - {"timeout", "append"}
+    unknown = set(opts) - {"timeout", "append", "needs"}
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} in marker {m.group(0)!r}")
-    return {"kind": "run", "timeout": float(opts.get("timeout", 120)), "append": shlex.split(opts.get("append", ""))}
+    if opts.get("needs", "shared-data") not in NEEDS:
+        raise ValueError(f"needs={opts['needs']!r} in marker {m.group(0)!r}: known needs are {sorted(NEEDS)}")
+    return {
+        "kind": "run",
+        "timeout": float(opts.get("timeout", 120)),
+        "append": shlex.split(opts.get("append", "")),
+        "needs": opts.get("needs", ""),
+    }
 
 
-def bash_blocks(path: Path) -> list[Block]:
+def fenced_blocks(path: Path) -> list[tuple[str, int, str, str]]:
+    """(language, line of the opening fence, code, the text before the fence) of every fenced block."""
     lines = path.read_text().splitlines()
     blocks, i = [], 0
     while i < len(lines):
         fence = lines[i].strip()
         if fence.startswith("```"):
             end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("```")), len(lines))
-            if fence[3:].strip() in ("bash", "sh", "shell"):
-                prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-                doc = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-                blocks.append(Block(doc, i + 1, "\n".join(lines[i + 1 : end]), **parse_marker(prev)))
+            prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            blocks.append((fence[3:].strip(), i + 1, "\n".join(lines[i + 1 : end]), prev))
             i = end + 1
         else:
             i += 1
     return blocks
+
+
+def doc_name(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def bash_blocks(path: Path) -> list[Block]:
+    return [
+        Block(doc_name(path), line, code, **parse_marker(prev))
+        for lang, line, code, prev in fenced_blocks(path)
+        if lang in ("bash", "sh", "shell")
+    ]
 
 
 def all_blocks() -> list[Block]:
@@ -115,14 +144,14 @@ def commands(code: str) -> list[list[str]]:
 
 
 def invocations(tokens: list[str]) -> list[tuple[tuple[str, ...], list[str]]]:
-    """(program, args) for every xpeft / ray_jobs call in one command line. program is ("xpeft",) or
-    ("ray_jobs/NAME.py",); args run to the next shell separator."""
+    """(program, args) for every xpeft / ray_jobs / benchmarks call in one command line. program is ("xpeft",),
+    ("ray_jobs/NAME.py",) or ("benchmarks/NAME.py",); args run to the next shell separator."""
     found = []
     for i, tok in enumerate(tokens):
         prog = None
         if Path(tok).name == "xpeft" and (i == 0 or tokens[i - 1] in SEPARATORS | {"--", "env", "time"}):
             prog = ("xpeft",)
-        elif Path(tok).name.startswith("python") and i + 1 < len(tokens) and tokens[i + 1].startswith("ray_jobs/"):
+        elif Path(tok).name.startswith("python") and i + 1 < len(tokens) and tokens[i + 1].startswith(SCRIPT_DIRS):
             prog = (tokens[i + 1],)
         if prog is None:
             continue
@@ -149,19 +178,6 @@ def xpeft_help(path: tuple[str, ...]) -> tuple[int, str]:
         except SystemExit as e:
             code = e.code or 0
     return code, buf.getvalue()
-
-
-@functools.cache
-def script_help(script: str) -> tuple[int, str]:
-    r = subprocess.run(
-        [sys.executable, script, "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
-    return r.returncode, r.stdout + r.stderr
 
 
 def xpeft_subcommands() -> list[tuple[str, ...]]:
@@ -379,11 +395,45 @@ def with_appended_flags(code: str, extra: list[str]) -> str:
     return "\n".join(out)
 
 
-RUN_BLOCKS = [b for b in all_blocks() if b.kind == "run"]
+def pending(block: Block) -> list[str]:
+    """The benchmarks the block runs that have no smoke setting yet (tests/test_benchmarks.py's PENDING)."""
+    progs = {prog[0] for tokens in commands(block.code) for prog, _ in invocations(tokens)}
+    return sorted(name for name in PENDING if f"benchmarks/{name}" in progs)
+
+
+def benchmark_calls(block: Block) -> list[tuple[str, list[str]]] | None:
+    """A block of nothing but `python benchmarks/NAME.py ...` lines, appended --smoke: (NAME.py, args) each, run
+    through tests/test_benchmarks.py's run_smoke (the same run once, however many commands make it); None for
+    any other block, which runs as a bash script."""
+    if block.append != ["--smoke"]:
+        return None
+    calls = []
+    for tokens in commands(block.code):
+        found = invocations(tokens)
+        if len(found) != 1 or not Path(tokens[0]).name.startswith("python") or len(tokens) != 2 + len(found[0][1]):
+            return None
+        (prog, args), *_ = found
+        if not prog[0].startswith("benchmarks/"):
+            return None
+        calls.append((prog[0].removeprefix("benchmarks/"), args))
+    return calls or None
+
+
+def run_params() -> list:
+    params = []
+    for b in all_blocks():
+        if b.kind != "run":
+            continue
+        waiting = pending(b)
+        marks = (
+            [pytest.mark.xfail(strict=True, reason=f"{', '.join(waiting)}: {PENDING[waiting[0]]}")] if waiting else []
+        )
+        params.append(pytest.param(b, id=b.name, marks=marks))
+    return params
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda b: b.name)
+@pytest.mark.parametrize("block", run_params())
 def test_runnable_doc_blocks_exit_0(block, scratch):
     env = {
         **os.environ,
@@ -395,8 +445,91 @@ def test_runnable_doc_blocks_exit_0(block, scratch):
         "TOKENIZERS_PARALLELISM": "false",
     }
     env.pop("RAY_ADDRESS", None)
+    if benchmark_calls(block) is not None:
+        for script, args in benchmark_calls(block):
+            assert_ran(run_smoke(script, args))
+        return
+    if block.needs == "shared-data":
+        env["XPEFT_DATA_DIR"] = str(shared_data_dir())  # skips, saying why, where it is absent
     script = "set -euo pipefail\n" + with_appended_flags(block.code, block.append)
     r = subprocess.run(
         ["bash", "-c", script], cwd=scratch, env=env, capture_output=True, text=True, timeout=block.timeout
     )
     assert r.returncode == 0, f"{block.name} exited {r.returncode}:\n{script}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+
+
+# --- 3. names in the docs that can rot besides commands ---------------------------------------------------
+
+
+def test_commands_live_only_in_marked_bash_blocks():
+    """A command in a ```text (or unlabelled) block is neither run nor checked: commands go in ```bash blocks,
+    their output in ```text blocks of its own."""
+    found = [
+        f"{doc_name(doc)}:{line}: {' '.join(tokens)[:80]}"
+        for doc in DOCS
+        if doc.exists()
+        for lang, line, code, _ in fenced_blocks(doc)
+        if lang not in ("bash", "sh", "shell")
+        for tokens in commands(code)
+        if invocations(tokens)
+    ]
+    assert not found, f"commands outside ```bash blocks (move them into a marked ```bash block): {found}"
+
+
+LEFT = re.compile(r"benchmarks/(\w+\.py)")
+COMMIT = re.compile(r"\bcommit ([0-9a-f]{7,40})\b")
+
+
+def paragraphs(text: str) -> list[str]:
+    return [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def commit_has(commit: str, path: str) -> bool:
+    r = subprocess.run(["git", "cat-file", "-e", f"{commit}:{path}"], cwd=REPO, capture_output=True, timeout=60)
+    return r.returncode == 0
+
+
+def test_a_benchmark_that_left_the_tree_is_named_with_the_commit_that_has_it():
+    """One-off experiments leave benchmarks/ and their numbers stay in the docs: a paragraph naming a script
+    that is gone must say at which commit it ran (`... at commit 1b95322`), and that commit must hold it."""
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=REPO, capture_output=True, text=True)
+    if shallow.returncode != 0 or shallow.stdout.strip() != "false":
+        pytest.skip("not a full git checkout (none, or a shallow clone): the commits named cannot be looked up")
+    bad = []
+    for doc in DOCS:
+        for para in paragraphs(doc.read_text()) if doc.exists() else []:
+            for name in sorted(set(LEFT.findall(para))):
+                if (REPO / "benchmarks" / name).exists():
+                    continue
+                commits = COMMIT.findall(para)
+                if not any(commit_has(c, f"benchmarks/{name}") for c in commits):
+                    bad.append(f"{doc_name(doc)}: benchmarks/{name} (commits named: {commits or 'none'})")
+    assert not bad, f"gone from benchmarks/, and named without a commit that has it: {bad}"
+
+
+DOTTED = re.compile(r"\bxpeft(?:\.[A-Za-z_]\w*)+")
+
+
+def resolves(name: str) -> bool:
+    """`xpeft.a.b.c` names a module, or an attribute of the longest module prefix that imports."""
+    import importlib
+
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+    return False
+
+
+def test_every_dotted_xpeft_name_in_the_docs_resolves():
+    """`xpeft.recipes.TASK_TRAIN` after the recipes moved to xpeft.fit.recipes is a dead end for a reader."""
+    names = {(doc_name(doc), m) for doc in DOCS if doc.exists() for m in DOTTED.findall(doc.read_text())}
+    dead = sorted(f"{doc}: {name}" for doc, name in names if not resolves(name))
+    assert not dead, f"names that no longer exist: {dead}"

@@ -9,14 +9,13 @@ import time
 
 import pyarrow as pa
 import pytest
+import ray  # noqa: F401 - a pinned dependency: a broken install fails here, not as skips
 from moto_s3 import s3  # noqa: F401 - the fixture: an S3 API on loopback
 
 from xpeft.config import TrainConfig, XPeftConfig
 from xpeft.data.dataset import profile_datas
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-ray = pytest.importorskip("ray")
 
 TOPICS = {0: "politics vote election", 1: "sports game team", 2: "food recipe trip", 3: "music art culture"}
 

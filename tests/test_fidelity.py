@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import fidelity  # noqa: E402
 from harness import fidelity_news, fidelity_pool, fidelity_report, fidelity_runs  # noqa: E402
 from harness.fidelity_runs import HarnessConfig, Run  # noqa: E402
+from test_benchmarks import assert_ran, run_smoke, smoke_folder  # noqa: E402
 
 from xpeft.config import TrainConfig  # noqa: E402
 
@@ -34,11 +35,11 @@ def lines_of(path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def smoke_out(tmp_path_factory):
-    """Every stage once with --smoke into one folder, then the report."""
-    out = tmp_path_factory.mktemp("fidelity")
-    fidelity.main(["--smoke", "--out", str(out)])
-    return out
+def smoke_out():
+    """Every stage once with --smoke into one folder, then the report: the suite's smoke run of the script
+    (tests/test_benchmarks.py runs it once for both)."""
+    assert_ran(run_smoke("fidelity.py"))
+    return smoke_folder("fidelity.py")
 
 
 @pytest.mark.parametrize("stage", [pytest.param("parity", marks=needs_fast_loop), "study", "grid"])

@@ -206,23 +206,6 @@ def test_the_same_rows_give_the_same_profile_through_the_farm_path_and_on_demand
 # --- over real HTTP, against Serve: the fit workers are Ray actors ------------------------------------------
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_the_fits_on_demand_benchmark_runs_at_smoke_size():
-    """benchmarks/serve_load.py --smoke --no-load: the slow-clients and fits-on-demand scenarios, tiny backbone."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run(
-        [sys.executable, "benchmarks/serve_load.py", "--smoke", "--no-load"],
-        cwd=repo, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "## fits on demand: 3 profiles of 12 examples" in r.stdout and "| with fits |" in r.stdout, r.stdout
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, backbone):
     """A farm run into a fresh store (which records its recipe), then two Serve apps over it: '/' with one fit

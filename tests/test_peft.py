@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
+import peft
 import pytest
 import torch
 from cases import BANK, BY_NAME, fitted_profile
@@ -25,7 +26,6 @@ from xpeft.profiles.peft_export import HEAD_FILE, export_peft, why_not_lora
 from xpeft.profiles.record import apply_profile
 from xpeft.profiles.store import ProfileStore
 
-peft = pytest.importorskip("peft")
 TARGET = "attention.self.value"
 
 

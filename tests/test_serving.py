@@ -15,6 +15,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 import torch
 from api_cases import (
     BAD,
@@ -43,8 +44,6 @@ from xpeft.serve.config import ServeConfig
 from xpeft.serve.deployment import app_builder
 from xpeft.serve.engine import ProfileEngine
 from xpeft.serve.local import Coalescer
-
-requests = pytest.importorskip("requests")
 
 TEXTS = ["the movie was great fun", "bad boring plot", "news about the election and the vote"]
 SERVED = [c.name for c in CASES]  # every mode of the table, over real HTTP
@@ -237,7 +236,7 @@ def store(tmp_path_factory, backbone):
 def server(store, backbone):
     """One local Ray, two apps: '/' without auth and '/secure' with a bearer token; its proxy answers a
     request no replica answered with a JSON 503 (xpeft.serve.proxy, as `xpeft serve` sets it up)."""
-    ray = pytest.importorskip("ray")
+    import ray
     from ray import serve
 
     from xpeft.serve.deployment import build_app

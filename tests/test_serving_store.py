@@ -6,7 +6,6 @@ a repair turns it back. Engine level (and the in-process HTTP app), no Ray."""
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import pytest
@@ -44,37 +43,39 @@ def engine_on(root, backbone, **kwargs) -> ProfileEngine:
     return ProfileEngine(cfg)
 
 
-def seconds_until(condition, limit: float = 10.0) -> float:
-    start = time.perf_counter()
+def eventually(condition, hang_guard_s: float = 60.0) -> None:
+    """Wait for `condition`; the guard only keeps a broken refresher from hanging the suite (not a time claim)."""
+    deadline = time.monotonic() + hang_guard_s
     while not condition():
-        assert time.perf_counter() - start < limit, "never happened"
+        assert time.monotonic() < deadline, "never happened"
         time.sleep(0.02)
-    return time.perf_counter() - start
 
 
-def test_a_refit_is_served_with_its_new_scores_and_a_delete_is_a_404_within_the_staleness_bound(
+def test_a_refit_is_served_with_its_new_scores_and_a_delete_is_a_404_after_the_next_refresh(
     tmp_path, backbone, encoder
 ):
+    """The staleness bound is one refresh: the replica's refresher runs one every staleness_s, and a refresh is
+    all a refit or a delete needs to be served as such. Checked by refreshing by hand, then by the refresher."""
     writer = ProfileStore(tmp_path)
     writer.save_bank(BANK)
-    writer.write([hard("alice", 1, encoder), hard("bob", 2, encoder)])
+    writer.write([hard("alice", 1, encoder), hard("bob", 2, encoder), hard("carol", 4, encoder)])
     engine = engine_on(tmp_path, backbone)
-    engine.start()
+    (before,) = engine.load_profiles(["alice"])
+    refit = hard("alice", 3, encoder)
+    writer.write([refit])
+    engine.view.refresh()
+    (after,) = engine.load_profiles(["alice"])
+    assert not torch.equal(before.ln_weight, refit.tensors["ln_weight"])
+    assert torch.equal(after.ln_weight, refit.tensors["ln_weight"])
+    assert engine.profile_info("alice")["metrics"] == refit.metrics  # the listing shows what is served
+    writer.delete(["bob"])
+    engine.view.refresh()
+    assert engine.load_profiles(["bob"])[0].status == 404
+    assert engine.health()["store_profiles"] == 2 and engine.health()["status"] == "ok"
+    engine.start()  # and the refresher does the same by itself
     try:
-        (before,) = engine.load_profiles(["alice"])
-        refit = hard("alice", 3, encoder)
-        writer.write([refit])
-        seen = seconds_until(
-            lambda: torch.equal(engine.load_profiles(["alice"])[0].ln_weight, refit.tensors["ln_weight"])
-        )
-        assert not torch.equal(before.ln_weight, refit.tensors["ln_weight"])
-        # the bound: one refresh interval plus the refresh itself (generous for a shared machine)
-        assert seen < STALENESS + 2.0, seen
-        assert engine.profile_info("alice")["metrics"] == refit.metrics  # the listing shows what is served
-        writer.delete(["bob"])
-        gone = seconds_until(lambda: getattr(engine.load_profiles(["bob"])[0], "status", None) == 404)
-        assert gone < STALENESS + 2.0, gone
-        assert engine.health()["store_profiles"] == 1 and engine.health()["status"] == "ok"
+        writer.delete(["carol"])
+        eventually(lambda: getattr(engine.load_profiles(["carol"])[0], "status", None) == 404)
     finally:
         engine.close()
 
@@ -84,13 +85,10 @@ def test_an_unknown_id_is_a_404_from_the_index_without_reading_the_store(tmp_pat
     store.save_bank(BANK)
     store.write([hard(f"p{i}", i, encoder) for i in range(4)])
     engine = engine_on(tmp_path, backbone)
-    times = []
     for i in range(200):
-        start = time.perf_counter()
         (refused,) = engine.load_profiles([f"nobody-{i}"])
-        times.append(time.perf_counter() - start)
         assert refused.status == 404 and "not in the store" in refused.detail
-    assert engine.view.store_reads == 0 and statistics.median(times) < 0.005, statistics.median(times)
+    assert engine.view.store_reads == 0  # what it costs (microseconds): benchmarks/store_scale.py, unknown p99
 
 
 def test_a_damaged_part_fails_only_its_profiles_and_the_replica_says_degraded_until_it_is_restored(
@@ -274,7 +272,7 @@ def test_damage_found_at_run_time_turns_healthz_degraded_and_a_repair_turns_it_b
         page = client.get("/v1/profiles").json()
         assert page["total"] == 3 and {u["profile_id"] for u in page["unreadable"]} == {"x", "y"}
         open(path, "wb").write(good)
-        seconds_until(lambda: client.get("/healthz").json()["status"] == "ok")
+        eventually(lambda: client.get("/healthz").json()["status"] == "ok")
         assert client.post("/v1/classify", json={"profile_id": "x", "texts": ["hello there"]}).status_code == 200
     finally:
         server.engine.close()

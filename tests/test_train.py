@@ -64,10 +64,19 @@ def test_max_steps_and_gradient_checkpointing():
     assert res.steps == 5 and len(res.losses) == 5
 
 
-def test_tau_anneals_and_is_restored():
+def test_tau_and_nu_anneal_linearly_over_the_fit_and_are_restored_after_it():
+    """Each step's forward sees tau and nu on the line from the config's values to tau_final / nu_final, and the
+    model gets its config's values back afterwards (what mask_weights reads at eval)."""
     model = model_for()
-    fit(model, tiny_rows(16), TrainConfig(**{**FAST, "tau_final": 0.1}))
-    assert model.tau == 1.0
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((m.tau, m.nu)) if m.training else None)
+    result = fit(model, tiny_rows(16), TrainConfig(**{**FAST, "tau_final": 0.1, "nu_final": 0.0}))
+    steps = result.steps
+    assert steps == 6 and len(seen) == steps
+    taus, nus = zip(*seen, strict=True)
+    assert taus == pytest.approx([1.0 + (0.1 - 1.0) * s / (steps - 1) for s in range(steps)])
+    assert nus == pytest.approx([1.0 - s / (steps - 1) for s in range(steps)])
+    assert (model.tau, model.nu) == (1.0, 1.0)
 
 
 def test_fitting_nothing_is_a_clear_error():

@@ -1,4 +1,4 @@
-"""The fits-on-demand scenario of the serving harness (benchmarks/serve_load.py --fits N): profiles fitted over
+"""The fits-on-demand scenario of the serving harness (benchmarks/serve_load.py --stages fits): profiles fitted over
 HTTP (POST /v1/profiles/{id}/fit) while a client classifies (issue 28).
 
 1. classify alone: `concurrency` threads send single-text requests to one stored profile for `seconds`;
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import random
 import statistics
-import threading
 import time
+
+from harness.client import Client
 
 WORDS = "good great fun bad awful boring news vote market game team food trip music art film story".split()
 
@@ -29,42 +30,17 @@ def quantiles(values: list[float]) -> tuple[float, float]:
     return q[49], q[98]
 
 
-class Classifier:
-    """`concurrency` threads classifying one text with `profile_id` until `stop()`; latencies of the 200s."""
+def classify_stats(log: list[tuple], wall: float) -> dict:
+    """requests/s, p50 / p99 and failures of a Client's log (sent, answered, status, headers, body)."""
+    latencies = [answered - sent for sent, answered, status, *_ in log if status == 200]
+    p50, p99 = quantiles(latencies)
+    n = len(latencies)
+    return {"requests": n, "failed": len(log) - n, "rps": n / wall, "p50_ms": 1000 * p50, "p99_ms": 1000 * p99}
 
-    def __init__(self, url: str, profile_id: str, concurrency: int):
-        import requests
 
-        self.url, self.profile_id = url, profile_id
-        self.latencies: list[float] = []
-        self.failed = 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(requests.Session(),)) for _ in range(concurrency)]
-
-    def _run(self, session) -> None:
-        body = {"profile_id": self.profile_id, "texts": ["good fun news about the vote"]}
-        while not self._stop.is_set():
-            start = time.perf_counter()
-            r = session.post(f"{self.url}/v1/classify", json=body, timeout=60)
-            if r.status_code == 200:
-                self.latencies.append(time.perf_counter() - start)
-            else:
-                self.failed += 1
-
-    def start(self) -> Classifier:
-        self.started = time.perf_counter()
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> dict:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-        wall = time.perf_counter() - self.started
-        p50, p99 = quantiles(self.latencies)
-        n = len(self.latencies)
-        return {"requests": n, "failed": self.failed, "rps": n / wall, "p50_ms": 1000 * p50, "p99_ms": 1000 * p99}
+def classifying(url: str, hot: str, concurrency: int) -> tuple[Client, float]:
+    """The harness's client, classifying one text with `hot` from `concurrency` threads until stopped."""
+    return Client(url).start(lambda: (hot, ["good fun news about the vote"]), concurrency), time.perf_counter()
 
 
 def examples(n: int, label_names: list[str], seed: int) -> dict:
@@ -99,15 +75,15 @@ def scenario(
     url: str, hot: str, label_names: list[str], fits: int, n_examples: int, seconds: float, concurrency: int
 ) -> dict:
     """Classify alone for `seconds`, then beside `fits` fits of new profiles one after another."""
-    alone = Classifier(url, hot, concurrency).start()
+    client, started = classifying(url, hot, concurrency)
     time.sleep(seconds)
-    alone = alone.stop()
-    beside = Classifier(url, hot, concurrency).start()
+    alone = classify_stats(client.stop(), time.perf_counter() - started)
+    client, started = classifying(url, hot, concurrency)
     runs = [
         fit_and_answer(url, f"on-demand-{i:03d}-{time.time_ns()}", examples(n_examples, label_names, seed=i))
         for i in range(fits)
     ]
-    beside = beside.stop()
+    beside = classify_stats(client.stop(), time.perf_counter() - started)
     return {"alone": alone, "with_fits": beside, "fits": runs, "examples": n_examples, "concurrency": concurrency}
 
 

@@ -1,7 +1,7 @@
 """The wrapped linear: y = W x + B̂ · LN(Â x).
 
 Weights first: Â (b × d_in) and B̂ (d_out × b) are combined from the bank before the forward (mask × bank,
-in `xpeft.model`), so each token meets one low-rank adapter whatever N is, never N of them.
+in `xpeft.core.model`), so each token meets one low-rank adapter whatever N is, never N of them.
 
 An `Adapter` holds the combined tensors for one forward. Unbatched (Â: b×d_in) it serves a whole batch of
 one profile (training); per row (Â: R×b×d_in) every row of the batch has its own adapter (serving a batch

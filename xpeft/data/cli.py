@@ -1,9 +1,10 @@
-"""`xpeft data ...` subcommands: stats, convert-lamp2, make-profiles.
+"""`xpeft data ...` subcommands: stats, convert-lamp2, make-profiles, make-samples.
 
     xpeft data stats --data news [--data-dir DIR] [--min-articles 10] [--seed 42]
     xpeft data stats --data news-sample | PATH.parquet
     xpeft data make-profiles --out news.parquet [--data-dir DIR] [--min-articles 10]
     xpeft data convert-lamp2 --questions dev_questions.json [--outputs dev_outputs.json] --out lamp2.parquet
+    xpeft data make-samples [--data-dir DIR] [--seed 0] [--out-dir xpeft/data/samples]
 
 `register(subparsers)` adds them to the `xpeft` command; `python -m xpeft.data.cli` runs them alone.
 """
@@ -15,14 +16,22 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from xpeft.data.profiles import (
+    SAMPLE_PARQUET,
     convert_lamp2,
     holdout_split,
     load_news_profiles,
     profile_stats,
     write_profiles_parquet,
 )
-from xpeft.data.tasks import default_data_dir
+from xpeft.data.tasks import SAMPLE_FILES, SAMPLES_DIR, default_data_dir
+
+# The bundled samples (xpeft/data/samples/README.md): rows of SST-2 copied in file order, news authors drawn.
+SST2_ROWS = {"train": 400, "validation": 200}
+SST2_SOURCE = {"train": "train.tsv", "validation": "dev.tsv"}
+NEWS_AUTHORS, NEWS_MAX_PER_AUTHOR, NEWS_MIN_ARTICLES = 36, 40, 10
 
 
 def _add_split_options(p: argparse.ArgumentParser) -> None:
@@ -44,7 +53,9 @@ def _add_news_options(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     """Add `data` and its subcommands to an argparse subparsers object; each sets `func`."""
     data = subparsers.add_parser("data", help="data sets: profile statistics, LaMP-2 conversion, news profiles")
-    sub = data.add_subparsers(dest="data_command", required=True, metavar="{stats,make-profiles,convert-lamp2}")
+    sub = data.add_subparsers(
+        dest="data_command", required=True, metavar="{stats,make-profiles,convert-lamp2,make-samples}"
+    )
 
     stats = sub.add_parser("stats", help="texts, profiles, categories and texts per profile (paper §3.1)")
     stats.add_argument(
@@ -73,6 +84,16 @@ def register(subparsers) -> None:
     lamp.add_argument("--out", required=True, type=Path, help="the .parquet file to write")
     _add_split_options(lamp)
     lamp.set_defaults(func=cmd_convert_lamp2)
+
+    samples = sub.add_parser(
+        "make-samples", help="regenerate the bundled samples (xpeft/data/samples/) from the full data, byte for byte"
+    )
+    samples.add_argument(
+        "--data-dir", type=Path, default=None, help="GLUE and HuffPost files (default: XPEFT_DATA_DIR, ../shared/data)"
+    )
+    samples.add_argument("--seed", type=int, default=0, help="the samples' seed (default: 0, the bundled ones')")
+    samples.add_argument("--out-dir", type=Path, default=SAMPLES_DIR, help=f"where they go (default: {SAMPLES_DIR})")
+    samples.set_defaults(func=cmd_make_samples)
 
 
 def _describe_news(args) -> str:
@@ -110,6 +131,41 @@ def cmd_make_profiles(args) -> int:
 def cmd_convert_lamp2(args) -> int:
     table = convert_lamp2(args.questions, args.outputs)
     return _write(holdout_split(table, args.test_fraction, args.seed), args.out)
+
+
+def sample_sst2(data_dir: Path, seed: int, out_dir: Path = SAMPLES_DIR) -> None:
+    """SST-2's bundled train / dev samples: rows of GLUE's files drawn with `seed`, copied byte for byte in file
+    order under the GLUE header."""
+    for split, n in SST2_ROWS.items():
+        source = data_dir / "glue" / "SST-2" / SST2_SOURCE[split]
+        header, *rows = source.read_bytes().splitlines(keepends=True)
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
+        out = out_dir / SAMPLE_FILES[("sst2", split)]
+        out.write_bytes(header + b"".join(rows[i] for i in keep))
+        print(f"{out}: {n} rows of {source}")
+
+
+def sample_news(data_dir: Path, seed: int, out_dir: Path = SAMPLES_DIR) -> None:
+    """The bundled news profiles: 36 authors drawn from those with >= 10 articles, at most 40 articles each."""
+    table = load_news_profiles(data_dir, min_articles=NEWS_MIN_ARTICLES)
+    rng = np.random.default_rng(seed)
+    profile_ids = np.asarray(table["profile_id"].to_pylist(), dtype=object)
+    authors = rng.choice(sorted(set(profile_ids.tolist())), size=NEWS_AUTHORS, replace=False)
+    keep = []
+    for author in sorted(authors.tolist()):
+        rows = np.flatnonzero(profile_ids == author)
+        keep.extend(np.sort(rng.permutation(rows)[:NEWS_MAX_PER_AUTHOR]).tolist())
+    sample = table.take(sorted(keep))
+    out = write_profiles_parquet(sample, out_dir / SAMPLE_PARQUET.name)
+    print(f"{out}: {len(sample)} rows, {NEWS_AUTHORS} authors")
+
+
+def cmd_make_samples(args) -> int:
+    data_dir = args.data_dir or default_data_dir()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    sample_sst2(data_dir, args.seed, args.out_dir)
+    sample_news(data_dir, args.seed, args.out_dir)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

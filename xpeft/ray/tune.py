@@ -4,8 +4,8 @@ Search space: N ∈ {100, 200, 400, 800}, k ∈ {1, 10, 20, 30, 40, 50, 60, 70, 
 batch size ∈ {8, 16, 32, 64, 128}; any of them can be narrowed. Trials are drawn at random (`num_samples`)
 or enumerated (`grid`), stopped early by ASHA on the task's official score (reported every epoch), and
 each is a single-process fit (default) or a Ray Train run over `fit.num_workers` workers. Both run
-xpeft.distributed's epoch loop, which checkpoints every epoch, so `restore_search` (Tuner.restore) picks
-an interrupted search up where its trials left off.
+xpeft.fit.task.fit_task's epoch loop, which checkpoints every epoch, so `restore_search` (Tuner.restore)
+picks an interrupted search up where its trials left off.
 
 A hard mask selects a proper subset of the bank (k < N), so when N and k are both searched they are drawn
 as one choice over the pairs that allow it, and the pairs left out are logged (Appendix C's space has one:

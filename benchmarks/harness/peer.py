@@ -1,4 +1,4 @@
-"""The peer baseline for benchmarks/serve_load.py: the same profiles as PEFT LoRA adapters, one per profile,
+"""The peer baseline of benchmarks/serve_load.py's load stage: the same profiles as PEFT LoRA adapters, one per profile,
 served the way Ray Serve documents many models (`@serve.multiplexed`, docs.ray.io "Model Multiplexing").
 
 - `write_adapters`: the first n profiles of an xpeft store as PEFT adapters on disk: r = b on the value

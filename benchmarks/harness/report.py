@@ -1,17 +1,16 @@
-"""The tables benchmarks/serve_load.py prints (markdown, for BENCHMARKS.md), and the issue-19 targets checked
-against them."""
+"""The tables benchmarks/serve_load.py prints (markdown, for BENCHMARKS.md): the load stage's, with the
+issue-19 targets checked against them, and the kill stage's."""
 
 from __future__ import annotations
 
 import os
-import platform
 import statistics
-import sys
+from collections import Counter
 
-import torch
+from harness.common import command_line, machine
+from harness.procs import ROLES
 
 SCENARIOS = ("(a) one profile", "(b) a new profile each")
-ROLES = ("client", "proxy", "replica", "ray other")
 
 
 def pooled(runs: list[dict]) -> dict:
@@ -189,10 +188,9 @@ def targets(phases: list[dict]) -> None:
 
 
 def report(args, phases: list[dict]) -> None:
-    print(f"\n`{' '.join([os.path.basename(sys.executable), *sys.argv])}`  ")
+    print(f"\n`{command_line()}`  ")
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
-        f"{platform.python_version()}, load average before the report {os.getloadavg()[0]:.1f}; replica "
+        f"machine: {machine()} (before the report); replica "
         f"({args.cpus_per_actor} CPU), Serve proxy and client share these CPUs; C={args.concurrency}, "
         f"max_batch_size={args.max_batch_size}, batch_wait_s={args.batch_wait_s:g}, "
         f"cache_size={args.cache_size}, record_cache_mb={args.record_cache_mb:g}, peer "
@@ -211,3 +209,42 @@ def report(args, phases: list[dict]) -> None:
     if xpeft and "PEFT + multiplexing" in systems:
         peer_table(systems.get("xpeft ort", xpeft[0]), systems["PEFT + multiplexing"])
     targets(phases)
+
+
+def waits(entries: list) -> str:
+    return f"{max(e[1] - e[0] for e in entries):.1f} s" if entries else "-"
+
+
+def kill_report(args, log: list, killed_at: float, pid: int, new: list[int], unanswered: int = 0) -> None:
+    """What the clients saw around the kill: failures by kind, the requests in flight, the time to be served
+    again. `log` entries are (sent, answered, status, headers, body); `unanswered` requests were still in flight
+    when the run stopped waiting (--drain-s)."""
+    before = [e for e in log if e[1] < killed_at]
+    failed = [e for e in log if e[2] != 200]
+    served_after = sorted(e[1] for e in log if e[2] == 200 and e[0] >= killed_at)
+    kinds = Counter(
+        (e[2], e[3].get("content-type") or e[3].get("Content-Type"), e[3].get("retry-after") or e[3].get("Retry-After"))
+        for e in failed
+    )
+    print(f"\n`{command_line()}`  ")
+    print(
+        f"machine: {machine()}; proxy middleware: "
+        f"{'off (Serve as it is)' if args.plain_proxy else 'xpeft.serve.proxy'}; {args.num_replicas} replica(s), "
+        f"{args.kill_concurrency} client threads"
+    )
+    print(f"- requests: {len(log)} ({len(before)} answered before the kill), failed: {len(failed)}")
+    for (status, ctype, retry), n in kinds.most_common():
+        example = next(e[4] for e in failed if (e[2], e[3].get("content-type")) == (status, ctype))
+        print(f"  - {n} × status {status}, Content-Type {ctype}, Retry-After {retry}: {example!r}")
+    in_flight = [e for e in log if e[0] < killed_at < e[1]]
+    outcomes = Counter(e[2] for e in in_flight)
+    print(f"- in flight at the kill: {len(in_flight)}, answered {dict(outcomes)} after {waits(in_flight)}")
+    if served_after:
+        print(f"- served again {served_after[0] - killed_at:.1f} s after the kill (the first 200 sent after it)")
+        after = [e for e in log if e[0] >= killed_at and e[2] == 200]
+        print(f"- requests sent after the kill: {len(after)} served, waiting at most {waits(after)}")
+    else:
+        print(f"- not served again within {args.after_kill:.0f} s of the kill")
+    if unanswered:
+        print(f"- still unanswered {args.drain_s:g} s after the stream stopped: {unanswered}")
+    print(f"- replica process {pid} → {new or 'none'}")
