@@ -86,7 +86,7 @@ BAD = [
         "/v1/classify",
         {"profile_id": "other-bank", "texts": ["x"]},
         409,
-        f"fitted on bank {OTHER_BANK.fingerprint} but the bank here is {BANK.fingerprint}",
+        f"fitted on bank {OTHER_BANK.fingerprint}, which is not in the store",
     ),
     ("invalid id in the path", "get", "/v1/profiles/a..b", None, 400, "invalid profile id"),
     ("unknown profile in the path", "get", "/v1/profiles/nobody", None, 404, "not in the store"),

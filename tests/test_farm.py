@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import threading
@@ -267,3 +268,38 @@ def test_a_farm_run_into_s3_stores_every_profile_and_a_rerun_skips_them(local_ra
     assert store.get("author-01").bank_fingerprint == report.bank["fingerprint"] == store.bank_fingerprints()[0]
     again = run_farm(cfg, datas)
     assert not again.fitted and sorted(again.skipped) == store.ids()
+
+
+def test_the_farm_fits_new_profiles_on_the_newest_grown_bank_unless_pinned_and_refits_older_ones_resumably(
+    local_ray, backbone, tmp_path
+):
+    from xpeft.core.bank import grow_bank, random_bank
+    from xpeft.profiles.store import ProfileStore
+    from xpeft.ray.farm import Farm, run_farm
+
+    datas = profile_datas(profile_table(n_profiles=4, per_profile=8)).profiles
+    small = dict(xpeft=XPeftConfig(N=16, k=4, b=8, head="linear", num_labels=4), train=TrainConfig(epochs=1))
+    cfg = farm_config(tmp_path / "store", backbone, num_actors=1, **small)
+    parent = run_farm(cfg, datas[:1]).bank["fingerprint"]
+    store = ProfileStore(cfg.store)
+    bank = store.load_bank(parent)
+    child = grow_bank(bank, random_bank(bank.L, 8, bank.b, bank.d_in, bank.d_out, seed=5, target=bank.target))
+    store.save_bank(child)
+    assert run_farm(cfg, datas[1:2]).bank["fingerprint"] == child.fingerprint  # the newest by default
+    new = ProfileStore(cfg.store).get(datas[1].profile_id)
+    assert new.bank_fingerprint == child.fingerprint and new.config.N == 24
+    pinned = farm_config(tmp_path / "store", backbone, num_actors=1, bank_fingerprint=parent[:10], **small)
+    run_farm(pinned, datas[2:3])
+    assert ProfileStore(cfg.store).get(datas[2].profile_id).bank_fingerprint == parent
+    # refit the profiles older than the child onto it (the newest), resumably
+    refit = dataclasses.replace(cfg, refit_older_than=child.fingerprint[:10])
+    assert sorted(run_farm(refit, datas[:3]).fitted) == sorted([datas[0].profile_id, datas[2].profile_id])
+    moved = ProfileStore(cfg.store)
+    assert {moved.get(d.profile_id).bank_fingerprint for d in datas[:3]} == {child.fingerprint}
+    assert not run_farm(refit, datas[:3]).fitted  # none is older than the child now
+    by_id = dataclasses.replace(cfg, refit=[datas[0].profile_id, datas[2].profile_id])
+    again = run_farm(by_id, datas[:3])  # resumed: both are on the child already
+    assert not again.fitted and sorted(again.skipped) == sorted(by_id.refit)
+    path = farm_config(tmp_path / "store", backbone, bank_fingerprint=str(tmp_path / "b.safetensors"), **small)
+    with pytest.raises(ValueError, match="--bank-path"):
+        Farm(path, []).bank()

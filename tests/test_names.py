@@ -90,7 +90,7 @@ def test_the_same_thing_has_the_same_name_in_the_api_the_batch_output_and_the_cl
     prediction = set(schemas["Prediction"]["properties"])
     assert prediction == {"label", "label_name", "probabilities", "value"}
     assert prediction <= set(OUTPUT.names), "the batch output writes a prediction under another name"
-    served = set(schemas["ProfileInfo"]["properties"]) - {"servable", "problem"}
+    served = set(schemas["ProfileInfo"]["properties"]) - {"servable", "problem", "served_from_bank"}  # the server's
     assert cli_json["show"] == served and cli_json["list"] <= cli_json["show"]
 
 

@@ -6,10 +6,10 @@ xpeft tune          Appendix C's search with Ray Tune (= ray_jobs/tune_search.py
 xpeft serve         serve a store over HTTP with Ray Serve (= ray_jobs/serve.py)
 xpeft classify-batch  score a Parquet table of texts with Ray Data (= ray_jobs/classify_batch.py)
 xpeft params        trainable parameters and bytes per profile for every mode (Table 1 / Table 4)
-xpeft bank ...      draw a random bank, inspect one, make one from PEFT adapters
+xpeft bank ...      draw a random bank, inspect one, make one from PEFT adapters, grow one (append members)
 xpeft data ...      task data and profile data sets
 xpeft profiles ...  list / show / delete the profiles of a store, compact it, verify its files, migrate an old one,
-                    export one to PEFT
+                    export one to PEFT, refit profiles on a newer bank
 """
 
 from __future__ import annotations
@@ -24,37 +24,6 @@ def cmd_params(args: argparse.Namespace) -> None:
     from xpeft.core.accounting import table
 
     print(table(args.backbone, args.N, args.b, args.num_labels, args.head, args.shared_head))
-
-
-def cmd_bank_random(args: argparse.Namespace) -> None:
-    from xpeft.config import XPeftConfig
-    from xpeft.core.bank import random_bank_for, save_bank
-    from xpeft.core.encoder import load_encoder
-
-    cfg = XPeftConfig(N=args.N, b=args.b, target=args.target, mask_type="soft")
-    bank = random_bank_for(load_encoder(args.backbone), cfg, args.seed, args.scale)
-    save_bank(bank, args.out)
-    print(f"wrote {bank.describe()} to {args.out}")
-
-
-def cmd_bank_info(args: argparse.Namespace) -> None:
-    from xpeft.core.bank import load_bank
-
-    bank = load_bank(args.path, verify=not args.no_verify)
-    print(json.dumps({**bank.metadata(), "verified": not args.no_verify}, indent=2))
-
-
-def cmd_bank_from_peft(args: argparse.Namespace) -> None:
-    from xpeft.core.bank import save_bank
-    from xpeft.core.encoder import load_encoder
-    from xpeft.core.peft_bank import bank_from_peft
-
-    encoder = load_encoder(args.backbone) if args.backbone else None
-    bank = bank_from_peft(args.adapters, args.target, encoder, args.drop_other_targets)
-    save_bank(bank, args.out)
-    print(f"wrote {bank.describe()} to {args.out}")
-    for i, path in enumerate(args.adapters):
-        print(f"  member {i}: {path}")
 
 
 def cmd_profiles_export_peft(args: argparse.Namespace) -> None:
@@ -165,50 +134,9 @@ def add_params(sub) -> None:
     p.set_defaults(func=cmd_params)
 
 
-def add_bank(sub) -> None:
-    from xpeft.config import DEFAULT_TARGET
-
-    bank = sub.add_parser("bank", help="create or inspect adapter banks").add_subparsers(dest="bank_cmd", required=True)
-    p = bank.add_parser("random", help="draw a random bank for a backbone from a seed")
-    p.add_argument("--backbone", default="minilm", help="'minilm' (bundled), 'tiny', a local path (default minilm)")
-    p.add_argument("--N", type=int, default=100, help="adapters N (default 100)")
-    p.add_argument("--b", type=int, default=48, help="bottleneck b (default 48)")
-    p.add_argument("--seed", type=int, default=0, help="the bank's seed (default 0)")
-    p.add_argument("--scale", type=float, default=1.0, help="scale of the adapters (default 1)")
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"the linear the adapters wrap (default {DEFAULT_TARGET})")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.set_defaults(func=cmd_bank_random)
-    p = bank.add_parser("info", help="print a bank's metadata, after verifying its fingerprint")
-    p.add_argument("path", help="a bank file (.safetensors)")
-    p.add_argument("--no-verify", action="store_true", help="skip recomputing the sha256 fingerprint (default: verify)")
-    p.set_defaults(func=cmd_bank_info)
-    p = bank.add_parser(
-        "from-peft", help="a bank from LoRA adapters saved by PEFT (adapter_config.json + adapter_model.safetensors)"
-    )
-    p.add_argument("adapters", nargs="+", help="PEFT adapter folders, one per bank member (member i = folder i)")
-    p.add_argument("--out", required=True, help="the bank file (.safetensors) to write")
-    p.add_argument(
-        "--backbone",
-        default=None,
-        help="check the bank against this backbone ('minilm', 'tiny', a local path); default: no check",
-    )
-    p.add_argument(
-        "--target",
-        default=None,
-        help="the linear inside each block the bank adapts (e.g. attention.self.value); "
-        "default: the one linear every adapter adapts",
-    )
-    p.add_argument(
-        "--drop-other-targets",
-        action="store_true",
-        help="keep only --target's pairs of adapters that adapt more linears (default: refuse them)",
-    )
-    p.set_defaults(func=cmd_bank_from_peft)
-
-
 def add_profiles(sub) -> None:
     prof = sub.add_parser(
-        "profiles", help="inspect, delete, compact, verify or migrate a profile store"
+        "profiles", help="inspect, delete, compact, verify or migrate a profile store, refit profiles on a newer bank"
     ).add_subparsers(dest="profiles_cmd", required=True)
     p = prof.add_parser("list", help="one JSON line per profile")
     p.add_argument("--store", required=True, help="the profile store: a directory or a URI")
@@ -265,6 +193,23 @@ def add_profiles(sub) -> None:
         help="migrate what can be read, report the unreadable part files (default: off, stop at the first one)",
     )
     p.set_defaults(func=cmd_profiles_migrate)
+    p = prof.add_parser(
+        "refit",
+        help="fit stored profiles again on a newer bank (the newest, or --bank-fingerprint): --refit ID... or "
+        "--refit-older-than BANK; the fit-profiles flags and data; resumable",
+    )
+    from xpeft.jobs import fit_profiles
+
+    fit_profiles.arguments(p)
+    p.set_defaults(func=cmd_profiles_refit)
+
+
+def cmd_profiles_refit(args: argparse.Namespace) -> None:
+    from xpeft.jobs import run
+
+    if not args.refit and not args.refit_older_than:
+        raise ValueError("choose the profiles to refit: --refit ID... or --refit-older-than BANK")
+    run("fit-profiles", args)
 
 
 def add_jobs(sub) -> None:
@@ -277,6 +222,7 @@ def add_jobs(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xpeft import bank_cli
     from xpeft.data import cli as data_cli
 
     ap = argparse.ArgumentParser(
@@ -286,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     add_jobs(sub)
     add_params(sub)
-    add_bank(sub)
+    bank_cli.register(sub)
     data_cli.register(sub)
     add_profiles(sub)
     return ap

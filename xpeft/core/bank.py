@@ -8,6 +8,12 @@ A bank is either drawn at random from a seed (the paper's random adapters) or as
 trained first (single_adapter per profile, or multi-task with a shared head; §3.1 "LaMP with learned
 adapters"). On disk it is one safetensors file with its metadata and a sha256 fingerprint of the content,
 which every profile records so that it is never applied to the wrong bank.
+
+A bank grows append-only (issue 26): `grow_bank` makes a child that keeps its parent's N members, in order,
+and appends more. The child records its lineage, every ancestor's fingerprint and N (oldest first), and each
+load verifies it: the child's first N members must hash to the ancestor's fingerprint. A mask fitted on an
+ancestor is then a mask over the child (zeros for the new members: `xpeft.core.masks.extend_weights`), so a
+profile stored against any ancestor is served from the newest bank of its lineage, its record untouched.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class AdapterBank:
     seed: int | None = None
     source: str = "random"
     fingerprint: str = ""
+    lineage: tuple[tuple[str, int], ...] = ()  # (fingerprint, N) of every ancestor, oldest first
 
     def __post_init__(self) -> None:
         if self.A.dim() != 4 or self.B.dim() != 4:
@@ -74,6 +81,23 @@ class AdapterBank:
         return self.B.shape[2]
 
     @property
+    def parent(self) -> str | None:
+        """The fingerprint of the bank this one was grown from (None: it was not grown)."""
+        return self.lineage[-1][0] if self.lineage else None
+
+    @property
+    def parent_N(self) -> int | None:
+        """The parent's N: this bank's first parent_N members are the parent's."""
+        return self.lineage[-1][1] if self.lineage else None
+
+    def members_of(self, fingerprint: str | None) -> int | None:
+        """How many of the first members are bank `fingerprint`'s: N for this bank, an ancestor's N, else None
+        (a profile fitted on it cannot be combined here)."""
+        if fingerprint == self.fingerprint:
+            return self.N
+        return dict(self.lineage).get(fingerprint)
+
+    @property
     def nbytes(self) -> int:
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
 
@@ -87,7 +111,10 @@ class AdapterBank:
         return self.map(lambda t: t.to(device))
 
     def metadata(self) -> dict[str, str]:
-        return {
+        grown = {}
+        if self.lineage:  # parent and parent_N for the reader; lineage is what a load reads and verifies
+            grown = {"parent": self.parent, "parent_N": str(self.parent_N), "lineage": json.dumps(self.lineage)}
+        return grown | {
             "format": BANK_FORMAT,
             "N": str(self.N),
             "L": str(self.L),
@@ -101,9 +128,10 @@ class AdapterBank:
         }
 
     def describe(self) -> str:
+        grown = f", grown from {self.parent[:12]} (N={self.parent_N})" if self.lineage else ""
         return (
             f"bank {self.fingerprint[:12]} ({self.source}, N={self.N}, L={self.L}, b={self.b}, "
-            f"d={self.d_in}->{self.d_out}, target={self.target}, {self.nbytes / 2**20:.1f} MiB)"
+            f"d={self.d_in}->{self.d_out}, target={self.target}, {self.nbytes / 2**20:.1f} MiB{grown})"
         )
 
 
@@ -193,9 +221,8 @@ def load_bank(path: str | os.PathLike, verify: bool = True) -> AdapterBank:
         raise ValueError(f"{path} is not an xpeft bank (metadata format={meta.get('format')!r})")
     A, B = tensors["A"], tensors["B"]
     seed = int(meta["seed"]) if meta.get("seed") else None
-    bank = AdapterBank(
-        A=A, B=B, target=meta["target"], seed=seed, source=meta.get("source", ""), fingerprint=meta["fingerprint"]
-    )
+    source, lineage = meta.get("source", ""), read_lineage(meta, path)
+    bank = AdapterBank(A, B, meta["target"], seed, source, meta["fingerprint"], lineage)
     if verify:
         actual = fingerprint(A, B, bank.target)
         if actual != bank.fingerprint:
@@ -203,7 +230,92 @@ def load_bank(path: str | os.PathLike, verify: bool = True) -> AdapterBank:
                 f"bank {path} is corrupt: its metadata says fingerprint {bank.fingerprint[:12]}… but its "
                 f"content hashes to {actual[:12]}…; re-create or re-download the bank"
             )
+        check_lineage(bank, path)
     return bank
+
+
+def read_lineage(meta: dict[str, str], path: str | os.PathLike) -> tuple[tuple[str, int], ...]:
+    """The (fingerprint, N) of every ancestor a bank file's metadata names, oldest first."""
+    try:
+        return tuple((str(fp), int(n)) for fp, n in json.loads(meta.get("lineage") or "[]"))
+    except (ValueError, TypeError):
+        raise ValueError(f"bank {path} is corrupt: its lineage {meta.get('lineage')!r} cannot be read") from None
+
+
+def check_lineage(bank: AdapterBank, path: str | os.PathLike = "") -> None:
+    """Each ancestor's members are the bank's first members, unchanged and in order: fingerprinting the slice of
+    the first N members gives the ancestor's fingerprint (a ValueError naming the file when it does not)."""
+    sizes = [n for _, n in bank.lineage]
+    if sizes != sorted(set(sizes)) or (sizes and not 1 <= sizes[-1] < bank.N):
+        name = path or bank.fingerprint[:12]
+        raise ValueError(f"bank {name} is corrupt: its ancestors' sizes {sizes} do not grow to its N={bank.N}")
+    for fp, n in bank.lineage:
+        actual = fingerprint(bank.A[:, :n], bank.B[:, :n], bank.target)
+        if actual != fp:
+            raise ValueError(
+                f"bank {path or bank.fingerprint[:12]} says it grows bank {fp[:12]}… (its first {n} members), but "
+                f"they hash to {actual[:12]}…: the file is damaged, or those members were changed (a bank only "
+                "grows by appending); restore it, or grow the ancestor again with `xpeft bank grow`"
+            )
+
+
+def member_changes(parent: AdapterBank, bank: AdapterBank) -> str | None:
+    """Why `bank` cannot be a child of `parent` (None: it can): a child keeps all N of the parent's members, in
+    order, and appends at least one. Profiles select members by position, so a child that drops members
+    (shrinking) or moves them (reordering) would make every profile of the parent select other adapters."""
+    shapes = [_shape(x) for x in (parent, bank)]
+    if shapes[0] != shapes[1]:
+        return f"its (L, b, d_in, d_out, target) {shapes[1]} differ from the parent's {shapes[0]}"
+    if bank.N < parent.N:
+        return (
+            f"it has N={bank.N} members but its parent has N={parent.N}: shrinking is refused, since the profiles "
+            f"fitted on the parent select members up to {parent.N - 1}; a bank only grows by appending"
+        )
+    first = next((i for i in range(parent.N) if not _same_member(parent, i, bank, i)), None)
+    if first is not None:
+        moved = next((j for j in range(bank.N) if _same_member(parent, first, bank, j)), None)
+        if moved is not None:
+            return (
+                f"the parent's member {first} is member {moved} here: reordering is refused, since a profile's mask "
+                "selects members by position (every profile of the parent would select other adapters); keep the "
+                "parent's members first, in order, and append"
+            )
+        return f"its member {first} is not the parent's member {first}: a child keeps its parent's members unchanged"
+    if bank.N == parent.N:
+        return "it has the parent's N members and no new one: nothing to grow"
+    return None
+
+
+def _shape(x: AdapterBank) -> tuple:
+    return x.L, x.b, x.d_in, x.d_out, x.target
+
+
+def _same_member(x: AdapterBank, i: int, y: AdapterBank, j: int) -> bool:
+    return torch.equal(x.A[:, i], y.A[:, j]) and torch.equal(x.B[:, i], y.B[:, j])
+
+
+def child_of(parent: AdapterBank, bank: AdapterBank) -> AdapterBank:
+    """`bank` as a child of `parent`, its lineage recorded: refused (ValueError, saying why) unless its first N
+    members are the parent's, unchanged and in order, and it appends at least one (`member_changes`)."""
+    problem = member_changes(parent, bank)
+    if problem is not None:
+        raise ValueError(f"{bank.describe()} cannot grow {parent.describe()}: {problem}")
+    return replace(bank, lineage=(*parent.lineage, (parent.fingerprint, parent.N)))
+
+
+def grow_bank(parent: AdapterBank, *new: AdapterBank) -> AdapterBank:
+    """The child of `parent` with the members of each of `new` appended, in order (issue 26): the parent's N
+    members first, unchanged."""
+    for members in new:
+        if _shape(members) != _shape(parent):
+            raise ValueError(
+                f"the new members ({members.describe()}) do not fit {parent.describe()}: a bank's members share L, "
+                "b, the target and its dimensions"
+            )
+    A = torch.cat([parent.A, *(m.A.to(parent.A.dtype) for m in new)], dim=1).contiguous()
+    B = torch.cat([parent.B, *(m.B.to(parent.B.dtype) for m in new)], dim=1).contiguous()
+    source = "+".join(dict.fromkeys([parent.source, *(m.source for m in new)]))
+    return child_of(parent, AdapterBank(A=A, B=B, target=parent.target, source=source))
 
 
 def bank_to_object(bank: AdapterBank) -> dict:
@@ -219,4 +331,4 @@ def bank_from_object(obj: dict) -> AdapterBank:
         warnings.simplefilter("ignore", UserWarning)
         A, B = torch.from_numpy(obj["A"]), torch.from_numpy(obj["B"])
     seed = int(meta["seed"]) if meta.get("seed") else None
-    return AdapterBank(A, B, meta["target"], seed, meta["source"], meta["fingerprint"])
+    return AdapterBank(A, B, meta["target"], seed, meta["source"], meta["fingerprint"], read_lineage(meta, "object"))

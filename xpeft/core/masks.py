@@ -2,6 +2,10 @@
 
 A hard mask is k-hot with value 1/k (Algorithm 1's y_hard / k), so the combined adapter is the mean of the
 k selected adapters; stored, it is one bit per adapter and block: ⌈N/8⌉·L bytes per mask.
+
+A mask over a bank's N members is also a mask over any bank grown from it (`xpeft.core.bank.grow_bank`: the
+same N members first, more appended): `extend_weights` gives the new members weight 0, `extend_logits` gives
+them logit -inf (a softmax gives them exactly 0).
 """
 
 from __future__ import annotations
@@ -71,3 +75,24 @@ def bits_to_weights(bits: torch.Tensor) -> torch.Tensor:
     """A bool k-hot mask as combination weights: 1/k on each selected adapter."""
     k = bits.sum(dim=-1, keepdim=True).clamp_min(1)
     return bits.float() / k
+
+
+def extend_weights(weights: torch.Tensor, N: int) -> torch.Tensor:
+    """Combination weights over a bank's first n members (… × n) as weights over a bank grown to N >= n members:
+    zeros for the appended ones. A hard mask's bits are padded with zeros (still k-hot with the same k, value 1/k);
+    a soft mask is as if its logits were -inf for them (softmax gives them exactly 0, the first n their weights);
+    the single-mask ablation's Â stays the mean of the first n A_i. The combined adapter is the one of the bank
+    the profile was fitted on."""
+    n = weights.shape[-1]
+    if N < n:
+        raise ValueError(f"a mask over {n} adapters cannot be applied to a bank of N={N}: a bank only grows")
+    return weights if N == n else torch.nn.functional.pad(weights, (0, N - n))
+
+
+def extend_logits(logits: torch.Tensor, N: int) -> torch.Tensor:
+    """Soft mask logits over a bank's first n members (… × n) as logits over a bank grown to N >= n: -inf for the
+    appended members, so the softmax is the same n weights and exactly 0 for them."""
+    n = logits.shape[-1]
+    if N < n:
+        raise ValueError(f"a mask over {n} adapters cannot be applied to a bank of N={N}: a bank only grows")
+    return logits if N == n else torch.nn.functional.pad(logits, (0, N - n), value=float("-inf"))

@@ -60,6 +60,12 @@ class FitRecipe:
             {k: v for k, v in d.items() if k not in known},
         )
 
+    @classmethod
+    def of(cls, farm, xcfg: XPeftConfig, bank, head_id: str | None) -> FitRecipe:
+        """What a farm run (its FarmConfig) fits with: what a fit on demand into its store repeats."""
+        fingerprint = bank.fingerprint if bank is not None else None
+        return cls(farm.backbone, xcfg, farm.train, fingerprint, head_id, farm.label_names)
+
     @property
     def regression(self) -> bool:
         return self.xpeft.problem_type == "regression"

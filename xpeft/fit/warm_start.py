@@ -58,10 +58,14 @@ class MultiTaskAdapters(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(L, M, d_out, b))
         base.lora_A.requires_grad_(False)
         base.lora_B.requires_grad_(False)
+        if fitter.shared_head is not None:  # growing an mtl bank: new members learn under the lineage's head
+            base.head.load_state_dict(fitter.shared_head)
+            base.head.requires_grad_(False)
         self.scale = lora_scale(single)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"adapter": [self.lora_A, self.lora_B], "head": list(self.model.head.parameters())}
+        head = [p for p in self.model.head.parameters() if p.requires_grad]
+        return {"adapter": [self.lora_A, self.lora_B], "head": head}
 
     def forward(
         self, input_ids, attention_mask, profile_index, token_type_ids=None, labels=None, packing: Packing | None = None
@@ -86,7 +90,9 @@ def fit_mtl(
     fitter: ProfileFitter, datas: list[ProfileData]
 ) -> tuple[AdapterBank, dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """Train one adapter per profile and a shared head jointly; return the learned bank (N = len(datas)),
-    the shared head's state and each warm-start profile's holdout metrics under its own adapter."""
+    the shared head's state and each warm-start profile's holdout metrics under its own adapter. A fitter given
+    a shared head keeps it frozen and trains the adapters alone: members to append to that head's mtl bank
+    (`xpeft.core.bank.grow_bank`), so the profiles of the grown bank share one head."""
     tcfg = fitter.tcfg
     cleaned = [clean(d, fitter.xcfg.num_labels, fitter.regression)[0] for d in datas]
     mtl = MultiTaskAdapters(fitter, len(cleaned), tcfg.seed).to(fitter.device)

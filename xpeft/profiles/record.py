@@ -17,7 +17,7 @@ import torch
 
 from xpeft.config import XPeftConfig
 from xpeft.core.bank import AdapterBank
-from xpeft.core.masks import bits_to_weights, khot, mask_bytes, pack_bits, unpack_bits
+from xpeft.core.masks import bits_to_weights, extend_logits, extend_weights, khot, mask_bytes, pack_bits, unpack_bits
 from xpeft.core.model import XPeftModel
 from xpeft.profiles.fingerprints import record_sha256, record_tensors, sealed
 
@@ -115,28 +115,30 @@ def profile_from_model(
 
 
 def stored_mask_weights(profile: Profile, N: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """M_A, M_B of a stored x_peft profile as L×N combination weights: k-hot / k for hard masks (unpacked
-    from its bits), softmax of the logits for soft ones. The single-mask ablation stores no M_A logits: its Â
-    is the mean of the A_i."""
+    """M_A, M_B of a stored x_peft profile as L×N combination weights over a bank of N members: k-hot / k for hard
+    masks (unpacked from its bits), softmax of the logits for soft ones. The single-mask ablation stores no M_A
+    logits: its Â is the mean of the A_i of the bank it was fitted on. A profile fitted on an ancestor of the bank
+    (its config's N < N) has its masks zero-extended to the appended members (`extend_weights`)."""
+    n = profile.config.N
     if profile.config.mask_type == "hard":
-        half, masks = mask_bytes(N, L), len(profile.config.masks)
+        half, masks = mask_bytes(n, L), len(profile.config.masks)
         if profile.mask_bits is None or len(profile.mask_bits) != masks * half:
             got = 0 if profile.mask_bits is None else len(profile.mask_bits)
             raise ValueError(
-                f"profile {profile.profile_id} stores {got} mask bytes but a bank with N={N}, L={L} needs "
+                f"profile {profile.profile_id} stores {got} mask bytes but a bank with N={n}, L={L} needs "
                 f"{masks * half} ({masks}·⌈N/8⌉·L); it was fitted for a different bank"
             )
-        wB = bits_to_weights(unpack_bits(profile.mask_bits[-half:], N, L))
-        wA = bits_to_weights(unpack_bits(profile.mask_bits[:half], N, L)) if masks == 2 else torch.full((L, N), 1 / N)
-        return wA, wB
+        wB = bits_to_weights(unpack_bits(profile.mask_bits[-half:], n, L))
+        wA = bits_to_weights(unpack_bits(profile.mask_bits[:half], n, L)) if masks == 2 else torch.full((L, n), 1 / n)
+        return extend_weights(wA, N), extend_weights(wB, N)
     logits_B = profile.tensors["mask_logits_B"]
     logits_A = profile.tensors.get("mask_logits_A", torch.zeros_like(logits_B))
-    if logits_A.shape != (L, N) or logits_B.shape != (L, N):
+    if logits_A.shape != (L, n) or logits_B.shape != (L, n):
         raise ValueError(
             f"profile {profile.profile_id} stores {tuple(logits_B.shape)} mask logits but the bank needs "
-            f"L×N = {L}×{N}; it was fitted for a different bank"
+            f"L×N = {L}×{n}; it was fitted for a different bank"
         )
-    return torch.softmax(logits_A, -1), torch.softmax(logits_B, -1)
+    return extend_weights(torch.softmax(logits_A, -1), N), extend_weights(torch.softmax(logits_B, -1), N)
 
 
 @dataclass(frozen=True)
@@ -153,18 +155,21 @@ class Dims:
 
 def compatibility(profile: Profile, bank: AdapterBank | None, dims: Dims) -> str | None:
     """Why `profile` cannot be applied over `bank` on an encoder of `dims` (None: it can). The one check
-    every reader of a stored profile makes: a model, the server, the farm."""
+    every reader of a stored profile makes: a model, the server, the farm. A profile fitted on the bank or on
+    one of its ancestors (a bank it was grown from) can: its masks cover the ancestor's first members."""
     cfg, pid = profile.config, profile.profile_id
     if cfg.mode == "x_peft":
         if bank is None:
             return f"profile {pid} is an x_peft profile but no bank is loaded here"
-        if profile.bank_fingerprint != bank.fingerprint:
+        n = bank.members_of(profile.bank_fingerprint)
+        if n is None:
             return (
                 f"profile {pid} was fitted on bank {profile.bank_fingerprint} but the bank here is "
-                f"{bank.fingerprint}; use bank {str(profile.bank_fingerprint)[:12]}… for it, or refit it on this one"
+                f"{bank.fingerprint}, which was not grown from it; use bank {str(profile.bank_fingerprint)[:12]}… "
+                "(or one grown from it) for it, or refit it on this one"
             )
-        if (cfg.N, cfg.b, bank.L) != (bank.N, bank.b, dims.L):
-            return f"profile {pid} has N={cfg.N}, b={cfg.b} but the bank has N={bank.N}, b={bank.b}, L={bank.L}"
+        if (cfg.N, cfg.b, bank.L) != (n, bank.b, dims.L):
+            return f"profile {pid} has N={cfg.N}, b={cfg.b} but its bank has N={n}, b={bank.b}, L={bank.L}"
     if cfg.mode != "head_only" and cfg.target != dims.target:
         return f"profile {pid} adapts {cfg.target!r} but this encoder is adapted at {dims.target!r}"
     if cfg.mode == "single_adapter":
@@ -192,7 +197,8 @@ def model_dims(model) -> Dims:
 
 
 def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, torch.Tensor] | None = None) -> None:
-    """Load a stored profile into a model built with the same config and bank."""
+    """Load a stored profile into a model built with the same config and bank, or with a bank grown from the
+    profile's (the config's N the bank's): its masks zero-extended over the appended members."""
     cfg = model.cfg
     if cfg.mode != profile.config.mode or (cfg.mode == "x_peft" and cfg.mask_type != profile.config.mask_type):
         raise ValueError(
@@ -205,11 +211,8 @@ def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, to
         if shared_head is None:
             raise ValueError(f"profile {profile.profile_id} uses shared head {profile.head_id}; pass it in")
         state.update({f"head.{k}": v for k, v in shared_head.items()})
-    if profile.mask_bits is not None:
-        wA, wB = stored_mask_weights(profile, cfg.N, model.L)
-        # Logits whose top-k is exactly the stored k-hot set: eval's khot() reproduces the stored mask.
-        state["mask_logits_A"] = wA * cfg.top_k if cfg.masks == "AB" else torch.zeros_like(wA)
-        state["mask_logits_B"] = wB * cfg.top_k
+    if cfg.mode == "x_peft":
+        state.update(mask_state(profile, cfg, model.L))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     if missing:
@@ -224,6 +227,23 @@ def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, to
                     f"{tuple(params[name].shape)}; the profile was fitted for another encoder or bank"
                 )
             params[name].copy_(value)
+
+
+def mask_state(profile: Profile, cfg: XPeftConfig, L: int) -> dict[str, torch.Tensor]:
+    """The mask logits a model over a bank of cfg.N members (the profile's own, or one grown from it) loads
+    for x_peft `profile`."""
+    if profile.mask_bits is not None:
+        wA, wB = stored_mask_weights(profile, cfg.N, L)
+        # Logits whose top-k is exactly the stored k-hot set: eval's khot() reproduces the stored mask. The
+        # single-mask ablation's fixed M_A: log-weights whose softmax is the mean over the profile's bank's members.
+        return {"mask_logits_A": wA * cfg.top_k if cfg.masks == "AB" else wA.log(), "mask_logits_B": wB * cfg.top_k}
+    # soft: a profile of an ancestor bank gets -inf logits for the appended members
+    out = {
+        n: extend_logits(profile.tensors[n], cfg.N) for n in ("mask_logits_A", "mask_logits_B") if n in profile.tensors
+    }
+    if cfg.masks == "B":
+        out["mask_logits_A"] = extend_logits(torch.zeros(L, profile.config.N), cfg.N)
+    return out
 
 
 def summary(profile: Profile) -> dict[str, Any]:

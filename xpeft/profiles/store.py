@@ -5,7 +5,8 @@ Layout under the root:
     profiles.lance/                       the profile table: one row per profile (see record.to_row)
     heads/<head_id>.safetensors           shared heads (the mtl setting), verified against the fingerprint in
                                           their metadata on every load (xpeft.profiles.fingerprints)
-    banks/<fingerprint>.safetensors       the banks the profiles were fitted on (verified on every load)
+    banks/<fingerprint>.safetensors       the banks the profiles were fitted on (verified on every load), and the
+                                          banks grown from them (xpeft.profiles.lineage)
     state/<name>.json                     run state of the jobs writing here (`state/farm.json`: the farm's
                                           setting, learned bank and shared head, so a resumed run skips its
                                           warm start)
@@ -49,6 +50,7 @@ __all__ = ["SCHEMA", "DamagedPartError", "Location", "ProfileStore", "split_uri"
 log = logging.getLogger(__name__)
 
 TABLE = "profiles.lance"
+MAX_HEADER = 1 << 20  # a bank file's safetensors header (its tensors' offsets and metadata) is a few hundred bytes
 URI_OPTIONS = ("endpoint", "region")
 
 SCHEMA = pa.schema(
@@ -331,6 +333,18 @@ class ProfileStore:
                 f"bank {name} holds bank {bank.fingerprint[:12]}…, not {fingerprint[:12]}…; it was renamed"
             )
         return bank
+
+    def bank_metadata(self, fingerprint: str) -> dict[str, str]:
+        """A stored bank's metadata (N, lineage, source...) from its file's header alone, unverified (a load
+        verifies): FileNotFoundError when it is not stored, FingerprintError when the header cannot be read."""
+        try:
+            with self.fs.open_input_file(f"{self.path}/banks/{fingerprint}.safetensors") as f:
+                head = f.read(8)
+                size = int.from_bytes(head, "little") if len(head) == 8 else 0
+                blob = head + f.read(min(size, MAX_HEADER))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no bank {fingerprint} in the store {self.uri}") from None
+        return metadata(blob)
 
     def bank_fingerprints(self) -> list[str]:
         sel = pafs.FileSelector(f"{self.path}/banks", allow_not_found=True)

@@ -8,6 +8,8 @@
 - Results are upserted into the ProfileStore in small batches (one commit each, safe beside other writers);
   a re-run with the same store skips every stored profile (resume), and the sa / mtl warm start's outcome is
   kept in the store's run state. A bank is verified against its fingerprint whenever it is loaded.
+- New profiles are fitted on the newest bank of the store's lineage (a bank grown from the run's, issue 26),
+  or on the one `bank_fingerprint` pins; a random bank is drawn only for a store that holds none.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from xpeft.data.dataset import ProfileData
 from xpeft.fit.on_demand import FitRecipe, save_recipe
 from xpeft.fit.profile import ProfileFitter
 from xpeft.fit.warm_start import bank_from_single_adapters, bank_member_profile, fit_mtl
+from xpeft.profiles.lineage import Lineages
 from xpeft.profiles.store import ProfileStore
 from xpeft.ray.cluster import rss_bytes
 from xpeft.ray.pool import FarmPool
@@ -45,6 +48,21 @@ class FarmConfig(RandomBankFields):
     profiles with single_adapter (`sa`) or jointly with a shared head (`mtl`)."""
 
     store: str = option(help="the profile store: a directory or a URI (s3://…)")
+    bank_fingerprint: str | None = option(
+        None,
+        "fit on this bank of the store (its fingerprint, or a unique prefix); default: the newest bank of the "
+        "store's lineage (a random bank is drawn only for a store that holds none)",
+    )
+    refit: list[str] = option(
+        factory=list,
+        help="profile ids stored on an older bank to fit again on the bank this run fits on (the newest, or the "
+        "pinned one); resumable: a profile already on that bank is skipped",
+    )
+    refit_older_than: str | None = option(
+        None,
+        "fit again every stored profile fitted on a bank older than this one (a fingerprint or prefix): one it "
+        "was grown from",
+    )
     xpeft: XPeftConfig = option(XPeftConfig(head="linear"), "the profiles' mode, masks and head", no_flag=True)
     train: TrainConfig = option(TrainConfig(), "each profile's fit", no_flag=True)
     setting: Setting = option("random", "the bank (§3.1): random, or learned by an sa / mtl warm start")
@@ -114,7 +132,6 @@ class ProfileWorker:
         return True
 
     def fit(self, data: ProfileData, xcfg: XPeftConfig | None = None, tcfg: TrainConfig | None = None) -> dict:
-        """Fit one profile; `xcfg` / `tcfg` override the run's (an on-demand fit's epochs or mask type)."""
         out = self.fitter.with_configs(xcfg or self.fitter.xcfg, tcfg or self.fitter.tcfg).fit(data)
         return {"profile": out.profile, "seconds": out.seconds, "dropped": out.dropped, "pid": os.getpid()}
 
@@ -218,6 +235,7 @@ class Farm:
         self.buffer: list = []
         self.shared_head: dict[str, torch.Tensor] | None = None
         self.head_id: str | None = None
+        self.on_bank: dict[str, str | None] | None = None  # refitting: each stored profile's bank
 
     def on_result(self, result: dict) -> None:
         p = result["profile"]
@@ -240,6 +258,8 @@ class Farm:
         """Fit the profiles of `part` not stored yet on a pool of actors holding `bank`."""
         cfg = self.cfg
         stored = {d.profile_id for d in part if d.profile_id in self.store}  # index lookups: nothing is read
+        if self.on_bank is not None and bank is not None:  # refitting: done once it is on this run's bank
+            stored = {pid for pid in stored if self.on_bank.get(pid) == bank.fingerprint}
         todo = [d for d in part if d.profile_id not in stored]
         self.report.skipped += [d.profile_id for d in part if d.profile_id in stored]
         if not todo:
@@ -313,24 +333,63 @@ class Farm:
             bank = self.sa_bank(warm, xcfg) if cfg.setting == "sa" else self.mtl_bank(warm, xcfg)
             self.store.save_bank(bank)
             self.store.write_state(STATE, {"setting": cfg.setting, "bank": bank.fingerprint, "head_id": self.head_id})
-            return bank, rest
+            return self.newest(bank), rest
+        if cfg.bank_path and cfg.bank_fingerprint:
+            raise ValueError("give one bank: bank_path (--bank-path, a file) or bank_fingerprint (one of the store's)")
         if cfg.bank_path:
             bank = load_bank(cfg.bank_path)
+        elif cfg.bank_fingerprint or self.store.bank_fingerprints():
+            return self.newest(None), self.datas
         else:
             bank = random_bank_for(load_encoder(cfg.backbone), xcfg, cfg.bank_seed, cfg.bank_scale)
         self.store.save_bank(bank)
         return bank, self.datas
 
+    def to_refit(self, rest: list[ProfileData]) -> list[ProfileData]:
+        """The profiles of `rest` chosen by cfg.refit / cfg.refit_older_than (a ValueError naming the ones the
+        data set lacks); remembers each stored profile's bank, so a resumed refit skips those already moved."""
+        table = self.store.read_table(columns=["profile_id", "bank_fingerprint"]).to_pylist()
+        self.on_bank = {r["profile_id"]: r["bank_fingerprint"] for r in table}
+        ids = set(self.cfg.refit)
+        if self.cfg.refit_older_than:
+            lineages = Lineages.of(self.store)
+            upto = lineages.find(self.cfg.refit_older_than)
+            ids |= {pid for pid, fp in self.on_bank.items() if fp in lineages.older_than(upto)}
+        have = {d.profile_id for d in rest}
+        missing = sorted(pid for pid in ids if pid not in have and pid in set(self.cfg.refit))
+        if missing:
+            raise ValueError(f"cannot refit {missing}: the data set has no rows for them (or they are warm-start "
+                             "profiles, which are their bank's own members)")  # fmt: skip
+        return [d for d in rest if d.profile_id in ids]
+
+    def newest(self, learned: AdapterBank | None) -> AdapterBank:
+        """The bank new profiles are fitted on: the one cfg.bank_fingerprint pins, else the newest bank of the
+        store grown from `learned` (`learned` itself when none was), else (no learned bank) the store's newest."""
+        lineages = Lineages.of(self.store)
+        if self.cfg.bank_fingerprint:
+            fp = lineages.find(self.cfg.bank_fingerprint)
+        elif learned is not None:
+            fp = lineages.candidates(learned.fingerprint)[0]
+        else:
+            fp = lineages.the_newest()
+        bank = learned if learned is not None and fp == learned.fingerprint else self.store.load_bank(fp)
+        if self.head_id is not None and learned is not None and bank.members_of(learned.fingerprint) is None:
+            raise ValueError(
+                f"bank {fp[:12]}… was not grown from the mtl bank {learned.fingerprint[:12]}… whose shared head "
+                f"{self.head_id} the profiles use; pin a bank of its lineage, or fit into another store"
+            )
+        return bank
+
     def run(self) -> RunReport:
         start = time.perf_counter()
         xcfg = self.cfg.xpeft
         bank, rest = self.bank()
+        if self.cfg.refit or self.cfg.refit_older_than:
+            rest = self.to_refit(rest)
         if bank is not None:
             self.report.bank = {**bank.metadata(), "nbytes": bank.nbytes}
             xcfg, self.report.masks = resolve_k(replace(xcfg, b=bank.b), bank, self.cfg.setting)
-        # What an on-demand fit into this store repeats (xpeft.fit.on_demand): the same bank, head, masks and fit.
-        cfg, fingerprint = self.cfg, bank.fingerprint if bank is not None else None
-        save_recipe(self.store, FitRecipe(cfg.backbone, xcfg, cfg.train, fingerprint, self.head_id, cfg.label_names))
+        save_recipe(self.store, FitRecipe.of(self.cfg, xcfg, bank, self.head_id))
         self.pool(rest, bank, xcfg, self.cfg.train)
         self.report.seconds = time.perf_counter() - start
         return self.report

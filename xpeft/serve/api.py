@@ -109,7 +109,10 @@ class ProfileInfo(BaseModel):
     mask_type: str | None
     config: dict[str, Any]
     head_id: str | None
-    bank_fingerprint: str | None
+    bank_fingerprint: str | None = Field(description="the bank the profile was fitted on")
+    served_from_bank: str | None = Field(
+        None, description="the bank it is served from: its own, or the newest grown from it (its masks zero-extended)"
+    )
     metrics: dict[str, Any]
     label_names: list[str] | None
     record_bytes: int = Field(description="bytes stored for this profile: mask bits + every tensor")
@@ -180,11 +183,23 @@ class Starting(BaseModel):
     detail: str = Field(description="what the replica is waiting for, why it failed, or that none answered in time")
 
 
+class BankHealth(BaseModel):
+    fingerprint: str
+    N: int | None = Field(None, description="its members")
+    parent: str | None = Field(None, description="the bank it was grown from (None: it was not grown)")
+    source: str | None = None
+    served_from_bank: str | None = Field(description="the bank its profiles are served from (None: refused)")
+    in_memory: bool
+    problem: str | None = Field(None, description="why its file is refused (damage), when it is")
+
+
 class Health(BaseModel):
     status: str = Field(description='"ok", or "degraded" with the reasons in problems')
     problems: list[str] = Field(description="damaged parts of the store, a store that cannot be refreshed")
     backbone: str
-    bank_fingerprint: str | None
+    bank_fingerprint: str | None = Field(description="the bank the replica started with")
+    banks: list[BankHealth] = Field([], description="every bank of the store, and which bank serves its profiles")
+    bank_bytes_in_memory: int = Field(0, description="bytes of the banks in memory, bounded by bank_cache_mb")
     cached_profiles: int
     cache_size: int
     batches: int = Field(description="encoder forwards since the replica started")

@@ -1,6 +1,7 @@
 """Stored profile records → `CombinedProfile`s a replica serves: Â, B̂ per block from the masks and the bank
 (`xpeft.core.combine`, one contraction for all the profiles combined together), the LayerNorm affine, and
-the head as plain tensors."""
+the head as plain tensors. A profile fitted on an ancestor of the bank (one it was grown from) is combined with
+its masks zero-extended to the bank's N (`xpeft.profiles.record.stored_mask_weights`): the same adapter."""
 
 from __future__ import annotations
 
@@ -51,8 +52,11 @@ def combine_profiles(
                 created=p.created,
             )
             if cfg.mode == "x_peft":
-                if bank is None or p.bank_fingerprint != bank.fingerprint:
-                    raise ValueError(f"it was fitted on bank {p.bank_fingerprint}, not on the bank here")
+                n = bank.members_of(p.bank_fingerprint) if bank is not None else None
+                if n is None:
+                    raise ValueError(f"it was fitted on bank {p.bank_fingerprint}, not on the bank here nor its parent")
+                if n != cfg.N:
+                    raise ValueError(f"it has N={cfg.N} but its bank {str(p.bank_fingerprint)[:12]}… has N={n}")
                 bulk.append((i, *stored_mask_weights(p, bank.N, bank.L)))
             out[i] = c
         except (ValueError, KeyError, RuntimeError) as e:

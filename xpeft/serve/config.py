@@ -16,7 +16,16 @@ class ServeConfig(BackboneBankFields):
     forward, caches, staleness and request limits."""
 
     store: str = option(help="the profile store: a directory or a URI (s3://…)")
-    bank_fingerprint: str | None = option(None, "which of the store's banks (a prefix will do); default: the only one")
+    bank_fingerprint: str | None = option(
+        None,
+        "the bank a replica loads at start (a prefix will do); default: the newest of the store's. Every bank of "
+        "the store is served: a profile from the newest bank grown from its own, others loaded on first use",
+    )
+    bank_cache_mb: float = option(
+        1024.0,
+        "banks kept in memory per replica (LRU by bytes; the one used last always stays): a profile of a bank not "
+        "in memory loads it (verified, ~0.3 s for MiniLM at N=100) on first use",
+    )
     # --- scale ---
     num_replicas: int = option(1, "replicas, each with its own backbone, bank and cache", renamed_from=("--replicas",))
     cpus_per_actor: float = option(
@@ -131,8 +140,9 @@ class ServeConfig(BackboneBankFields):
             "max_fit_epochs",
         )
         bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
-        if min(self.cpus_per_actor, self.gpus_per_actor, self.batch_wait_s, self.record_cache_mb) < 0:
-            bad.append("cpus_per_actor, gpus_per_actor, batch_wait_s and record_cache_mb must be >= 0")
+        at_least_0 = ("cpus_per_actor", "gpus_per_actor", "batch_wait_s", "record_cache_mb", "bank_cache_mb")
+        if min(getattr(self, k) for k in at_least_0) < 0:
+            bad.append(f"{', '.join(at_least_0)} must be >= 0")
         if min(self.fit_workers, self.fit_retries, self.fit_cpus_per_actor) < 0:
             bad.append("fit_workers, fit_retries and fit_cpus_per_actor must be >= 0")
         if self.forward not in ("auto", "ort", "eager"):

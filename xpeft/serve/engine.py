@@ -1,7 +1,7 @@
 """The serving engine: everything one replica does, with torch only (no Ray, no HTTP), so batch scoring and
 tests reuse it in one process.
 
-A replica loads the backbone, the tokenizer and the bank once, and opens the store: the profile table's id
+A replica loads the backbone, the tokenizer and a bank once, and opens the store: the profile table's id
 index is built from its id column alone, so a replica is ready without reading any profile. A profile is not a
 model of its own (that would split batches per profile): a request names it, its stored record is combined with
 the bank once (Â, B̂ per block) into an LRU cache of `CombinedProfile`s. Stored records are small (mask bits,
@@ -14,6 +14,10 @@ A background refresher moves the replica to the store's latest version every `st
 found, a refit one is served in its new version, a deleted one is a 404. An unknown id is answered from the
 index (no listing, no scan). A profile in a damaged part of the store fails alone (503 naming the part), and
 `health()` reports the replica "degraded" with the reason.
+
+Every bank of the store is served (`xpeft.serve.banks.ServedBanks`, issue 26): a profile is combined with the
+newest bank grown from its own (its masks zero-extended), a bank of another lineage is loaded on first use into a
+byte-bounded cache, and a profile whose bank is not in the store is refused with 409 naming it.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from typing import Any
 import torch
 
 from xpeft.config import DEFAULT_TARGET
-from xpeft.core.bank import AdapterBank, load_bank
+from xpeft.core.bank import AdapterBank
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.core.model import bank_misfit
 from xpeft.core.multiprofile import CombinedProfile, MultiProfileModel
 from xpeft.data.tokens import Collator, tokenize
 from xpeft.profiles.record import Profile, compatibility, model_dims, summary
 from xpeft.profiles.store import Location, ProfileStore
+from xpeft.serve.banks import ServedBanks
 from xpeft.serve.cache import ProfileCache
 from xpeft.serve.combine import combine_profiles
 from xpeft.serve.config import ServeConfig
@@ -60,29 +65,30 @@ class ProfileEngine:
         self.view = StoreView(cfg)
         self.store = self.view.store
         step("the bank, verified against its fingerprint")
-        self.bank = serving_bank(cfg, self.store)
+        self.banks = ServedBanks(cfg, self.store)
+        bank = self.banks.start(self.device)  # the bank it starts with; the others on first use
+        self.bank_fingerprint = bank.fingerprint if bank is not None else None
+        self.view.on_refresh.append(self.banks.refresh)
         step(f"the backbone {cfg.backbone}")
         encoder = load_encoder(cfg.backbone)
         self.tokenizer = load_tokenizer(cfg.backbone)
         self.collate = Collator(self.tokenizer.pad_token_id or 0)
-        self.model = MultiProfileModel(encoder, self.bank.target if self.bank else DEFAULT_TARGET)
+        self.model = MultiProfileModel(encoder, bank.target if bank else DEFAULT_TARGET)
         self.dims = model_dims(self.model)
         self.d = self.dims.d
-        misfit = bank_misfit(self.bank, encoder, self.model.target) if self.bank is not None else []
+        misfit = bank_misfit(bank, encoder, self.model.target) if bank is not None else []
         if misfit:
             raise ValueError(
-                f"{self.bank.describe()} does not fit backbone {cfg.backbone!r}: {'; '.join(misfit)}; serve the "
+                f"{bank.describe()} does not fit backbone {cfg.backbone!r}: {'; '.join(misfit)}; serve the "
                 "backbone the bank was made for"
             )
         if self.device.type != "cpu":
             self.model.to(self.device)
-            if self.bank is not None:
-                self.bank = self.bank.to(self.device)
         # ONNX Runtime on CPU (the graph exported once per backbone, or found in cfg.onnx_cache), or torch eager.
         step(f"the encoder's forward ({cfg.forward}: an ONNX graph is exported once per backbone, then found)")
         self.forward_rows = make_forward(
             cfg.forward, self.model, self.device, token_inputs(self.tokenizer), threads, cfg.onnx_cache,
-            self.bank.b if self.bank is not None else None,
+            bank.b if bank is not None else None,
         )  # fmt: skip
         self.cache = ProfileCache(cfg.cache_size)
         self.records = self.view.records
@@ -101,7 +107,7 @@ class ProfileEngine:
         log.info(
             "profile server ready: backbone %s, %s, store %s (%d profiles)",
             cfg.backbone,
-            self.bank.describe() if self.bank else "no bank (x_peft profiles refused)",
+            bank.describe() if bank else "no bank (x_peft profiles refused)",
             cfg.store,
             self.view.profiles_at_start,
         )
@@ -115,9 +121,22 @@ class ProfileEngine:
 
     # --- profiles ---
 
+    @property
+    def bank(self) -> AdapterBank | None:
+        """The bank used last (the start's until another is used); the cache bounds what else is held."""
+        return self.banks.last()
+
+    def bank_for(self, p: Profile) -> AdapterBank | None:
+        """The bank that combines `p` (None for a profile that needs none): ServeError 409 when its bank is not in
+        the store, 503 when it is damaged, each naming it."""
+        return self.banks.bank_for(p) if p.config.mode == "x_peft" else None
+
     def problem(self, p: Profile) -> str | None:
         """Why this server cannot serve `p` (None: it can)."""
-        return compatibility(p, self.bank, self.dims)
+        try:
+            return compatibility(p, self.bank_for(p), self.dims)
+        except ServeError as e:
+            return e.detail
 
     def _on_device(self, c: CombinedProfile) -> CombinedProfile:
         if self.device.type == "cpu":
@@ -133,45 +152,51 @@ class ProfileEngine:
         except ServeError:
             return None
 
-    def _prepare(self, pid: str, heads: dict) -> tuple[Location, Profile] | CombinedProfile | ServeError:
-        """A cached combination, or the record to combine (its shared head into `heads`), or the refusal."""
+    def _prepare(
+        self, pid: str, heads: dict
+    ) -> tuple[Location, Profile, AdapterBank | None] | CombinedProfile | ServeError:
+        """A cached combination, or the record to combine and its bank (its shared head into `heads`), or the
+        refusal."""
         try:
             loc = self.view.locate(pid)
             cached = self.cache.get(loc, pid)
             if cached is not None:
                 return cached
             loc, p = self.view.record(pid)
-            problem = self.problem(p)
+            bank = self.bank_for(p)  # 409 when its bank is not in the store, 503 when damaged
+            problem = compatibility(p, bank, self.dims)
             if problem is not None:
                 return ServeError(409, problem)
             if p.head_id is not None:
                 heads[p.head_id] = self.view.shared_head(p.head_id, pid)  # 503 when damaged, 409 when missing
         except ServeError as e:
             return e
-        return loc, p
+        return loc, p, bank
 
     def load_profiles(self, profile_ids: list[str]) -> list[CombinedProfile | ServeError]:
         """Read, check and combine the served versions of profiles that are not cached; cache and return them
         (or each one's refusal: one profile's problem never fails the others)."""
         start = time.perf_counter()
         found: dict[str, CombinedProfile | ServeError] = {}
-        todo: list[tuple[Location, Profile]] = []
+        by_bank: dict[str | None, tuple[AdapterBank | None, list[tuple[Location, Profile]]]] = {}
         heads: dict[str, dict[str, torch.Tensor]] = {}
         for pid in dict.fromkeys(profile_ids):
             got = self._prepare(pid, heads)
             if isinstance(got, tuple):
-                todo.append(got)
+                loc, p, bank = got
+                by_bank.setdefault(bank.fingerprint if bank else None, (bank, []))[1].append((loc, p))
             else:
                 found[pid] = got
-        combined = combine_profiles([p for _, p in todo], self.bank, self.d, heads)
-        for (loc, p), c in zip(todo, combined, strict=True):
-            if isinstance(c, Exception):
-                found[p.profile_id] = ServeError(409, str(c))
-            else:
-                c = self._on_device(c)
-                self.cache.put(loc, c)
-                found[p.profile_id] = c
-        self.stats["profiles_loaded"] += len(todo)
+        for bank, todo in by_bank.values():  # one contraction per bank (in practice one: the newest)
+            combined = combine_profiles([p for _, p in todo], bank, self.d, heads)
+            for (loc, p), c in zip(todo, combined, strict=True):
+                if isinstance(c, Exception):
+                    found[p.profile_id] = ServeError(409, str(c))
+                else:
+                    c = self._on_device(c)
+                    self.cache.put(loc, c)
+                    found[p.profile_id] = c
+            self.stats["profiles_loaded"] += len(todo)
         self.stats["load_seconds"] += time.perf_counter() - start
         return [found[pid] for pid in profile_ids]
 
@@ -186,7 +211,8 @@ class ProfileEngine:
     def profile_info(self, profile_id: str) -> dict[str, Any]:
         _, p = self.view.record(profile_id)
         problem = self.problem(p) or self.view.damaged_heads.get(p.head_id or "")
-        return {**summary(p), "servable": problem is None, "problem": problem}
+        served = self.banks.serves(p)[0] if p.config.mode == "x_peft" else None
+        return {**summary(p), "served_from_bank": served, "servable": problem is None, "problem": problem}
 
     def profile_page(self, offset: int, limit: int) -> dict[str, Any]:
         """A page of the listing; a profile that cannot be read is listed under "unreadable" with the reason."""
@@ -208,12 +234,14 @@ class ProfileEngine:
 
     def health(self) -> dict[str, Any]:
         """What /healthz reports: "ok" or "degraded" (with the problems), the store, caches, memory, counters."""
-        problems = self.view.problems()
+        problems = self.view.problems() + self.banks.problems()
         return {
             "status": "degraded" if problems else "ok",
             "problems": problems,
             "backbone": self.cfg.backbone,
-            "bank_fingerprint": self.bank.fingerprint if self.bank else None,
+            "bank_fingerprint": self.bank_fingerprint,
+            "banks": self.banks.health(),
+            "bank_bytes_in_memory": self.banks.nbytes,
             "cached_profiles": len(self.cache),
             "cache_size": self.cfg.cache_size,
             "rss_bytes": rss_bytes(),
@@ -262,26 +290,9 @@ class ProfileEngine:
 
 
 def serving_bank(cfg: ServeConfig, store: ProfileStore) -> AdapterBank | None:
-    """The bank a server for `cfg` serves: `cfg.bank_path`, or the store's (the only one, or the one
-    `cfg.bank_fingerprint` names), verified against its fingerprint: a damaged file is refused, naming it."""
-    if cfg.bank_path:
-        return load_bank(cfg.bank_path)
-    stored = store.bank_fingerprints()
-    wanted = [fp for fp in stored if fp.startswith(cfg.bank_fingerprint or "")]
-    if cfg.bank_fingerprint and len(wanted) != 1:
-        raise ValueError(
-            f"bank_fingerprint {cfg.bank_fingerprint!r} matches {len(wanted)} of the store's banks "
-            f"{[fp[:12] for fp in stored]}; give a longer prefix or bank_path"
-        )
-    if len(wanted) > 1:
-        raise ValueError(
-            f"the store {cfg.store} holds {len(wanted)} banks {[fp[:12] for fp in wanted]}; "
-            "choose one with bank_fingerprint=..."
-        )
-    if not wanted:
-        log.warning("the store %s holds no bank: only head_only and single_adapter profiles can be served", cfg.store)
-        return None
-    return store.load_bank(wanted[0])
+    """The bank a server for `cfg` starts with (`cfg.bank_path`, the one `cfg.bank_fingerprint` names, else the
+    store's newest), verified against its fingerprint and lineage: a damaged file is refused, naming it."""
+    return ServedBanks(cfg, store).start(torch.device("cpu"))
 
 
 def predictions(c: CombinedProfile, logits: list[torch.Tensor]) -> list[dict[str, Any]]:

@@ -70,6 +70,7 @@ class StoreView:
         self.refresh_error: str | None = None
         self._heads: dict[str, dict[str, torch.Tensor]] = {}  # shared heads (mtl): few, kept for good
         self.damaged_heads: dict[str, str] = {}  # head_id -> why it was refused (read again on every refresh)
+        self.on_refresh: list = []  # callables run after each refresh (the replica's banks list the store's again)
         self._heads_lock = threading.Lock()
         self._stop = threading.Event()
         self._started = False  # start() runs its threads once per view
@@ -156,6 +157,8 @@ class StoreView:
         while not self._stop.wait(self.cfg.staleness_s):
             self.refresh()
             self.recheck()
+            for then in self.on_refresh:
+                then()
 
     def recheck(self) -> bool:
         """Read what is damaged again (parts of the store, shared heads); True when something was repaired."""
