@@ -6,6 +6,7 @@ instead, and a replica killed mid-stream. Every stage runs on one local Ray and 
     python benchmarks/serve_load.py --store /tmp/xpeft-load              # keep (and reuse) the 10,000 profiles
     python benchmarks/serve_load.py --stages kill --concurrency 8        # a replica killed (docs/serving.md)
     python benchmarks/serve_load.py --stages slow --slow-clients 200     # slow clients beside a normal one
+    python benchmarks/serve_load.py --stages fits --fits 20              # profiles fitted over HTTP, beside classify
     python benchmarks/serve_load.py --stages load kill slow --smoke      # every stage, tiny: seconds
 
 Stage `load`: the server with its forward in ONNX Runtime ('ort') and in torch ('eager'), then the peer (PEFT
@@ -32,6 +33,10 @@ Stage `slow` (harness/slow_clients.py): a normal client's requests/s and /health
 --slow-clients connections holding half-sent bodies, behind the same middleware (the proxy reads each body,
 within XPEFT_BODY_TIMEOUT_S, before a replica is picked).
 
+Stage `fits` (harness/fit_on_demand.py): --fits profiles of --fit-examples texts fitted over HTTP one after
+another (POST → first answer p50 / p99), and classify p50 / p99 without and with that stream of fits; the store
+gets a recipe as the farm records it (FARM_TRAIN), the server its fit workers (--fit-workers, --fit-cpus-per-actor).
+
 The server's settings are ServeConfig's flags (as `xpeft serve` takes them); N, k, b and the classes of the
 random profiles XPeftConfig's.
 """
@@ -48,7 +53,7 @@ import statistics
 import tempfile
 import time
 
-from harness import slow_clients
+from harness import fit_on_demand, slow_clients
 from harness.client import Client, run_load
 from harness.common import SMOKE_HELP, WORDS, free_port, make_store, smoke_backbone
 from harness.procs import cpu_by_role, memory_mb, replica_pids
@@ -59,7 +64,7 @@ from xpeft.flags import add_flags, from_flags
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine
 
-STAGES = ("load", "kill", "slow")
+STAGES = ("load", "kill", "slow", "fits")
 NOT_FLAGS = ("store", "bank_path", "bank_fingerprint", "forward")  # the harness makes the store; --forwards
 
 
@@ -280,6 +285,24 @@ def slow_stage(args, store, port: int) -> None:
     slow_clients.report(result)
 
 
+def fits_stage(args, store, port: int) -> None:
+    """Fits on demand (harness/fit_on_demand.py) beside classify, with a recipe as the farm records it."""
+    from ray import serve
+
+    from xpeft.fit.on_demand import FitRecipe, save_recipe
+    from xpeft.fit.recipes import FARM_TRAIN
+    from xpeft.serve.deployment import build_app
+
+    labels, xcfg = [f"class-{i}" for i in range(args.num_labels)], from_flags(args, XPeftConfig, head="linear")
+    save_recipe(store, FitRecipe(args.backbone, xcfg, FARM_TRAIN, store.bank_fingerprints()[0], label_names=labels))
+    url = deploy(build_app(server_config(args, store.uri, forward=args.forwards[0])), "xpeft-fits", port)
+    try:
+        result = fit_on_demand.scenario(url, store.ids()[0], labels, args.fits, args.fit_examples, args.fit_seconds, 4)
+    finally:
+        serve.delete("xpeft-fits")
+    fit_on_demand.report(result)
+
+
 def parse_payload(text: str) -> tuple[int, int]:
     """'4x20' → 4 texts of 20 words per request."""
     texts, _, words = text.partition("x")
@@ -348,6 +371,10 @@ def arguments() -> argparse.ArgumentParser:
         "--slow-clients", type=int, default=200, help="connections holding half-sent bodies (issue 23: 200)"
     )
     slow.add_argument("--slow-seconds", type=float, default=20.0, help="the normal client's seconds, each way")
+    fits = ap.add_argument_group("stage fits")
+    fits.add_argument("--fits", type=int, default=20, help="profiles fitted over HTTP, one after another")
+    fits.add_argument("--fit-examples", type=int, default=40, help="labelled texts a profile (default: 40)")
+    fits.add_argument("--fit-seconds", type=float, default=20.0, help="classify alone this long before the fits")
     return ap
 
 
@@ -358,6 +385,7 @@ SMOKE = {  # sizes only (two payloads: the tables' loops over them): what runs (
     **{"num_replicas": 1, "cpus_per_actor": 1.0},  # one replica is killed either way
     **{"kill_at": 1.0, "after_kill": 2.0, "served_after": 2, "drain_s": 1.0},
     **{"slow_clients": 20, "slow_seconds": 3.0},
+    **{"fits": 3, "fit_examples": 12, "fit_seconds": 2.0},
 }
 SMOKE_ALSO = ("backbone", "profiles", "concurrency")  # also set by the smoke setting (settle)
 
@@ -409,6 +437,8 @@ def main() -> None:
             kill_stage(args, store, port)
         if "slow" in args.stages:
             slow_stage(args, store, port)
+        if "fits" in args.stages:
+            fits_stage(args, store, port)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -11,13 +11,15 @@ import os
 from collections import Counter
 
 import schemathesis
-from cases import BANK, CASES, fitted_profile, store_cases
+from cases import BANK, BY_NAME, CASES, fitted_profile, store_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode, checks
 
+from xpeft.config import TrainConfig
 from xpeft.core.bank import random_bank
 from xpeft.core.encoder import load_encoder
+from xpeft.fit.on_demand import FitRecipe, save_recipe
 from xpeft.profiles.store import ProfileStore
 
 L, N, B, D = BANK.L, BANK.N, BANK.b, 32
@@ -27,10 +29,25 @@ LIMITS = {"max_texts": 8, "max_text_chars": 300, "max_body_bytes": 8192}
 JSON = {"Content-Type": "application/json"}
 
 
+def save_test_recipe(store: ProfileStore, backbone: str, **train) -> FitRecipe:
+    """The recipe of the table's "hard" case, as a farm run records it: what a fit on demand repeats."""
+    recipe = FitRecipe(
+        backbone,
+        BY_NAME["hard"].xpeft(),
+        TrainConfig(**{"lr": 1e-2, "mask_lr": 1e-1, "ln_lr": 1e-1, "epochs": 3, "batch_size": 8, **train}),
+        BANK.fingerprint,
+        label_names=list(BY_NAME["hard"].label_names),
+    )
+    save_recipe(store, recipe)
+    return recipe
+
+
 def served_store(path, backbone: str) -> ProfileStore:
-    """A store with the bank, every mode of the table, 'other-bank', 'paired' and 'unpaired'. The table's
-    profiles record no text_pair (as profiles stored before it was recorded): they take both kinds of input."""
+    """A store with the bank, every mode of the table, 'other-bank', 'paired' and 'unpaired', and the recipe
+    of fits on demand. The table's profiles record no text_pair (as profiles stored before it was recorded):
+    they take both kinds of input."""
     store = ProfileStore(path)
+    save_test_recipe(store, backbone)
     encoder = load_encoder(backbone)
     store_cases(store, encoder, CASES, OTHER_BANK)
     profiles = []
@@ -159,6 +176,33 @@ BAD = [
         "nests more than 32 arrays or objects deep",
     ),
     ("an unknown route", "get", "/v2/classify", None, 404, "the routes are"),
+    # --- fits on demand: what the schema refuses, before any server state is looked at ---
+    ("fit without labels", "post", "/v1/profiles/hard/fit", {"texts": ["a", "b", "c"]}, 422, "labels: Field required"),
+    (
+        "fit with a split value other than train/test",
+        "post",
+        "/v1/profiles/hard/fit",
+        {"texts": ["a"], "labels": ["neg"], "split": ["dev"]},
+        422,
+        "split[0]: Input should be 'train' or 'test'",
+    ),
+    (
+        "fit with 0 epochs",
+        "post",
+        "/v1/profiles/hard/fit",
+        {"texts": ["a"], "labels": ["neg"], "epochs": 0},
+        422,
+        "epochs",
+    ),
+    (
+        "fit of an invalid profile id",
+        "post",
+        "/v1/profiles/a..b/fit",
+        {"texts": ["a"], "labels": ["neg"]},
+        400,
+        "invalid",
+    ),
+    ("an unknown job", "get", "/v1/jobs/0123456789abcdef0123456789abcdef", None, 404, "no fit job"),
     ("a method the route does not take", "get", "/v1/classify", None, 405, "takes POST"),
 ]
 
@@ -170,8 +214,15 @@ GOOD_BODY = b'{"profile_id": "hard", "texts": ["the movie was great fun"]}'
 # --- cases generated from the served OpenAPI schema (schemathesis) ---
 
 # Cases per operation and app (hypothesis' max_examples; it stops early where the inputs run out, as for
-# /healthz, which takes none): two apps (auth off, auth on) × 525 = 1,050 cases.
-EXAMPLES = {"POST /v1/classify": 300, "GET /v1/profiles": 120, "GET /v1/profiles/{profile_id}": 100, "GET /healthz": 5}
+# /healthz, which takes none): two apps (auth off, auth on) × 675 = 1,350 cases.
+EXAMPLES = {
+    "POST /v1/classify": 300,
+    "GET /v1/profiles": 120,
+    "GET /v1/profiles/{profile_id}": 100,
+    "POST /v1/profiles/{profile_id}/fit": 120,
+    "GET /v1/jobs/{job_id}": 30,
+    "GET /healthz": 5,
+}
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,

@@ -26,6 +26,9 @@ LAYERS = [
     ("xpeft.serve.batch", ("ray", "fastapi")),
     ("xpeft.core.peft_bank", ("ray", "fastapi", "peft")),
     ("xpeft.profiles.peft_export", ("ray", "fastapi", "peft")),
+    ("xpeft.profiles.jobs", ("ray", "fastapi", "torch")),
+    ("xpeft.fit.on_demand", ("ray", "fastapi")),
+    ("xpeft.serve.fits", ("ray", "fastapi")),  # fits on demand: the deployment gives it Ray actors
     ("xpeft.serve.api", ("ray",)),
     ("xpeft.serve.local", ("ray",)),
     ("xpeft.serve.proxy", ("ray", "fastapi", "torch")),  # loaded by the Serve proxy: Starlette only

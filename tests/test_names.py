@@ -24,7 +24,8 @@ from xpeft.serve.batch import OPTIONAL, OUTPUT, REQUIRED
 from xpeft.serve.config import ServeConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-CLIENT_SCHEMAS = ("ClassifyRequest", "ClassifyResponse", "Prediction", "ProfileInfo")  # what a client reads
+# What a client reads (and sends).
+CLIENT_SCHEMAS = ("ClassifyRequest", "ClassifyResponse", "Prediction", "ProfileInfo", "FitRequest", "FitJob")
 # Outputs renamed for issue 25 (old -> new); the configs' renamed fields come from their `renamed_from`.
 RENAMED_OUTPUTS = {"scores": "probabilities", "score": "value", "size_bytes": "record_bytes"}
 RENAMED_OUTPUTS |= {"size_report": "record_bytes_by_part"}

@@ -248,7 +248,9 @@ def server(store, backbone):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared one
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # No fit workers (a fit is answered 409, naming the setting): tests/test_on_demand.py fits over HTTP.
     common = dict(store=store.uri, backbone=backbone, cpus_per_actor=0.5, cache_size=4, batch_wait_s=0.1, **LIMITS)
+    common["fit_workers"] = 0
     serve.run(build_app(ServeConfig(**common, api_token=None)), name="xpeft", route_prefix="/")
     serve.run(build_app(ServeConfig(**common, api_token=TOKEN)), name="xpeft-auth", route_prefix="/secure")
     yield f"http://127.0.0.1:{port}"
@@ -471,6 +473,7 @@ def test_over_http_generated_requests_get_documented_answers_and_never_a_5xx(ser
         assert without.status_code != 200 or not case.operation.path.startswith("/v1/"), without.text
 
     few = {"POST /v1/classify": 60, "GET /v1/profiles": 15, "GET /v1/profiles/{profile_id}": 15, "GET /healthz": 2}
+    few |= {"POST /v1/profiles/{profile_id}/fit": 10, "GET /v1/jobs/{job_id}": 3}
     counts = fuzz(f"{server}/openapi.json", store.ids(), call, few)
     counted_http.update({f"{k} (over HTTP)": v for k, v in counts.items()})
     fewer = {k: max(1, v // 3) for k, v in few.items()}
@@ -512,6 +515,7 @@ def test_a_replica_killed_mid_request_gets_a_json_503_with_retry_after_and_the_n
     from xpeft.serve.deployment import build_app
 
     cfg = ServeConfig(store=store.uri, backbone=backbone, cpus_per_actor=0.25, batch_wait_s=3.0, max_batch_size=64)
+    cfg = dataclasses.replace(cfg, fit_workers=0)
     serve.run(build_app(cfg), name="xpeft-kill", route_prefix="/kill")
     url = f"{server}/kill/v1/classify"
     try:
@@ -555,7 +559,12 @@ def test_slow_clients_holding_half_sent_bodies_block_neither_a_normal_client_nor
     from xpeft.serve.deployment import build_app
 
     cfg = ServeConfig(
-        store=store.uri, backbone=backbone, cpus_per_actor=0.25, max_ongoing_requests=2, max_queued_requests=2
+        store=store.uri,
+        backbone=backbone,
+        cpus_per_actor=0.25,
+        max_ongoing_requests=2,
+        max_queued_requests=2,
+        fit_workers=0,
     )
     serve.run(build_app(cfg), name="xpeft-slow", route_prefix="/slow")
     url, port = f"{server}/slow", int(server.rsplit(":", 1)[1])
@@ -589,7 +598,7 @@ def test_while_a_replica_starts_healthz_answers_503_starting_with_what_it_waits_
 
     from xpeft.serve.deployment import build_app
 
-    cfg = ServeConfig(store=store.uri, backbone=backbone, cpus_per_actor=0.25)
+    cfg = ServeConfig(store=store.uri, backbone=backbone, cpus_per_actor=0.25, fit_workers=0)
     deploying = threading.Thread(
         target=serve.run, args=(build_app(cfg),), kwargs={"name": "xpeft-late", "route_prefix": "/late"}
     )

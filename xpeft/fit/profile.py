@@ -5,6 +5,7 @@ The farm's actors (xpeft.ray.farm) hold one `ProfileFitter` each and call `fit` 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -98,6 +99,12 @@ class ProfileFitter:
         self.shared_head, self.head_id = shared_head, head_id
         self.label_names = label_names
         self.pad = tokenizer.pad_token_id or 0
+
+    def with_configs(self, xcfg: XPeftConfig, tcfg: TrainConfig) -> ProfileFitter:
+        """This fitter's encoder, bank and head with another mask config or fit (an on-demand fit's overrides)."""
+        other = copy.copy(self)
+        other.xcfg, other.tcfg = xcfg, tcfg
+        return other
 
     @property
     def regression(self) -> bool:

@@ -28,6 +28,7 @@ from xpeft.config import RandomBankFields, TrainConfig, XPeftConfig, check_k, de
 from xpeft.core.bank import AdapterBank, bank_from_object, bank_to_object, load_bank, random_bank_for
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.data.dataset import ProfileData
+from xpeft.fit.on_demand import FitRecipe, save_recipe
 from xpeft.fit.profile import ProfileFitter
 from xpeft.fit.warm_start import bank_from_single_adapters, bank_member_profile, fit_mtl
 from xpeft.profiles.lineage import Lineages
@@ -130,8 +131,8 @@ class ProfileWorker:
     def ready(self) -> bool:
         return True
 
-    def fit(self, data: ProfileData) -> dict:
-        out = self.fitter.fit(data)
+    def fit(self, data: ProfileData, xcfg: XPeftConfig | None = None, tcfg: TrainConfig | None = None) -> dict:
+        out = self.fitter.with_configs(xcfg or self.fitter.xcfg, tcfg or self.fitter.tcfg).fit(data)
         return {"profile": out.profile, "seconds": out.seconds, "dropped": out.dropped, "pid": os.getpid()}
 
     def info(self) -> dict:
@@ -388,6 +389,7 @@ class Farm:
         if bank is not None:
             self.report.bank = {**bank.metadata(), "nbytes": bank.nbytes}
             xcfg, self.report.masks = resolve_k(replace(xcfg, b=bank.b), bank, self.cfg.setting)
+        save_recipe(self.store, FitRecipe.of(self.cfg, xcfg, bank, self.head_id))
         self.pool(rest, bank, xcfg, self.cfg.train)
         self.report.seconds = time.perf_counter() - start
         return self.report

@@ -7,14 +7,17 @@ and depth, then the request queue that /healthz never waits in). `make_api(serve
     POST /v1/classify           {"profile_id", "texts", optional "text_pairs"} → one prediction per text
     GET  /v1/profiles/{id}      config, metrics, record_bytes, whether this server can serve it
     GET  /v1/profiles?offset&limit
+    POST /v1/profiles/{id}/fit  {"texts", "labels", optional "text_pairs", "split", "epochs", "mask_type"} → 202 a job
+    GET  /v1/jobs/{id}          the fit job: queued / running / succeeded (metrics, fingerprint) / failed (why)
     GET  /healthz               (no auth)
     GET  /docs, /redoc          the API's documentation, its assets served from here (no CDN: works offline)
 
 Errors are JSON {"detail": ...} naming the problem and the fix (xpeft.serve.errors): 400 invalid profile id,
-401 missing/wrong token, 404 unknown profile, 408 a body that did not arrive in time, 409 profile made for
-another bank or encoder (both fingerprints in the message), 413 body or text limits, 415 a body not sent as
-JSON, 422 malformed or too deeply nested JSON, missing or wrong-typed fields, empty texts, text_pairs the
-profile does not take; 503 the profile's part of the store or shared head is damaged (the detail names the
+401 missing/wrong token, 404 unknown profile or job, 408 a body that did not arrive in time, 409 profile made for
+another bank or encoder (both fingerprints in the message) or a fit that conflicts with the job in flight, 413 body
+or text limits, 415 a body not sent as JSON, 422 malformed or too deeply nested JSON, missing or wrong-typed
+fields, empty texts, text_pairs the profile does not take, examples that cannot be fitted; 429 too many fits
+queued (with Retry-After); 503 the profile's part of the store or shared head is damaged (the detail names the
 file; other profiles are served), the replica is starting or at capacity (with Retry-After), or no replica
 answered; each route documents its own.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -46,6 +49,10 @@ class Server(Protocol):
     engine: ProfileEngine
 
     async def classify(self, request: ClassifyRequest) -> dict[str, Any]: ...
+
+    async def fit(self, profile_id: str, request: dict[str, Any]) -> tuple[dict[str, Any], bool]: ...
+
+    async def job(self, job_id: str) -> dict[str, Any]: ...
 
 
 def utf8(value: str) -> str:
@@ -113,6 +120,39 @@ class ProfileInfo(BaseModel):
     created: float
     servable: bool = Field(description="whether this server's backbone and bank can serve it")
     problem: str | None = Field(None, description="why not, when it cannot")
+
+
+class FitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[Text] = Field(min_length=1, description="the profile's examples (at most ServeConfig.max_fit_examples)")
+    labels: list[str | int | float] = Field(
+        min_length=1,
+        description="one per text: a class name of the store's profiles (their label_names), or a number for a "
+        "regression store",
+    )
+    text_pairs: list[Text] | None = Field(None, description="second segments, one per text, for a pair task")
+    split: list[Literal["train", "test"]] | None = Field(
+        None, description="one per text; default: the farm's seeded 70/30 holdout"
+    )
+    epochs: int | None = Field(None, ge=1, description="the fit's epochs (default: the store's recipe)")
+    mask_type: Literal["hard", "soft"] | None = Field(None, description="hard or soft masks (default: the recipe's)")
+
+
+class FitJob(BaseModel):
+    job_id: str
+    profile_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    attempts: int = Field(description="times a worker started it")
+    error: str | None = Field(None, description="why it failed")
+    submitted: float = Field(description="when the job was accepted (Unix seconds)")
+    updated: float = Field(description="its last change")
+    metrics: dict[str, Any] | None = Field(None, description="the fitted profile's holdout metrics (succeeded)")
+    fingerprint: str | None = Field(None, description="the fitted profile's record fingerprint (succeeded)")
+    store_version: int | None = Field(
+        None, description="the store version holding it: /v1/classify serves it from /healthz's store_version on"
+    )
+    seconds: float | None = Field(None, description="the fit's time")
 
 
 class Unreadable(BaseModel):
@@ -187,6 +227,8 @@ class Health(BaseModel):
 CLASSIFY_ERRORS = errors.documented(400, 401, 404, 408, 409, 413, 415, 422, 503)
 PROFILE_ERRORS = errors.documented(400, 401, 404, 408, 413, 422, 503)
 PAGE_ERRORS = errors.documented(401, 408, 413, 422, 503)
+FIT_ERRORS = errors.documented(400, 401, 408, 409, 413, 415, 422, 429, 503)
+JOB_ERRORS = errors.documented(401, 404, 408, 413, 422, 503)
 
 
 def bearer_auth(token: str | None):
@@ -242,6 +284,17 @@ def make_api(server: Server) -> FastAPI:
         if limit > cfg.max_page:
             raise ServeError(413, f"limit={limit} is over {cfg.max_page} profiles a page (ServeConfig.max_page)")
         return await asyncio.to_thread(server.engine.profile_page, offset, limit)
+
+    @v1.post("/profiles/{profile_id}/fit", status_code=202, response_model=FitJob, responses=FIT_ERRORS)
+    async def fit(profile_id: str, request: FitRequest) -> dict[str, Any]:
+        """Fit the profile on these examples with the store's recipe: 202 with the job (a POST repeating the
+        examples of the profile's job in flight answers that job; other examples 409)."""
+        job, _ = await server.fit(checked_id(profile_id), request.model_dump(exclude_none=True))
+        return job
+
+    @v1.get("/jobs/{job_id}", response_model=FitJob, response_model_exclude_none=True, responses=JOB_ERRORS)
+    async def job(job_id: str) -> dict[str, Any]:
+        return await server.job(job_id)
 
     api.include_router(v1)
     health_thread = ThreadPoolExecutor(1, thread_name_prefix="xpeft-health")  # never behind the requests' work

@@ -103,6 +103,17 @@ class ServeConfig(BackboneBankFields):
     )
     max_length: int = option(128, "tokens per text after truncation (the fit loop's)")
     max_page: int = option(500, "profiles per GET /v1/profiles page (413 above)")
+    # --- fits on demand (POST /v1/profiles/{id}/fit; xpeft.serve.fits) ---
+    fit_workers: int = option(
+        1,
+        "fit workers beside the replicas (Ray actors with CPUs of their own, so fits never take a replica's); each "
+        "fits one profile at a time with the store's recipe. 0: the server fits nothing (POST .../fit answers 409)",
+    )
+    fit_cpus_per_actor: float = option(1.0, "CPUs each fit worker reserves (and its torch threads, at least 1)")
+    max_queued_fits: int = option(8, "fit jobs queued or running at once; beyond, 429 with Retry-After")
+    fit_retries: int = option(2, "times a fit whose worker died (or whose server stopped) is retried, then failed")
+    max_fit_examples: int = option(2000, "examples per fit request (413 above): a bigger profile is the farm's job")
+    max_fit_epochs: int = option(50, "the most epochs a fit request may ask for (422 above)")
     api_token: str | None = option(
         factory=lambda: os.environ.get("XPEFT_API_TOKEN") or None,
         secret=True,
@@ -124,11 +135,16 @@ class ServeConfig(BackboneBankFields):
             "max_body_bytes",
             "max_length",
             "max_page",
+            "max_queued_fits",
+            "max_fit_examples",
+            "max_fit_epochs",
         )
         bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
         at_least_0 = ("cpus_per_actor", "gpus_per_actor", "batch_wait_s", "record_cache_mb", "bank_cache_mb")
         if min(getattr(self, k) for k in at_least_0) < 0:
             bad.append(f"{', '.join(at_least_0)} must be >= 0")
+        if min(self.fit_workers, self.fit_retries, self.fit_cpus_per_actor) < 0:
+            bad.append("fit_workers, fit_retries and fit_cpus_per_actor must be >= 0")
         if self.forward not in ("auto", "ort", "eager"):
             bad.append(f"forward={self.forward!r} must be 'auto', 'ort' or 'eager'")
         if not 0 < self.switch_interval_s <= 1:

@@ -14,23 +14,38 @@ A replica gets requests once its engine is built (the store's index, the bank, t
 Serve does it; meanwhile it publishes what it is loading (`xpeft.serve.proxy.publish_start`: Ray's internal
 key-value store), and the Serve proxy answers /healthz with 503 "starting" and that. Serve's own limit on a replica's
 requests is set above the app's queue (xpeft.serve.limits.RequestQueue), so /healthz always reaches the replica.
+
+Fits on demand run beside the replicas, not in them: one `FitService` replica (no CPUs of its own) holds the
+app's job queue (xpeft.serve.fits.FitJobs) and `fit_workers` Ray actors, the farm's (xpeft.ray.farm), each with
+`fit_cpus_per_actor` CPUs reserved, over the store's bank put in the object store once. Ray restarts an actor
+killed mid-fit and retries its fit (`fit_retries`); Serve restarts a FitService that dies, which takes up its
+app's jobs from the store's job table.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
+import queue
 import sys
 import time
+from typing import Any
 
+import ray
 from fastapi import FastAPI
 from ray import serve
 
+from xpeft.core.bank import bank_to_object
+from xpeft.fit.on_demand import load_recipe
 from xpeft.flags import from_strings, renamed_fields
+from xpeft.profiles.store import ProfileStore
+from xpeft.ray.farm import ProfileActor
 from xpeft.serve.api import make_api
 from xpeft.serve.config import ServeConfig
-from xpeft.serve.engine import ProfileEngine
+from xpeft.serve.engine import ProfileEngine, ServeError
+from xpeft.serve.fits import FitJobs, WorkerDied, why_no_fits
 from xpeft.serve.local import LocalServer
 from xpeft.serve.proxy import clear_starts, publish_start
 
@@ -46,7 +61,8 @@ class ProfileServer(LocalServer):
     `classify` is LocalServer's (the same checks, one call per step for a request's rows), its two steps go
     through the queues."""
 
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, fits=None, no_fits: str | None = None):
+        self.fits, self.no_fits = fits, no_fits  # the FitService's handle, or why there is none
         # The event loops' Python then yields the GIL to a forward waiting for it within ~1 ms, not 5.
         sys.setswitchinterval(cfg.switch_interval_s)
         ctx = serve.get_replica_context()
@@ -60,6 +76,16 @@ class ProfileServer(LocalServer):
         engine.start()  # it keeps up with the store and, with cfg.preload, preloads
         clear_starts(ctx.app_name)  # ready: what this app's replicas said while starting is past (a killed one's too)
 
+    async def fit(self, profile_id: str, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        if self.fits is None:
+            raise ServeError(409, self.no_fits or "this server fits no profiles")
+        return answered(await self.fits.submit.remote(profile_id, request))
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        if self.fits is None:
+            raise ServeError(404, f"no fit job {job_id!r}: {self.no_fits or 'this server fits no profiles'}")
+        return answered(await self.fits.job.remote(job_id))
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         # The app needs this replica's state (its engine, config and batch queues), so it is built per replica,
         # after __init__: `@serve.ingress()` without an app and this method, as serve.ingress documents it in
@@ -68,13 +94,95 @@ class ProfileServer(LocalServer):
         return make_api(self)
 
 
+class FitActors:
+    """The fit workers: the farm's actors (`ProfileActor`), each with its own CPUs, over the store's bank in the
+    object store; a fit goes to an idle one. Ray restarts an actor that dies; its fit is retried here, on the
+    restarted actor, `fit_retries` times, then fails as `WorkerDied`. (Ray's own `max_task_retries` also spends
+    a retry on each call that meets the actor while it restarts.)"""
+
+    def __init__(self, cfg: ServeConfig, recipe, store):
+        self.retries = cfg.fit_retries
+        # Held here: a restarted actor gets the bank from the object store again.
+        self.bank_ref = ray.put(bank_to_object(store.load_bank(recipe.bank))) if recipe.bank else None
+        head = store.load_head(recipe.head_id) if recipe.head_id else None
+        opts = {"num_cpus": cfg.fit_cpus_per_actor, "max_restarts": -1}
+        args = (recipe.backbone, self.bank_ref, recipe.xpeft, recipe.train, head, recipe.head_id, recipe.label_names)
+        self.idle: queue.Queue = queue.Queue()
+        for _ in range(cfg.fit_workers):
+            self.idle.put(ProfileActor.options(**opts).remote(*args, max(1, int(cfg.fit_cpus_per_actor))))
+
+    def fit(self, data, xcfg, tcfg) -> dict[str, Any]:
+        actor = self.idle.get()
+        try:
+            for attempt in range(self.retries + 1):
+                try:
+                    return ray.get(actor.fit.remote(data, xcfg, tcfg))
+                except ray.exceptions.RayActorError as e:
+                    log.warning("fit worker died fitting %s (%d of %d)", data.profile_id, attempt + 1, self.retries + 1)
+                    died = e
+                    restarted(actor)
+                except ray.exceptions.RayTaskError as e:
+                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
+            raise WorkerDied(
+                f"the fit worker died {self.retries + 1} times while fitting it ({type(died).__name__}; "
+                f"ServeConfig.fit_retries={self.retries})"
+            )
+        finally:
+            self.idle.put(actor)
+
+
+def restarted(actor, timeout_s: float = 120.0) -> None:
+    """Wait until Ray has restarted `actor` (it answers `ready`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ready.remote(), timeout=30)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
+
+
+@serve.deployment
+class FitService:
+    """The app's fit jobs (`FitJobs`) and workers (`FitActors`): one replica, asked by the ProfileServers."""
+
+    def __init__(self, cfg: ServeConfig):
+        owner = serve.get_replica_context().app_name  # a restarted FitService takes up its app's jobs
+        self.jobs = FitJobs(cfg, owner, runner=lambda recipe, store: FitActors(cfg, recipe, store))
+
+    async def submit(self, profile_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await refusal_or(self.jobs.submit, profile_id, request)
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await refusal_or(self.jobs.job, job_id)
+
+
+async def refusal_or(fn, *args) -> dict[str, Any]:
+    """{"answer": fn(*args)}, or its ServeError as {"status", "detail", "headers"} (it crosses the handle as data)."""
+    try:
+        return {"answer": await asyncio.to_thread(fn, *args)}
+    except ServeError as e:
+        return {"status": e.status, "detail": e.detail, "headers": e.headers}
+
+
+def answered(reply: dict[str, Any]) -> Any:
+    if "answer" not in reply:
+        raise ServeError(reply["status"], reply["detail"], reply["headers"])
+    return reply["answer"]
+
+
 def build_app(cfg: ServeConfig) -> serve.Application:
-    """The Serve application for `cfg`: `serve.run(build_app(cfg))`."""
+    """The Serve application for `cfg`: `serve.run(build_app(cfg))`; with `fit_workers` and a store with a fit
+    recipe, its FitService too (read now: a recipe written later is taken up when the app is deployed again)."""
+    fits, no_fits = None, why_no_fits(cfg, load_recipe(ProfileStore(cfg.store)) if cfg.fit_workers else None)
+    if not no_fits:
+        opts = {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}}
+        fits = FitService.options(**opts).bind(cfg)
     return ProfileServer.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests + cfg.max_queued_requests + HEALTH_SLOTS,
         ray_actor_options={"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor},
-    ).bind(cfg)
+    ).bind(cfg, fits, no_fits)
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:

@@ -54,13 +54,15 @@ def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
 MEANING = {
     400: "invalid profile id, or a body that cannot be read as UTF-8",
     401: "missing or wrong bearer token (checked before anything else)",
-    404: "unknown profile",
+    404: "unknown profile or fit job",
     408: "the request body did not arrive within the server's time limit",
-    409: "profile made for another bank or backbone",
-    413: "body, text count, text length or page size over the server's limits",
+    409: "profile made for another bank or backbone; a fit of a profile whose job in flight has other examples, or "
+    "on a server that fits nothing (no recipe in the store, no fit workers)",
+    413: "body, text count, text length, examples or page size over the server's limits",
     415: "a body not sent as JSON (its Content-Type header names another type)",
     422: "malformed JSON or JSON nested too deep, missing, unknown or wrong-typed fields, empty texts, text_pairs "
-    "the profile does not take",
+    "the profile does not take; examples that cannot be fitted (labels not among the classes, too few rows)",
+    429: "too many fits queued or running: retry after the Retry-After seconds",
     503: "the profile's part of the store, its record or its shared head is damaged (the detail names the file); "
     "the replica is starting or at capacity; or no replica answered (it died or is restarting): retry after the "
     "Retry-After seconds where it is given",
@@ -127,7 +129,8 @@ def http_error(request: Request, e: HTTPException) -> Response:
     headers = getattr(e, "headers", None)
     route = f"{request.method} {escaped(request.url.path)}"
     if e.status_code == 404 and e.detail == "Not Found":
-        detail = f"no route {route}: the routes are /v1/classify, /v1/profiles[/{{id}}], /healthz; {SCHEMA_HINT}"
+        routes = "/v1/classify, /v1/profiles[/{id}[/fit]], /v1/jobs/{id}, /healthz"
+        detail = f"no route {route}: the routes are {routes}; {SCHEMA_HINT}"
     elif e.status_code == 405:
         allowed = (headers or {}).get("Allow") or (headers or {}).get("allow") or "another method"
         detail = f"{route} is not served: {request.url.path!r} takes {allowed}; {SCHEMA_HINT}"
@@ -153,7 +156,7 @@ def install(api: FastAPI) -> None:
 
     @api.exception_handler(ServeError)
     async def refused(_: Request, e: ServeError) -> JSONResponse:
-        return JSONResponse({"detail": escaped(e.detail)}, status_code=e.status)
+        return JSONResponse({"detail": escaped(e.detail)}, status_code=e.status, headers=e.headers)
 
     @api.exception_handler(Exception)
     async def failed(_: Request, e: Exception) -> JSONResponse:

@@ -6,6 +6,9 @@ Python, notebooks and tests, and the HTTP API without Serve:
     asyncio.run(server.classify(ClassifyRequest(profile_id="p1", texts=["..."])))
     make_api(server)                          # the same FastAPI app a Serve replica has (uvicorn can run it)
 
+Its fits on demand (`fit`, `job`) run in its own threads (xpeft.serve.fits.FitJobs); a Serve replica asks the
+deployment's fit service instead.
+
 The Serve deployment (xpeft.serve.deployment.ProfileServer) is this class with `queued=True`: its two steps,
 reading and combining profiles and the forward, go through batch queues (`Coalescer`) that gather concurrent
 requests. One path, the same checks.
@@ -22,6 +25,7 @@ from xpeft.core.multiprofile import CombinedProfile
 from xpeft.serve.api import ClassifyRequest, check_inputs, checked_request
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine, ServeError, predictions
+from xpeft.serve.fits import FitJobs
 
 Step = Callable[[list], Awaitable[list]]  # a list of work items in, one result (or ServeError) per item out
 
@@ -75,8 +79,12 @@ class LocalServer:
     forward), a request's rows in one call; they run in worker threads, or `queued` through a `Coalescer` each
     (what a Serve replica does)."""
 
-    def __init__(self, cfg: ServeConfig, engine: ProfileEngine | None = None, queued: bool = False):
+    def __init__(
+        self, cfg: ServeConfig, engine: ProfileEngine | None = None, queued: bool = False, jobs: FitJobs | None = None
+    ):
         self.cfg = cfg
+        # A replica (queued) asks the deployment's fit service; in process, the fits run here (or in `jobs`).
+        self.jobs = jobs if jobs is not None or queued else FitJobs(cfg)
         if engine is None:  # its own engine keeps up with the store (cfg.staleness_s) as a replica's does
             engine = ProfileEngine(cfg)
             engine.start()
@@ -102,6 +110,13 @@ class LocalServer:
         check_inputs(combined, request, rows, self.engine.tokenizer.num_special_tokens_to_add(pair=pairs is not None))
         logits = await self.forward([(combined, row) for row in rows])
         return {"profile_id": profile_id, "predictions": predictions(combined, logits)}
+
+    async def fit(self, profile_id: str, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """(the fit job, whether it is new) for `request`'s examples; a ServeError naming what is wrong."""
+        return await asyncio.to_thread(self.jobs.submit, profile_id, request)
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.jobs.job, job_id)
 
     async def combined(self, profile_id: str) -> CombinedProfile:
         """The profile ready to serve: from the cache, else read from the store and combined with the bank."""

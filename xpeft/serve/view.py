@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 class ServeError(Exception):
     """A refusal with its HTTP status; the message is for the user."""
 
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers  # e.g. Retry-After
 
 
 def not_found(profile_id: str) -> str:

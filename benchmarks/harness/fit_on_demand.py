@@ -1,0 +1,103 @@
+"""The fits-on-demand scenario of the serving harness (benchmarks/serve_load.py --stages fits): profiles fitted over
+HTTP (POST /v1/profiles/{id}/fit) while a client classifies (issue 28).
+
+1. classify alone: `concurrency` threads send single-text requests to one stored profile for `seconds`;
+2. the same client while N new profiles of `examples` labelled texts each are fitted one after another, each
+   POSTed once the previous one is answered: per profile, the time from the POST to the first classify answer
+   with it (the fit, its store write and the replica's refresh within staleness_s), and the fit's own seconds.
+
+Printed: POST → answer p50 / p99 (goal p50 <= 5 s on 2 cores), fit seconds p50, classify p50 / p99 and
+requests/s without and with the stream of fits (the fit workers reserve their own CPUs: fits must not starve
+classify).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+from harness.client import Client
+
+WORDS = "good great fun bad awful boring news vote market game team food trip music art film story".split()
+
+
+def quantiles(values: list[float]) -> tuple[float, float]:
+    """(p50, p99) of `values`, NaN when there are fewer than two."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    q = statistics.quantiles(values, n=100)
+    return q[49], q[98]
+
+
+def classify_stats(log: list[tuple], wall: float) -> dict:
+    """requests/s, p50 / p99 and failures of a Client's log (sent, answered, status, headers, body)."""
+    latencies = [answered - sent for sent, answered, status, *_ in log if status == 200]
+    p50, p99 = quantiles(latencies)
+    n = len(latencies)
+    return {"requests": n, "failed": len(log) - n, "rps": n / wall, "p50_ms": 1000 * p50, "p99_ms": 1000 * p99}
+
+
+def classifying(url: str, hot: str, concurrency: int) -> tuple[Client, float]:
+    """The harness's client, classifying one text with `hot` from `concurrency` threads until stopped."""
+    return Client(url).start(lambda: (hot, ["good fun news about the vote"]), concurrency), time.perf_counter()
+
+
+def examples(n: int, label_names: list[str], seed: int) -> dict:
+    rng = random.Random(seed)
+    labels = [rng.choice(label_names) for _ in range(n)]
+    texts = [f"{label} {' '.join(rng.choices(WORDS, k=12))}" for label in labels]
+    return {"texts": texts, "labels": labels}
+
+
+def fit_and_answer(url: str, profile_id: str, body: dict, timeout: float = 300.0) -> dict:
+    """POST the fit (again after Retry-After on a 429), then classify with the profile until it answers:
+    the seconds from the accepted POST to that answer, and the job's own fit seconds."""
+    import requests
+
+    while (r := requests.post(f"{url}/v1/profiles/{profile_id}/fit", json=body, timeout=60)).status_code == 429:
+        time.sleep(float(r.headers.get("Retry-After", 1)))
+    if r.status_code != 202:
+        raise RuntimeError(f"POST fit of {profile_id}: {r.status_code} {r.text[:300]}")
+    posted, job_id = time.perf_counter(), r.json()["job_id"]
+    ask = {"profile_id": profile_id, "texts": ["good fun"]}
+    while (a := requests.post(f"{url}/v1/classify", json=ask, timeout=60)).status_code != 200:
+        if a.status_code != 404 or time.perf_counter() - posted > timeout:
+            job = requests.get(f"{url}/v1/jobs/{job_id}", timeout=60).json()
+            raise RuntimeError(f"{profile_id} never answered: {a.status_code} {a.text[:200]}; its job: {job}")
+        time.sleep(0.02)
+    answered = time.perf_counter() - posted
+    job = requests.get(f"{url}/v1/jobs/{job_id}", timeout=60).json()
+    return {"profile_id": profile_id, "answer_s": answered, "fit_s": job.get("seconds", float("nan"))}
+
+
+def scenario(
+    url: str, hot: str, label_names: list[str], fits: int, n_examples: int, seconds: float, concurrency: int
+) -> dict:
+    """Classify alone for `seconds`, then beside `fits` fits of new profiles one after another."""
+    client, started = classifying(url, hot, concurrency)
+    time.sleep(seconds)
+    alone = classify_stats(client.stop(), time.perf_counter() - started)
+    client, started = classifying(url, hot, concurrency)
+    runs = [
+        fit_and_answer(url, f"on-demand-{i:03d}-{time.time_ns()}", examples(n_examples, label_names, seed=i))
+        for i in range(fits)
+    ]
+    beside = classify_stats(client.stop(), time.perf_counter() - started)
+    return {"alone": alone, "with_fits": beside, "fits": runs, "examples": n_examples, "concurrency": concurrency}
+
+
+def report(result: dict) -> None:
+    runs = result["fits"]
+    answer = quantiles([r["answer_s"] for r in runs])
+    fit_s = statistics.median(r["fit_s"] for r in runs) if runs else float("nan")
+    print(f"\n## fits on demand: {len(runs)} profiles of {result['examples']} examples, one after another\n")
+    print("| POST → first answer p50 (s) | p99 (s) | fit alone p50 (s) |")
+    print("|---:|---:|---:|")
+    print(f"| {answer[0]:.2f} | {answer[1]:.2f} | {fit_s:.2f} |")
+    print(f"\n## classify ({result['concurrency']} clients, one text) without and with the fits running\n")
+    print("| | requests/s | p50 (ms) | p99 (ms) | failed |")
+    print("|---|---:|---:|---:|---:|")
+    for name in ("alone", "with_fits"):
+        r = result[name]
+        print(f"| {name.replace('_', ' ')} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['failed']} |")
