@@ -14,7 +14,7 @@ from cases import CASES, B, Case, D, K, L, N
 from conftest import tiny_batch, tiny_encoder
 
 from xpeft.config import XPeftConfig
-from xpeft.core.bank import AdapterBank, bank_from_adapters, load_bank, random_bank, save_bank
+from xpeft.core.bank import AdapterBank, bank_from_adapters, load_bank, random_bank, random_bank_for, save_bank
 from xpeft.core.layer import Adapter
 from xpeft.core.masks import gumbel_topk, mask_bytes, pack_bits, unpack_bits
 from xpeft.core.model import XPeftModel
@@ -280,32 +280,12 @@ def test_per_row_adapters_equal_one_profile_forwards():
     assert torch.allclose(layer(x), torch.cat(expected), atol=1e-5)
 
 
-def _family(name: str):
-    from transformers import (
-        DistilBertConfig,
-        DistilBertModel,
-        ElectraConfig,
-        ElectraModel,
-        RobertaConfig,
-        RobertaModel,
-    )
+@pytest.mark.parametrize("family", ["modernbert", "deberta", "distilbert", "roberta", "electra"])
+def test_any_encoder_family_takes_an_x_peft_bank(family):
+    from tiny_backbone import tiny_family_encoder
 
-    small = {"vocab_size": 100, "num_attention_heads": 2, "intermediate_size": 64}
-    if name == "roberta":
-        return RobertaModel(RobertaConfig(hidden_size=D, num_hidden_layers=L, **small)), "attention.self.value"
-    if name == "electra":
-        return ElectraModel(ElectraConfig(embedding_size=D, hidden_size=D, num_hidden_layers=L, **small)), (
-            "attention.self.value"
-        )
-    return DistilBertModel(DistilBertConfig(vocab_size=100, dim=D, n_layers=L, n_heads=2, hidden_dim=64)), (
-        "attention.v_lin"
-    )
-
-
-@pytest.mark.parametrize("family", ["roberta", "electra", "distilbert"])
-def test_any_bert_family_encoder_takes_an_x_peft_bank(family):
-    encoder, target = _family(family)
-    model = XPeftModel(encoder, XPeftConfig(N=N, k=K, b=B, target=target), random_bank(L, N, B, D, target=target))
+    encoder, cfg = tiny_family_encoder(family), XPeftConfig(N=N, k=K, b=B, head="cls")
+    model = XPeftModel(encoder, cfg, random_bank_for(encoder, cfg))
     batch = tiny_batch()
     out = model(batch["input_ids"].clamp_max(99), batch["attention_mask"], labels=batch["labels"])
     out["loss"].backward()

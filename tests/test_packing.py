@@ -12,7 +12,7 @@ from cases import BANK, CASES, fitted_profile
 from conftest import tiny_encoder, tiny_rows
 
 from xpeft.config import TrainConfig, XPeftConfig
-from xpeft.core.bank import random_bank
+from xpeft.core.bank import random_bank, random_bank_for
 from xpeft.core.model import XPeftModel
 from xpeft.core.packing import unpack
 from xpeft.data.tokens import Collator, pack_rows
@@ -147,37 +147,25 @@ def test_a_fit_packs_by_default_and_pads_with_no_packing():
 
 
 def family_encoder(name: str):
-    """A tiny random encoder of a BERT family (hidden 32, 2 blocks) and its adapted linear."""
-    from transformers import (
-        DistilBertConfig,
-        DistilBertModel,
-        ElectraConfig,
-        ElectraModel,
-        RobertaConfig,
-        RobertaModel,
-    )
+    """A tiny random encoder of a family of the case table (tests/tiny_backbone.py), BERT's from conftest."""
+    from tiny_backbone import tiny_family_encoder
 
-    small = {"vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
-    if name == "roberta":
-        return RobertaModel(RobertaConfig(**small, intermediate_size=64)), "attention.self.value"
-    if name == "electra":
-        return ElectraModel(ElectraConfig(**small, embedding_size=32, intermediate_size=64)), "attention.self.value"
-    if name == "distilbert":
-        config = DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
-        return DistilBertModel(config), "attention.v_lin"
-    return tiny_encoder(), "attention.self.value"
+    return tiny_encoder() if name == "bert" else tiny_family_encoder(name)
 
 
-# RoBERTa counts positions from padding_idx + 1, so positions from 0 are not its padded forward's.
-FAMILIES = {"bert": None, "distilbert": None, "electra": None, "roberta": "differ"}
+# RoBERTa counts positions from padding_idx + 1, so positions from 0 are not its padded forward's; ModernBERT's
+# sliding-window layers take a packed mask without their window (known from its config, whatever the rows);
+# DeBERTa's relative positions do not take a packed mask.
+FAMILIES = {
+    "bert": None, "distilbert": None, "electra": None, "roberta": "differ", "modernbert": "sliding-window",
+    "deberta": "fails",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("family,mismatch", FAMILIES.items(), ids=list(FAMILIES))
 def test_a_fit_packs_the_families_whose_packed_forward_is_exact_and_pads_the_others(family, mismatch, caplog):
-    encoder, target = family_encoder(family)
-    model = XPeftModel(
-        encoder, XPeftConfig(N=20, k=5, b=4, target=target), random_bank(2, 20, 4, 32, seed=7, target=target)
-    )
+    encoder, cfg = family_encoder(family), XPeftConfig(N=20, k=5, b=4, head="cls")
+    model = XPeftModel(encoder, cfg, random_bank_for(encoder, cfg, seed=7))
     rows = tiny_rows(16)
     found = packing_mismatch(model, rows)
     assert found is None if mismatch is None else mismatch in found
@@ -185,6 +173,18 @@ def test_a_fit_packs_the_families_whose_packed_forward_is_exact_and_pads_the_oth
         result = fit(model, rows, TrainConfig(epochs=1, batch_size=8))
     assert result.packed is (mismatch is None)
     assert ("padding batches, not packing" in caplog.text) is (mismatch is not None)
+
+
+def test_modernbert_pads_even_where_its_rows_are_shorter_than_its_attention_window():
+    """On rows within the window the packed and padded logits agree, so a comparison on a few short rows would
+    pack, and a later row longer than the window would attend past it: the window is refused from the config."""
+    from tiny_backbone import tiny_family_encoder
+
+    encoder, cfg = tiny_family_encoder("modernbert"), XPeftConfig(N=20, k=5, b=4, head="cls")
+    model = XPeftModel(encoder, cfg, random_bank_for(encoder, cfg, seed=7))
+    short = [{"input_ids": [7, 8, 9], "attention_mask": [1, 1, 1], "labels": 0}] * 4  # within the half-window 4
+    assert "sliding-window" in packing_mismatch(model, short)
+    assert not fit(model, short, TrainConfig(epochs=1, batch_size=4)).packed
 
 
 class NoPositions(torch.nn.Module):
@@ -200,7 +200,7 @@ class NoPositions(torch.nn.Module):
 
 
 def test_a_model_that_cannot_take_a_packed_batch_is_padded_and_the_log_says_why(caplog):
-    model = XPeftModel(NoPositions(), XPeftConfig(N=20, k=5, b=4), BANK)
+    model = XPeftModel(NoPositions(), XPeftConfig(N=20, k=5, b=4, head="linear"), BANK)  # it has no pooler
     rows = tiny_rows(16)
     assert "fails (TypeError" in packing_mismatch(model, rows)
     with caplog.at_level(logging.WARNING, logger="xpeft.fit.batching"):
@@ -277,16 +277,12 @@ def test_the_pack_length_suits_the_rows_and_packing_beats_padding_on_real_rows()
 
 
 def test_the_step_time_benchmark_prints_old_and_new_side_by_side():
-    import subprocess
-    import sys
-    from pathlib import Path
+    from test_benchmarks import assert_ran, run_smoke, script_module
 
-    repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "benchmarks/step_time.py", "--smoke"], cwd=repo, capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.splitlines()
-    for mode in ("single_adapter", "x_peft hard N=100", "x_peft soft N=100"):
+    r = run_smoke("step_time.py")  # the suite's one smoke run of it (tests/test_benchmarks.py)
+    assert_ran(r)
+    smoke, lines = script_module("step_time.py").SMOKE, r.stdout.splitlines()
+    for mode in ("single_adapter", f"x_peft hard N={smoke['N']}", f"x_peft soft N={smoke['N']}"):
         assert any(line.startswith(mode) and " new/old " in line for line in lines), r.stdout
-    assert any("x single_adapter" in line and "N=400" in line for line in lines), r.stdout
+    assert any("x single_adapter" in line and f"N={smoke['ratio_N']}" in line for line in lines), r.stdout
     assert "forward + backward" in r.stdout

@@ -87,7 +87,12 @@ def register(sub) -> None:
     p.add_argument("--b", type=int, default=48, help="bottleneck b (default 48)")
     p.add_argument("--seed", type=int, default=0, help="the bank's seed (default 0)")
     p.add_argument("--scale", type=float, default=1.0, help="scale of the adapters (default 1)")
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"the linear the adapters wrap (default {DEFAULT_TARGET})")
+    p.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"the linear the adapters wrap: a meaning (value, query, attention_output, ffn_output) or its path "
+        f"inside a block (default {DEFAULT_TARGET})",
+    )
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.set_defaults(func=cmd_bank_random)
     p = bank.add_parser("info", help="print a bank's metadata, after verifying its fingerprint")
@@ -107,8 +112,8 @@ def register(sub) -> None:
     p.add_argument(
         "--target",
         default=None,
-        help="the linear inside each block the bank adapts (e.g. attention.self.value); "
-        "default: the one linear every adapter adapts",
+        help="the linear inside each block the bank adapts (e.g. attention.self.value; with --backbone also a "
+        "meaning such as value); default: the one linear every adapter adapts",
     )
     p.add_argument(
         "--drop-other-targets",

@@ -125,7 +125,13 @@ def add_params(sub) -> None:
     p.add_argument("--N", type=int, nargs="+", default=[100, 200, 400, 800], help="bank sizes N (default: Table 1's)")
     p.add_argument("--b", type=int, default=48, help="the adapters' bottleneck b (default 48)")
     p.add_argument("--num-labels", type=int, default=2, help="classes c of the head (default 2)")
-    p.add_argument("--head", choices=["pooler", "linear"], default="pooler", help="the head (default pooler)")
+    p.add_argument(
+        "--head",
+        choices=["pooler", "linear", "cls"],
+        default="pooler",
+        help="pooler (encoders with one), linear (mean-pool + classifier) or cls ([CLS] state + classifier); "
+        "default pooler",
+    )
     p.add_argument(
         "--shared-head",
         action="store_true",

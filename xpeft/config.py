@@ -16,18 +16,19 @@ from typing import Any, Literal
 
 Mode = Literal["x_peft", "single_adapter", "head_only"]
 MaskType = Literal["soft", "hard"]
-HeadType = Literal["pooler", "linear"]
+HeadType = Literal["pooler", "linear", "cls"]
 ProblemType = Literal["classification", "regression"]
 Bf16 = Literal["auto", "on", "off"]
 
 MODES: tuple[str, ...] = ("x_peft", "single_adapter", "head_only")
 MASK_TYPES: tuple[str, ...] = ("soft", "hard")
 
-# The linear inside each BERT block that the adapter pair wraps. The paper puts one LoRA pair per block
-# (Appendix F's parameter counts fit exactly one d×d pair per block); which linear is not stated.
-# `attention.self.value` is LoRA's classic target (Hu et al. 2022 adapt W_q and W_v) and measured best
-# of the options in BENCHMARKS.md ("target module" study).
-DEFAULT_TARGET = "attention.self.value"
+# The linear inside each block that the adapter pair wraps, by meaning (xpeft.core.families resolves it per
+# encoder family: BERT's `attention.self.value`, DeBERTa's `attention.self.value_proj`...). The paper puts one
+# LoRA pair per block (Appendix F's parameter counts fit exactly one d×d pair per block); which linear is not
+# stated. The value projection is LoRA's classic target (Hu et al. 2022 adapt W_q and W_v) and measured best of
+# the options in BENCHMARKS.md ("target module" study).
+DEFAULT_TARGET = "value"
 
 
 def option(
@@ -106,8 +107,16 @@ class XPeftConfig(Config):
     nu: float = option(1.0, "nu, the Gumbel noise level while training (Algorithm 1); none at eval")
     layer_norm: bool = option(True, "a LayerNorm after Â (footnote 1 of §2)")
     masks: Literal["AB", "B"] = option("AB", "AB: M_A and M_B; B: the single-mask ablation of §3.2 (Â = mean A_i)")
-    target: str = option(DEFAULT_TARGET, "the linear of each block the adapters wrap")
-    head: HeadType = option("pooler", "pooler: BERT's pooler + classifier (Table 4); linear: mean-pool + classifier")
+    target: str = option(
+        DEFAULT_TARGET,
+        "the linear of each block the adapters wrap: value, query, attention_output, ffn_output (resolved per "
+        "encoder family), or its dotted path inside a block",
+    )
+    head: HeadType = option(
+        "pooler",
+        "pooler: the encoder's pooler + classifier (Table 4; encoders with a pooler); linear: mean-pool + "
+        "classifier; cls: the [CLS] state + classifier",
+    )
     num_labels: int = option(2, "classes (1 for a regression target)")
     problem_type: ProblemType = option("classification", "classification (cross-entropy) or regression (MSE)")
     lora_alpha: float | None = option(None, "single_adapter's LoRA alpha (scale alpha/b); default alpha = b")
@@ -173,8 +182,8 @@ def validate(cfg: XPeftConfig) -> None:
             raise ValueError(f"temperature tau must be > 0, got {cfg.tau}")
     if cfg.masks not in ("AB", "B"):
         raise ValueError(f"masks must be 'AB' (M_A and M_B) or 'B' (single-mask ablation), got {cfg.masks!r}")
-    if cfg.head not in ("pooler", "linear"):
-        raise ValueError(f"head must be 'pooler' or 'linear', got {cfg.head!r}")
+    if cfg.head not in ("pooler", "linear", "cls"):
+        raise ValueError(f"head must be 'pooler', 'linear' or 'cls', got {cfg.head!r}")
     if cfg.problem_type == "regression" and cfg.num_labels != 1:
         raise ValueError("a regression head (STS-B) has num_labels=1")
     if cfg.problem_type == "classification" and cfg.num_labels < 2:

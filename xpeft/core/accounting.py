@@ -6,19 +6,25 @@ after Â and, unless the head is shared (the mtl setting), its head; `profile_by
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 
-# Dimensions of well-known encoders, so accounting needs no download. Others: pass a local path.
+from xpeft.core.families import FAMILIES
+
+# Dimensions (d, L, family) of well-known encoders, so accounting needs no download. Others: pass a local path.
 KNOWN_DIMS = {
-    "bert-base-uncased": (768, 12),
-    "bert-base-cased": (768, 12),
-    "bert-large-uncased": (1024, 24),
-    "roberta-base": (768, 12),
-    "minilm": (384, 6),
-    "sentence-transformers/all-MiniLM-L6-v2": (384, 6),
+    "bert-base-uncased": (768, 12, "bert"),
+    "bert-base-cased": (768, 12, "bert"),
+    "bert-large-uncased": (1024, 24, "bert"),
+    "roberta-base": (768, 12, "roberta"),
+    "minilm": (384, 6, "bert"),
+    "sentence-transformers/all-MiniLM-L6-v2": (384, 6, "bert"),
+    "answerdotai/ModernBERT-base": (768, 22, "modernbert"),
+    "microsoft/deberta-v3-base": (768, 12, "deberta-v2"),
+    "distilbert-base-uncased": (768, 6, "distilbert"),
+    "xlm-roberta-base": (768, 12, "xlm-roberta"),
+    "google/electra-base-discriminator": (768, 12, "electra"),
 }
 
 FLOAT_BYTES = 4
@@ -28,24 +34,39 @@ FLOAT_BYTES = 4
 class Dims:
     d: int  # adapter input (= output) dimension: the hidden size for the default target
     L: int  # transformer blocks
+    family: str | None = None  # the config's model_type (whether the encoder has a pooler)
 
 
 def dims_of(backbone: str) -> Dims:
-    """Hidden size and block count of a backbone: a known name, or a directory with config.json."""
+    """Hidden size, block count and family of a backbone: a known name, or a directory with config.json (read
+    by transformers, so each family's own names for them, DistilBERT's `dim` / `n_layers`, are understood)."""
     if backbone in KNOWN_DIMS:
         return Dims(*KNOWN_DIMS[backbone])
-    path = os.path.join(os.path.expanduser(backbone), "config.json")
-    if not os.path.exists(path):
+    path = os.path.expanduser(backbone)
+    if not os.path.exists(os.path.join(path, "config.json")):
         raise ValueError(
             f"unknown backbone {backbone!r}: pass one of {sorted(KNOWN_DIMS)} or a directory with config.json"
         )
-    with open(path) as f:
-        conf = json.load(f)
-    return Dims(conf["hidden_size"], conf["num_hidden_layers"])
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(path)
+    return Dims(conf.hidden_size, conf.num_hidden_layers, conf.model_type)
+
+
+def check_head(head: str, dims: Dims, backbone: str = "this backbone") -> None:
+    """A 'pooler' head needs an encoder with a pooler (xpeft.core.families); say which heads fit otherwise."""
+    family = FAMILIES.get(dims.family or "")
+    if head == "pooler" and family is not None and not family.pooler:
+        raise ValueError(
+            f"{backbone} ({dims.family}) has no pooler, so it has no 'pooler' head; count --head cls ([CLS] state + "
+            "classifier) or --head linear (mean-pool + classifier)"
+        )
 
 
 def head_params(d: int, c: int, head: str = "pooler") -> int:
-    """Pooler (d·d + d) + classifier (d·c + c), or the classifier alone for the 'linear' head."""
+    """Pooler (d·d + d) + classifier (d·c + c), or the classifier alone for the 'linear' and 'cls' heads."""
+    if head not in ("pooler", "linear", "cls"):
+        raise ValueError(f"head must be 'pooler', 'linear' or 'cls', got {head!r}")
     classifier = d * c + c
     return classifier + (d * d + d if head == "pooler" else 0)
 
@@ -101,6 +122,7 @@ def profile_bytes(
 def table(backbone: str, Ns: list[int], b: int, c: int, head: str = "pooler", shared_head: bool = False) -> str:
     """Markdown table of every mode: parameters (excl./incl. head) and bytes per profile."""
     dims = dims_of(backbone)
+    check_head(head, dims, backbone)
     hp = head_params(dims.d, c, head)
     rows = [
         "| mode | N | trainable excl. head (Table 1) | excl. head (Table 4) | incl. head (Table 4) "

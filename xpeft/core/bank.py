@@ -29,9 +29,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from xpeft.config import DEFAULT_TARGET
+from xpeft.core.families import FAMILIES
 
 BANK_FORMAT = "xpeft-bank/1"
+# A bank records the path its adapters wrap (never a meaning, which differs per family); made without an
+# encoder to resolve one, it is BERT's value projection, as every bank before the families were known.
+BERT_VALUE = FAMILIES["bert"].targets["value"]
 
 
 @dataclass
@@ -40,7 +43,7 @@ class AdapterBank:
 
     A: torch.Tensor  # L × N × b × d_in
     B: torch.Tensor  # L × N × d_out × b
-    target: str = DEFAULT_TARGET
+    target: str = BERT_VALUE
     seed: int | None = None
     source: str = "random"
     fingerprint: str = ""
@@ -151,7 +154,7 @@ def random_bank(
     d_in: int,
     d_out: int | None = None,
     seed: int = 0,
-    target: str = DEFAULT_TARGET,
+    target: str = BERT_VALUE,
     scale: float = 1.0,
 ) -> AdapterBank:
     """Draw the paper's random adapters from `seed`.
@@ -173,15 +176,18 @@ def random_bank(
 
 
 def random_bank_for(encoder, cfg, seed: int = 0, scale: float = 1.0) -> AdapterBank:
-    """A random bank that fits `encoder` (its L and target linear) and `cfg` (its N, b and target)."""
+    """A random bank that fits `encoder` (its L and target linear) and `cfg` (its N, b and target, recorded as
+    the linear's path in this encoder)."""
     from xpeft.core.encoder import adapted_dims
+    from xpeft.core.families import resolve_target
 
-    L, d_in, d_out = adapted_dims(encoder, cfg.target)
-    return random_bank(L, cfg.N, cfg.b, d_in, d_out, seed=seed, target=cfg.target, scale=scale)
+    target = resolve_target(encoder, cfg.target)
+    L, d_in, d_out = adapted_dims(encoder, target)
+    return random_bank(L, cfg.N, cfg.b, d_in, d_out, seed=seed, target=target, scale=scale)
 
 
 def bank_from_adapters(
-    adapters: list[tuple[torch.Tensor, torch.Tensor]], target: str = DEFAULT_TARGET, source: str = "single_adapter"
+    adapters: list[tuple[torch.Tensor, torch.Tensor]], target: str = BERT_VALUE, source: str = "single_adapter"
 ) -> AdapterBank:
     """Assemble a learned bank from trained adapters, each (A: L×b×d_in, B: L×d_out×b)."""
     if not adapters:

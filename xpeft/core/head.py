@@ -2,11 +2,13 @@
 mixed-profile forward and the ONNX Runtime forward (`row_heads`: a head per row, stacked) all compute, so a new
 head kind is added here and every path has it.
 
-'pooler' is the paper's head: BERT's pooler (dense + tanh on [CLS], initialised from the pretrained pooler when
-there is one) and a classifier (Table 4 counts d·d + d + d·c + c). 'linear' is a small head for the profile
-farm: mean-pooled tokens and a classifier (d·c + c). A head's tensors are named as in `Head`'s state dict
-(`dense.weight`, `dense.bias`, `classifier.weight`, `classifier.bias`), which is also how profiles store them:
-one head's (`classifier.weight` c × d) for a batch of one profile, or one per row (R × c × d).
+'pooler' is the paper's head: BERT's pooler (dense + tanh on [CLS], initialised from the encoder's pretrained
+pooler; an encoder without one is refused it, `xpeft.core.model.encoder_pooler`) and a classifier (Table 4 counts
+d·d + d + d·c + c). 'linear' is a small head for the profile farm: mean-pooled tokens and a classifier (d·c + c).
+'cls' reads the first token's state, [CLS] (ModernBERT's `classifier_pooling="cls"`), into a classifier (d·c + c). A
+head's tensors are named as in `Head`'s state dict (`dense.weight`, `dense.bias`, `classifier.weight`,
+`classifier.bias`), which is also how profiles store them: one head's (`classifier.weight` c × d) for a batch of one
+profile, or one per row (R × c × d).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from xpeft.core.encoder import mean_pool
 
-HEAD_KINDS = ("pooler", "linear")
+HEAD_KINDS = ("pooler", "linear", "cls")
 
 
 def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -42,6 +44,8 @@ def head_forward(
     one head's, or one per row (see the module's docstring)."""
     if kind == "pooler":
         pooled = torch.tanh(row_linear(hidden[:, 0], tensors["dense.weight"], tensors["dense.bias"]))
+    elif kind == "cls":
+        pooled = hidden[:, 0]
     else:
         pooled = mean_pool(hidden, attention_mask)
     if dropout is not None:

@@ -44,12 +44,17 @@ class Adapter:
 
 
 class AdaptedLinear(nn.Module):
-    """A frozen `nn.Linear` plus whatever adapter the model sets for the current forward."""
+    """A frozen `nn.Linear` plus whatever adapter the model sets for the current forward. With `part` (i, n) the
+    adapter adds to the i-th of n equal parts of the outputs only (a fused projection's value rows, say), and
+    `out_features` is that part's."""
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear, part: tuple[int, int] | None = None):
         super().__init__()
         self.base = base
         self.adapter: Adapter | None = None
+        self.part = part
+        if part is not None and base.out_features % part[1]:
+            raise ValueError(f"a linear of {base.out_features} outputs has no {part[1]} equal parts")
 
     @property
     def in_features(self) -> int:
@@ -57,7 +62,14 @@ class AdaptedLinear(nn.Module):
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.base.out_features if self.part is None else self.base.out_features // self.part[1]
+
+    def _into_part(self, delta: torch.Tensor) -> torch.Tensor:
+        """The adapter's output placed at its part of the base's outputs (zeros elsewhere)."""
+        if self.part is None:
+            return delta
+        size = self.out_features
+        return F.pad(delta, (self.part[0] * size, self.base.out_features - (self.part[0] + 1) * size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -82,7 +94,7 @@ class AdaptedLinear(nn.Module):
             if a.ln_weight is not None:
                 h = F.layer_norm(h, h.shape[-1:], a.ln_weight, a.ln_bias, eps=a.ln_eps)
             delta = F.linear(h, a.B_hat)
-        return out + a.scale * delta
+        return out + a.scale * self._into_part(delta)
 
 
 @contextmanager
@@ -129,11 +141,17 @@ def find_linear(block: nn.Module, target: str) -> nn.Linear | AdaptedLinear:
 
 
 def wrap_linear(block: nn.Module, target: str) -> AdaptedLinear:
-    """Replace `block.<target>` (an nn.Linear) by an AdaptedLinear around it, in place."""
-    module = find_linear(block, target)
+    """Replace `block.<target>` (an nn.Linear; a resolved target, `xpeft.core.families`, so possibly a part of a
+    fused one, `attn.Wqkv[2/3]`) by an AdaptedLinear around it, in place."""
+    from xpeft.core.families import split_target
+
+    path, part = split_target(target)
+    module = find_linear(block, path)
     if isinstance(module, AdaptedLinear):
+        if module.part != part:
+            raise ValueError(f"{path} is already adapted on part {module.part}, not {part}")
         return module
-    parent, name = get_submodule_parent(block, target)
-    wrapped = AdaptedLinear(module)
+    parent, name = get_submodule_parent(block, path)
+    wrapped = AdaptedLinear(module, part)
     setattr(parent, name, wrapped)
     return wrapped

@@ -1,4 +1,4 @@
-"""Attach X-PEFT (or a baseline) to a Hugging Face BERT-family encoder, with its task head (`xpeft.core.head`).
+"""Attach X-PEFT (or a baseline) to a Hugging Face encoder, with its task head (`xpeft.core.head`).
 
 Modes (§3): `x_peft` trains M_A, M_B (L×N logits), the LayerNorm after Â and the head; `single_adapter`
 trains one LoRA pair per block and the head; `head_only` trains the head. The encoder and the bank are
@@ -7,6 +7,7 @@ frozen in every mode.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -17,6 +18,7 @@ from xpeft.config import XPeftConfig, lora_scale
 from xpeft.core.bank import AdapterBank
 from xpeft.core.combine import combine
 from xpeft.core.encoder import adapted_dims, encoder_blocks, load_encoder
+from xpeft.core.families import family_name, resolve_target, token_inputs
 from xpeft.core.head import Head
 from xpeft.core.layer import AdaptedLinear, Adapter, adapters, wrap_linear
 from xpeft.core.masks import gumbel_topk, khot, soft_mask
@@ -33,6 +35,10 @@ class XPeftModel(nn.Module):
 
     def __init__(self, encoder: nn.Module, cfg: XPeftConfig, bank: AdapterBank | None = None, seed: int | None = None):
         super().__init__()
+        # The target as the linear's path in this encoder (a meaning resolved for its family): what a profile
+        # taken out of this model records.
+        if cfg.mode != "head_only":
+            cfg = dataclasses.replace(cfg, target=resolve_target(encoder, cfg.target))
         self.cfg = cfg
         self.tau, self.nu = cfg.tau, cfg.nu  # the Gumbel temperature and noise now (the fit loop may anneal them)
         self.encoder = encoder
@@ -40,6 +46,7 @@ class XPeftModel(nn.Module):
             p.requires_grad_(False)
         d = encoder.config.hidden_size
         self.L = encoder.config.num_hidden_layers
+        self.token_inputs = token_inputs(encoder)
         self.adapted: list[AdaptedLinear] = []
         if cfg.mode != "head_only":
             self.adapted = [wrap_linear(block, cfg.target) for block in encoder_blocks(encoder)]
@@ -71,8 +78,8 @@ class XPeftModel(nn.Module):
                 nn.init.kaiming_uniform_(A[layer], a=5**0.5)
             self.lora_A = nn.Parameter(A)
             self.lora_B = nn.Parameter(torch.zeros(self.L, d_out, cfg.b))
-        pooler = getattr(self.encoder, "pooler", None)
-        self.head = Head(cfg.head, d, cfg.num_labels, cfg.dropout, pooler if cfg.head == "pooler" else None)
+        pooler = encoder_pooler(self.encoder, cfg.head)
+        self.head = Head(cfg.head, d, cfg.num_labels, cfg.dropout, pooler)
 
     # --- masks and combined adapters -------------------------------------------------------------------
 
@@ -115,7 +122,10 @@ class XPeftModel(nn.Module):
     # --- forward ---------------------------------------------------------------------------------------
 
     def encode(self, input_ids, attention_mask, token_type_ids=None, packing: Packing | None = None) -> torch.Tensor:
-        """The encoder's last hidden states, R × T × d; a packed batch's (`packing`) unpacked to that layout."""
+        """The encoder's last hidden states, R × T × d; a packed batch's (`packing`) unpacked to that layout. Token
+        type ids only for an encoder that takes them (`families.token_inputs`)."""
+        if "token_type_ids" not in self.token_inputs:
+            token_type_ids = None
         if packing is not None:
             return encode_packed(self.encoder, input_ids, token_type_ids, packing)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -159,6 +169,21 @@ class XPeftModel(nn.Module):
         return groups
 
 
+def encoder_pooler(encoder: nn.Module, head: str) -> nn.Module | None:
+    """The encoder's pretrained pooler for a 'pooler' head (None for the other heads); a ValueError naming the
+    heads that fit when the encoder has no pooler (ModernBERT, DeBERTa, DistilBERT, ELECTRA)."""
+    if head != "pooler":
+        return None
+    pooler = getattr(encoder, "pooler", None)
+    if pooler is None:
+        raise ValueError(
+            f"the {family_name(encoder) or type(encoder).__name__} encoder has no pooler, so head='pooler' has "
+            "nothing pretrained to start from; use head='cls' (its [CLS] state and a classifier, as ModernBERT's "
+            "classifier reads it) or head='linear' (the mean of its tokens and a classifier), --head cls / linear"
+        )
+    return pooler
+
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
     if problem_type == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.float())
@@ -166,15 +191,21 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> 
 
 
 def bank_misfit(bank: AdapterBank, encoder: nn.Module, target: str) -> list[str]:
-    """What keeps `bank` off this encoder's `target` linears (nothing: it fits)."""
+    """What keeps `bank` off this encoder's `target` linears (nothing: it fits), naming both sides."""
+    target = resolve_target(encoder, target)
     L, d_in, d_out = adapted_dims(encoder, target)
+    kind = family_name(encoder) or type(encoder).__name__
     problems = []
     if bank.L != L:
-        problems.append(f"the encoder has L={L} blocks but the bank has L={bank.L}")
+        problems.append(f"the {kind} encoder has L={L} blocks but the bank has L={bank.L}")
     if (bank.d_in, bank.d_out) != (d_in, d_out):
-        problems.append(f"target {target} is {d_in}->{d_out} but the bank is {bank.d_in}->{bank.d_out}")
-    if bank.target != target:
-        problems.append(f"the adapters wrap {target!r} but the bank was made for {bank.target!r}")
+        problems.append(f"the {kind} encoder's {target} is {d_in}->{d_out} but the bank is {bank.d_in}->{bank.d_out}")
+    try:
+        made_for = resolve_target(encoder, bank.target)
+    except ValueError:
+        made_for = bank.target  # a linear this encoder does not have: another architecture's bank
+    if made_for != target:
+        problems.append(f"the adapters wrap the {kind} encoder's {target!r} but the bank was made for {bank.target!r}")
     return problems
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from xpeft.core.encoder import encoder_blocks
+from xpeft.core.families import resolve_target, token_inputs
 from xpeft.core.head import HeadWeights, row_heads
 from xpeft.core.layer import AdaptedLinear, Adapter, adapters, wrap_linear
 
@@ -133,8 +134,9 @@ class MultiProfileModel(nn.Module):
         self.encoder = encoder.eval()
         for p in encoder.parameters():
             p.requires_grad_(False)
-        self.target = target
-        self.adapted: list[AdaptedLinear] = [wrap_linear(block, target) for block in encoder_blocks(encoder)]
+        self.target = resolve_target(encoder, target)  # the linear's path (a meaning resolved for the family)
+        self.token_inputs = token_inputs(encoder)
+        self.adapted: list[AdaptedLinear] = [wrap_linear(block, self.target) for block in encoder_blocks(encoder)]
         self.d = encoder.config.hidden_size
         lin = self.adapted[0]
         self.L, self.d_in, self.d_out = len(self.adapted), lin.in_features, lin.out_features
@@ -155,8 +157,8 @@ class MultiProfileModel(nn.Module):
         per_block = [
             Adapter(A_hat[:, i], B_hat[:, i], ln_weight[:, i], ln_bias[:, i], ln_rows=ln_rows) for i in range(self.L)
         ]
-        with adapters(self.adapted, per_block):
-            return self.encoder(**tokens).last_hidden_state
+        with adapters(self.adapted, per_block):  # only the token inputs this encoder takes (no type ids for some)
+            return self.encoder(**{k: v for k, v in tokens.items() if k in self.token_inputs}).last_hidden_state
 
     def row_adapters(self, device: torch.device) -> RowAdapters:
         if self._rows is None or self._rows.device != device:

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from xpeft.core.bank import AdapterBank, bank_from_adapters
+from xpeft.core.families import MEANINGS, resolve_target, split_target
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +123,27 @@ def bank_from_peft(
     drop_other_targets: bool = False,
 ) -> AdapterBank:
     """A bank whose member i is the LoRA adapter saved by PEFT in `paths[i]`, on `target` (the linear inside each
-    block, e.g. 'attention.self.value'; default: the one linear every adapter adapts), with each adapter's
-    lora_alpha / r folded into its B. With `encoder`, the bank is checked against it (blocks, dimensions)."""
+    block, e.g. 'attention.self.value', or with `encoder` a meaning such as 'value'; default: the one linear every
+    adapter adapts), with each adapter's lora_alpha / r folded into its B. With `encoder`, the bank is checked
+    against it (blocks, dimensions). A target on a part of a fused linear (ModernBERT's 'attn.Wqkv[2/3]') takes
+    the part's rows of adapters on the whole linear whose B is zero outside them (as xpeft exports such profiles)."""
     adapters = [read_peft_adapter(p) for p in paths]
     if not adapters:
         raise ValueError("a bank from PEFT adapters needs at least one adapter folder; got none")
     bases = sorted({a.base_model for a in adapters if a.base_model})
     if len(bases) > 1:
         raise ValueError(f"the adapters were saved for different base models {bases}; a bank serves one backbone")
+    if target is not None and encoder is not None:
+        target = resolve_target(encoder, target)
+    elif target in MEANINGS:
+        raise ValueError(
+            f"target {target!r} is a meaning resolved per encoder family: pass the backbone (--backbone) to resolve "
+            f"it, or the linear's path, one of {sorted({t for a in adapters for t in a.targets})}"
+        )
     target = target or _common_target(adapters)
-    L = encoder.config.num_hidden_layers if encoder is not None else _blocks(adapters, target)
-    pairs = [_member(a, target, L, drop_other_targets) for a in adapters]
+    module, part = split_target(target)
+    L = encoder.config.num_hidden_layers if encoder is not None else _blocks(adapters, module)
+    pairs = [_part(a.path, _member(a, module, L, drop_other_targets), part) for a in adapters]
     ranks = {a.path: pair[0].shape[1] for a, pair in zip(adapters, pairs, strict=True)}
     if len(set(ranks.values())) > 1:
         raise ValueError(f"the adapters have different ranks r {ranks}; a bank's members share one b")
@@ -147,6 +158,23 @@ def bank_from_peft(
         if problems:
             raise ValueError(f"the PEFT adapters do not fit this backbone: {'; '.join(problems)}")
     return bank
+
+
+def _part(path: str, pair: tuple[torch.Tensor, torch.Tensor], part: tuple[int, int] | None):
+    """The pair on `part` of a fused linear's outputs: B's rows of that part, refused where B adapts other rows."""
+    A, B = pair
+    if part is None:
+        return A, B
+    size = B.shape[1] // part[1]
+    rows = slice(part[0] * size, (part[0] + 1) * size)
+    outside = B.clone()
+    outside[:, rows] = 0
+    if outside.abs().max() > 0:
+        raise ValueError(
+            f"{path} adapts all of the fused linear's outputs, not only part {part[0]} of {part[1]}: a bank on that "
+            "part would not reproduce it; make the bank on the whole linear (its path without [part/parts])"
+        )
+    return A, B[:, rows].contiguous()
 
 
 def _common_target(adapters: list[PeftAdapter]) -> str:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from xpeft.config import TrainConfig
+from xpeft.core.families import unpackable
 from xpeft.data.tokens import Collator, pack_rows
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,11 @@ def use_bf16(setting: str, device: torch.device) -> tuple[bool, str]:
 def packing_mismatch(model: nn.Module, rows: list[dict], pad_token_id: int = 0) -> str | None:
     """Why a packed batch of `model` does not give the padded batch's logits (None: it does, up to fp32
     rounding). Checked on three of `rows` packed into two sequences (so two rows share one, and one sequence
-    has a padded tail), in eval mode (no dropout, no Gumbel noise: the RNG is untouched) and fp32."""
+    has a padded tail), in eval mode (no dropout, no Gumbel noise: the RNG is untouched) and fp32; or known from
+    the encoder's config where a few rows could not show it (`xpeft.core.families.unpackable`)."""
+    known = unpackable(model.encoder) if isinstance(getattr(model, "encoder", None), nn.Module) else None
+    if known is not None:
+        return known
     probe = [{k: v for k, v in r.items() if k != "labels"} for r in (rows * 3)[:3]]
     pack_length = len(probe[0]["input_ids"]) + len(probe[1]["input_ids"])
     device = next(model.parameters()).device

@@ -27,14 +27,18 @@ from xpeft.profiles.record import Profile
 log = logging.getLogger(__name__)
 
 
-def bank_from_single_adapters(profiles: list[Profile], target: str) -> AdapterBank:
-    """`x_peft with sa`: the adapters of profiles fitted with single_adapter become the learned bank."""
+def bank_from_single_adapters(profiles: list[Profile], target: str | None = None) -> AdapterBank:
+    """`x_peft with sa`: the adapters of profiles fitted with single_adapter become the learned bank, on the
+    linear they adapt (the path their records hold; `target` a meaning or path they must agree with)."""
     pairs = []
     for p in profiles:
         if p.config.mode != "single_adapter":
             raise ValueError(f"profile {p.profile_id} is {p.config.mode}, not single_adapter")
         pairs.append((p.tensors["lora_A"], p.tensors["lora_B"] * lora_scale(p.config)))
-    return bank_from_adapters(pairs, target=target, source="single_adapter")
+    recorded = sorted({p.config.target for p in profiles})
+    if len(recorded) > 1:
+        raise ValueError(f"the single_adapter profiles adapt different linears {recorded}; a bank has one target")
+    return bank_from_adapters(pairs, target=recorded[0] if recorded else target, source="single_adapter")
 
 
 class MultiTaskAdapters(nn.Module):
@@ -112,7 +116,7 @@ def fit_mtl(
     mtl.eval()
     pairs = [(mtl.lora_A[:, m].detach(), mtl.lora_B[:, m].detach() * mtl.scale) for m in range(len(cleaned))]
     head = {k: v.detach().cpu().clone() for k, v in mtl.model.head.state_dict().items()}
-    bank = bank_from_adapters(pairs, target=fitter.xcfg.target, source="mtl")
+    bank = bank_from_adapters(pairs, target=mtl.model.cfg.target, source="mtl")  # the resolved path
     metrics, base = {}, mtl.model
     tests = [tokenize(d.test, fitter.tokenizer, tcfg.max_length) for d in cleaned]
     batching = batching_for(base, [r for t in tests for r in t], tcfg, fitter.device, fitter.pad)

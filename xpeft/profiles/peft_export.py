@@ -1,10 +1,11 @@
 """A profile as a PEFT LoRA folder: hand one profile to a plain PEFT stack.
 
 A profile's combined adapter is one low-rank pair per block (Â = Σ M_A·A_i, B̂ = Σ M_B·B_i, `xpeft.core.combine`),
-which is exactly a LoRA adapter of rank b when nothing sits between Â and B̂: written as `lora_A = Â`,
-`lora_B = B̂` (r = b, lora_alpha = b: scale 1), `PeftModel.from_pretrained(backbone, folder)` computes the
-profile's encoder. The head goes next to it as `head.safetensors` (its kind, classes and label names in the
-metadata), since a bare encoder has no place for it.
+which is exactly a LoRA adapter of rank b when nothing sits between Â and B̂: written as `lora_A = Â`, `lora_B = B̂`
+(r = b, lora_alpha = b: scale 1), `PeftModel.from_pretrained(backbone, folder)` computes the profile's encoder. A
+profile on a part of a fused linear (ModernBERT's value rows of `attn.Wqkv`) is written as LoRA on the whole linear,
+its `lora_B` zero outside the part's rows: the same outputs. The head goes next to it as `head.safetensors` (its
+kind, classes and label names in the metadata), since a bare encoder has no place for it.
 
 Which profiles can be written: x_peft profiles fitted without the LayerNorm after Â (`--no-layer-norm`), among
 them the mtl warm-start profiles (one-hot masks over their own adapter), and single_adapter profiles (their
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 from xpeft.core.bank import AdapterBank
 from xpeft.core.combine import combine
 from xpeft.core.encoder import adapted_dims, encoder_blocks
+from xpeft.core.families import family_name, resolve_target, split_target, target_path
 from xpeft.core.peft_bank import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 from xpeft.profiles.record import Dims, Profile, check_compatible, stored_mask_weights
 
@@ -78,9 +80,13 @@ def export_peft(
     """Write `profile` for `encoder` (its backbone) as a PEFT LoRA folder `out` (adapter_config.json,
     adapter_model.safetensors) plus `head.safetensors`; `base_model` is recorded as base_model_name_or_path."""
     cfg = profile.config
-    L, d_in, d_out = adapted_dims(encoder, cfg.target)
-    check_compatible(profile, bank, Dims(L, encoder.config.hidden_size, cfg.target, d_in, d_out))
+    target = resolve_target(encoder, target_path(cfg.target, family_name(encoder)))
+    L, d_in, d_out = adapted_dims(encoder, target)
+    check_compatible(profile, bank, Dims(L, encoder.config.hidden_size, target, d_in, d_out, family_name(encoder)))
     A, B, alpha = lora_pair(profile, bank)
+    module, part = split_target(target)
+    if part is not None:  # a part of a fused linear: LoRA adapts the whole linear, zero outside the part's rows
+        B = B.new_zeros(L, d_out * part[1], B.shape[2]).index_copy(1, torch.arange(d_out) + part[0] * d_out, B)
     if profile.head_id is not None and shared_head is None:
         raise ValueError(f"profile {profile.profile_id} uses shared head {profile.head_id}; pass it in")
     head = shared_head if profile.head_id is not None else {
@@ -89,13 +95,13 @@ def export_peft(
     prefix = f"{PEFT_PREFIX}{block_path(encoder)}"
     weights = {}
     for layer in range(L):
-        weights[f"{prefix}.{layer}.{cfg.target}.lora_A.weight"] = A[layer].detach().float().contiguous()
-        weights[f"{prefix}.{layer}.{cfg.target}.lora_B.weight"] = B[layer].detach().float().contiguous()
+        weights[f"{prefix}.{layer}.{module}.lora_A.weight"] = A[layer].detach().float().contiguous()
+        weights[f"{prefix}.{layer}.{module}.lora_B.weight"] = B[layer].detach().float().contiguous()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
     base = None if base_model is None else str(base_model)
-    (out / PEFT_CONFIG).write_text(json.dumps(lora_config(cfg.b, alpha, cfg.target, base), indent=2))
+    (out / PEFT_CONFIG).write_text(json.dumps(lora_config(cfg.b, alpha, module, base), indent=2))
     meta = {
         "profile_id": profile.profile_id,
         "head": cfg.head,

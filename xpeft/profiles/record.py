@@ -17,6 +17,7 @@ import torch
 
 from xpeft.config import XPeftConfig
 from xpeft.core.bank import AdapterBank
+from xpeft.core.families import family_name, resolve_target, target_path
 from xpeft.core.masks import bits_to_weights, extend_logits, extend_weights, khot, mask_bytes, pack_bits, unpack_bits
 from xpeft.core.model import XPeftModel
 from xpeft.profiles.fingerprints import record_sha256, record_tensors, sealed
@@ -144,13 +145,15 @@ def stored_mask_weights(profile: Profile, N: int, L: int) -> tuple[torch.Tensor,
 @dataclass(frozen=True)
 class Dims:
     """What a model or server that would apply a profile has: its encoder's blocks, hidden size, the linear
-    its adapters wrap and that linear's dimensions."""
+    its adapters wrap (its path, `xpeft.core.families`) and that linear's dimensions, and the encoder's family
+    (its config's model_type: what a profile's target given as a meaning resolves by)."""
 
     L: int
     d: int
     target: str
     d_in: int
     d_out: int
+    family: str | None = None
 
 
 def compatibility(profile: Profile, bank: AdapterBank | None, dims: Dims) -> str | None:
@@ -170,7 +173,7 @@ def compatibility(profile: Profile, bank: AdapterBank | None, dims: Dims) -> str
             )
         if (cfg.N, cfg.b, bank.L) != (n, bank.b, dims.L):
             return f"profile {pid} has N={cfg.N}, b={cfg.b} but its bank has N={n}, b={bank.b}, L={bank.L}"
-    if cfg.mode != "head_only" and cfg.target != dims.target:
+    if cfg.mode != "head_only" and _target_in(cfg.target, dims.family) != dims.target:
         return f"profile {pid} adapts {cfg.target!r} but this encoder is adapted at {dims.target!r}"
     if cfg.mode == "single_adapter":
         want = {"lora_A": (dims.L, cfg.b, dims.d_in), "lora_B": (dims.L, dims.d_out, cfg.b)}
@@ -178,6 +181,15 @@ def compatibility(profile: Profile, bank: AdapterBank | None, dims: Dims) -> str
         if got != want:
             return f"profile {pid} has adapters {got} but this backbone needs {want}"
     return None
+
+
+def _target_in(target: str, family: str | None) -> str:
+    """A profile's recorded target as a path in the family (records hold paths; a meaning, only in records made
+    by hand, is resolved; one this family cannot resolve matches nothing)."""
+    try:
+        return target_path(target, family)
+    except ValueError:
+        return target
 
 
 def check_compatible(profile: Profile, bank: AdapterBank | None, dims: Dims) -> None:
@@ -191,9 +203,9 @@ def model_dims(model) -> Dims:
     """The Dims of an XPeftModel or MultiProfileModel (whichever target its adapters wrap)."""
     from xpeft.core.encoder import adapted_dims
 
-    target = getattr(model, "target", None) or model.cfg.target
+    target = resolve_target(model.encoder, getattr(model, "target", None) or model.cfg.target)
     L, d_in, d_out = adapted_dims(model.encoder, target)
-    return Dims(L, model.encoder.config.hidden_size, target, d_in, d_out)
+    return Dims(L, model.encoder.config.hidden_size, target, d_in, d_out, family_name(model.encoder))
 
 
 def apply_profile(model: XPeftModel, profile: Profile, shared_head: dict[str, torch.Tensor] | None = None) -> None:

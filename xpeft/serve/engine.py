@@ -87,7 +87,7 @@ class ProfileEngine:
         # ONNX Runtime on CPU (the graph exported once per backbone, or found in cfg.onnx_cache), or torch eager.
         step(f"the encoder's forward ({cfg.forward}: an ONNX graph is exported once per backbone, then found)")
         self.forward_rows = make_forward(
-            cfg.forward, self.model, self.device, token_inputs(self.tokenizer), threads, cfg.onnx_cache,
+            cfg.forward, self.model, self.device, token_inputs(self.tokenizer, encoder), threads, cfg.onnx_cache,
             bank.b if bank is not None else None,
         )  # fmt: skip
         self.cache = ProfileCache(cfg.cache_size)

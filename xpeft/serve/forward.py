@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from xpeft.core.families import token_inputs as encoder_token_inputs
 from xpeft.core.head import row_heads
 from xpeft.core.multiprofile import CombinedProfile, MultiProfileModel
 from xpeft.data.tokens import MODEL_INPUTS
@@ -108,6 +109,8 @@ def make_forward(
     return ort
 
 
-def token_inputs(tokenizer) -> tuple[str, ...]:
-    """The token tensors the collated batches carry for this tokenizer (the graph's token inputs)."""
-    return tuple(k for k in MODEL_INPUTS if k in tokenizer("a"))
+def token_inputs(tokenizer, encoder) -> tuple[str, ...]:
+    """The token tensors the collated batches carry for this tokenizer that the encoder takes (the graph's token
+    inputs): a tokenizer's token_type_ids are left out for an encoder that takes none (`families.token_inputs`)."""
+    takes = encoder_token_inputs(encoder)
+    return tuple(k for k in MODEL_INPUTS if k in tokenizer("a") and k in takes)
