@@ -286,3 +286,28 @@ def test_the_step_time_benchmark_prints_old_and_new_side_by_side():
         assert any(line.startswith(mode) and " new/old " in line for line in lines), r.stdout
     assert any("x single_adapter" in line and f"N={smoke['ratio_N']}" in line for line in lines), r.stdout
     assert "forward + backward" in r.stdout
+
+
+def test_a_profile_model_and_the_mtl_warm_start_leave_no_adapter_in_the_blocks_after_a_forward_without_autograd():
+    """One forward for both (`XPeftModel.forward_with`): a training forward leaves its adapters set, for gradient
+    checkpointing to find in backward(); an evaluation under no_grad — also one made in train mode, as a fit's
+    holdout check can be — leaves none to leak into the next profile's forward."""
+    from types import SimpleNamespace
+
+    from xpeft.fit.profile import ProfileFitter
+    from xpeft.fit.warm_start import MultiTaskAdapters
+
+    rows = [{**r, "profile_index": i % 3} for i, r in enumerate(tiny_rows(6))]
+    padded, _ = both(rows)
+    profile = XPeftModel(tiny_encoder(), XPeftConfig(N=16, k=4, b=4), random_bank(2, 16, 4, 32, seed=0))
+    fitter = ProfileFitter(tiny_encoder(), SimpleNamespace(pad_token_id=0), None, XPeftConfig(b=4), TrainConfig())
+    mtl = MultiTaskAdapters(fitter, 3, seed=0)
+    for model, blocks, batch in ((profile, profile.adapted, padded), (mtl, mtl.model.adapted, padded)):
+        if model is profile:
+            batch = {k: v for k, v in batch.items() if k != "profile_index"}
+        model.train()
+        model(**batch)["logits"].sum().backward()
+        assert all(block.adapter is not None for block in blocks)
+        with torch.no_grad():
+            model(**batch)
+        assert all(block.adapter is None for block in blocks), type(model).__name__

@@ -139,8 +139,21 @@ class XPeftModel(nn.Module):
         """Logits (and the loss, given labels) of a padded batch, or of a packed one (`packing`: input_ids and
         attention_mask are then the packed sequences', and the head reads each row's own tokens)."""
         per_block = self.combined_adapters() if self.adapted else None
+        return self.forward_with(per_block, input_ids, attention_mask, token_type_ids, labels, packing)
+
+    def forward_with(
+        self,
+        per_block: list[Adapter] | None,
+        input_ids,
+        attention_mask,
+        token_type_ids=None,
+        labels=None,
+        packing: Packing | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`forward` with the given adapters in the blocks instead of the masks' combined ones (a warm start's
+        per-row adapters: xpeft.fit.warm_start), the model's head and loss."""
         # Training keeps the adapters set after the forward: gradient checkpointing re-runs the blocks in
-        # backward() and must find them (see `adapters`).
+        # backward() and must find them (see `adapters`); a forward without autograd leaves nothing set.
         with adapters(self.adapted, per_block, keep=self.training and torch.is_grad_enabled()):
             hidden = self.encode(input_ids, attention_mask, token_type_ids, packing)
         logits = self.head(hidden, attention_mask if packing is None else packing.row_mask)

@@ -13,9 +13,9 @@ from torch import nn
 
 from xpeft.config import XPeftConfig, lora_scale
 from xpeft.core.bank import AdapterBank, bank_from_adapters
-from xpeft.core.layer import Adapter, adapters
+from xpeft.core.layer import Adapter
 from xpeft.core.masks import pack_bits
-from xpeft.core.model import XPeftModel, task_loss
+from xpeft.core.model import XPeftModel
 from xpeft.core.packing import Packing
 from xpeft.data.dataset import ProfileData
 from xpeft.data.tokens import tokenize
@@ -81,13 +81,7 @@ class MultiTaskAdapters(nn.Module):
             )
             for layer in range(base.L)
         ]
-        with adapters(base.adapted, per_row, keep=self.training):
-            hidden = base.encode(input_ids, attention_mask, token_type_ids, packing)
-        logits = base.head(hidden, attention_mask if packing is None else packing.row_mask)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = task_loss(logits, labels, base.cfg.problem_type)
-        return out
+        return base.forward_with(per_row, input_ids, attention_mask, token_type_ids, labels, packing)
 
 
 def fit_mtl(
