@@ -34,8 +34,9 @@ Stage `slow` (harness/slow_clients.py): a normal client's requests/s and /health
 within XPEFT_BODY_TIMEOUT_S, before a replica is picked).
 
 Stage `fits` (harness/fit_on_demand.py): --fits profiles of --fit-examples texts fitted over HTTP one after
-another (POST → first answer p50 / p99), and classify p50 / p99 without and with that stream of fits; the store
-gets a recipe as the farm records it (FARM_TRAIN), the server its fit workers (--fit-workers, --fit-cpus-per-actor).
+another on a quiet server, then --fits more beside a classify stream of --fit-clients threads (POST → first answer
+p50 / p99 of each), and classify p50 / p99 without and with the fits; the store gets a recipe as the farm records
+it (FARM_TRAIN), the server its fit workers (--fit-workers, --fit-cpus-per-actor).
 
 The server's settings are ServeConfig's flags (as `xpeft serve` takes them); N, k, b and the classes of the
 random profiles XPeftConfig's.
@@ -297,7 +298,8 @@ def fits_stage(args, store, port: int) -> None:
     save_recipe(store, FitRecipe(args.backbone, xcfg, FARM_TRAIN, store.bank_fingerprints()[0], label_names=labels))
     url = deploy(build_app(server_config(args, store.uri, forward=args.forwards[0])), "xpeft-fits", port)
     try:
-        result = fit_on_demand.scenario(url, store.ids()[0], labels, args.fits, args.fit_examples, args.fit_seconds, 4)
+        sizes = (args.fits, args.fit_examples, args.fit_seconds, args.fit_clients)
+        result = fit_on_demand.scenario(url, store.ids()[0], labels, *sizes)
     finally:
         serve.delete("xpeft-fits")
     fit_on_demand.report(result)
@@ -375,6 +377,7 @@ def arguments() -> argparse.ArgumentParser:
     fits.add_argument("--fits", type=int, default=20, help="profiles fitted over HTTP, one after another")
     fits.add_argument("--fit-examples", type=int, default=40, help="labelled texts a profile (default: 40)")
     fits.add_argument("--fit-seconds", type=float, default=20.0, help="classify alone this long before the fits")
+    fits.add_argument("--fit-clients", type=int, default=4, help="classify threads beside the second fits (0: none)")
     return ap
 
 

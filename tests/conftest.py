@@ -115,3 +115,62 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for label, n in sorted(counts.items()):
             terminalreporter.write_line(f"{n:6d}  {label}")
         terminalreporter.write_line(f"{sum(counts.values()):6d}  in all")
+
+
+def pytest_testnodedown(node, error):
+    """pytest-xdist: a worker's counts of generated API cases join the controller's (shown after the run)."""
+    counts = getattr(node, "workeroutput", {}).get("api_cases")
+    if counts:
+        node.config.stash.setdefault(API_CASES, Counter()).update(counts)
+
+
+# --- running in parallel (pytest-xdist, `make test`: -n 2 --dist loadgroup) ---------------------------------
+# A module's tests go to one worker, in order (its module-scoped Ray, Serve or store is set up once), except the
+# tests that each run a script of their own (a benchmark's smoke run, a doc block of benchmark commands): those
+# go wherever a worker is free. Smoke runs are shared between workers (tests/test_benchmarks.py, runs_dir).
+# The modules that take longest go out first and the scripts run one by one last, so the two workers end close
+# together (the 2026-12-06 suite's durations, on this 2-core machine).
+ONE_BY_ONE = ("test_every_benchmark_runs_its_smoke_setting",)
+LONGEST_FIRST = ("test_docs", "test_serving", "test_on_demand", "test_cluster", "test_distributed", "test_farm")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    from test_docs import benchmark_calls
+
+    def alone(item) -> bool:
+        block = getattr(item, "callspec", None) and item.callspec.params.get("block")
+        return item.originalname in ONE_BY_ONE or (block is not None and benchmark_calls(block) is not None)
+
+    def rank(item) -> int:
+        name = item.module.__name__
+        return len(LONGEST_FIRST) + 1 if alone(item) else LONGEST_FIRST.index(name) if name in LONGEST_FIRST else 6
+
+    items.sort(key=rank)  # stable: each module's tests keep their order
+    for item in items:
+        if not alone(item) and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):  # a worker: hand the API case counts to the controller
+        session.config.workeroutput["api_cases"] = dict(session.config.stash.get(API_CASES, Counter()))
+        return
+    import shutil
+
+    from test_benchmarks import runs_dir
+
+    shutil.rmtree(runs_dir(), ignore_errors=True)  # the run's shared smoke runs, once every worker is done
+
+
+def pytest_configure(config):
+    """One id for this test run, in the environment of the controller and (through xdist's --testrunuid) of
+    every worker: the name of the folder of smoke runs they share."""
+    if hasattr(config, "workerinput"):
+        return
+    import uuid
+
+    uid = getattr(config.option, "testrunuid", None) or os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+    if hasattr(config.option, "testrunuid"):
+        config.option.testrunuid = uid
+    os.environ["PYTEST_XDIST_TESTRUNUID"] = uid

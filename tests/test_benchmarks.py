@@ -9,17 +9,18 @@ the very run `store_scale.py --smoke` makes."""
 
 from __future__ import annotations
 
-import atexit
 import functools
+import hashlib
 import importlib.util
+import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
@@ -31,7 +32,15 @@ PENDING: dict[str, str] = {}
 # again in process there.
 WRITES_OUT = ("fidelity.py",)
 TIMEOUT_S = 600  # a smoke run takes seconds on an idle machine; this only stops a hang
-_RUNS: dict[tuple, tuple[subprocess.CompletedProcess, Path | None]] = {}
+
+
+def runs_dir() -> Path:
+    """Where this test run keeps its smoke runs (their output and folders), shared by the run's pytest-xdist
+    workers so each distinct run happens once in the whole suite; conftest.py removes it when the run ends."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"  # set by conftest.py
+    path = Path(tempfile.gettempdir()) / f"xpeft-smoke-runs-{run}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def smoke_env() -> dict[str, str]:
@@ -78,23 +87,35 @@ def run_smoke(script: str, args: list[str] = ()) -> subprocess.CompletedProcess:
     code, text = script_help(f"benchmarks/{script}")
     if code != 0 or "--smoke" not in text:
         return subprocess.CompletedProcess(command, 2, "", f"benchmarks/{script} has no --smoke setting:\n{text}")
-    key = smoke_key(script, list(args))
-    if key not in _RUNS:
-        out = None
-        if script in WRITES_OUT:
-            out = Path(tempfile.mkdtemp(prefix=f"xpeft-smoke-{Path(script).stem}-"))
-            atexit.register(shutil.rmtree, out, True)
-            command += ["--out", str(out)]
-        run = subprocess.run(command, cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-        _RUNS[key] = run, out
-    return _RUNS[key][0]
+    run, _ = _shared_run(script, command, smoke_key(script, list(args)))
+    return run
+
+
+def _shared_run(script: str, command: list[str], key: tuple) -> tuple[subprocess.CompletedProcess, Path | None]:
+    """The run of `command` for `key`: made by the first worker that asks (the others wait on its lock), then
+    read back from its record."""
+    name = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    record, folder = runs_dir() / f"{name}.json", runs_dir() / f"{name}.out"
+    with FileLock(str(runs_dir() / f"{name}.lock")):
+        if not record.exists():
+            out = None
+            if script in WRITES_OUT:
+                out = folder
+                out.mkdir(exist_ok=True)
+                command = [*command, "--out", str(out)]
+            r = subprocess.run(command, cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+            fields = {"args": r.args, "returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+            record.write_text(json.dumps({**fields, "out": str(out) if out else None}))
+    saved = json.loads(record.read_text())
+    out = saved.pop("out")
+    return subprocess.CompletedProcess(**saved), Path(out) if out else None
 
 
 def smoke_folder(script: str, args: list[str] = ()) -> Path:
     """The folder the smoke run of `script ARGS` wrote into (a WRITES_OUT script's), making the run if need be."""
     assert script in WRITES_OUT, f"{script}'s smoke runs write no folder a test reads (WRITES_OUT)"
-    run_smoke(script, args)
-    return _RUNS[smoke_key(script, list(args))][1]
+    command = [sys.executable, f"benchmarks/{script}", *args, "--smoke"]
+    return _shared_run(script, command, smoke_key(script, list(args)))[1]
 
 
 def assert_ran(r: subprocess.CompletedProcess) -> None:

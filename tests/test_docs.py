@@ -39,8 +39,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -434,7 +436,7 @@ def run_params() -> list:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", run_params())
-def test_runnable_doc_blocks_exit_0(block, scratch):
+def test_runnable_doc_blocks_exit_0(block, request):
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -449,13 +451,32 @@ def test_runnable_doc_blocks_exit_0(block, scratch):
         for script, args in benchmark_calls(block):
             assert_ran(run_smoke(script, args))
         return
+    scratch = request.getfixturevalue("scratch")  # a benchmark block runs from the checkout, needs no copy
     if block.needs == "shared-data":
         env["XPEFT_DATA_DIR"] = str(shared_data_dir())  # skips, saying why, where it is absent
     script = "set -euo pipefail\n" + with_appended_flags(block.code, block.append)
-    r = subprocess.run(
-        ["bash", "-c", script], cwd=scratch, env=env, capture_output=True, text=True, timeout=block.timeout
-    )
-    assert r.returncode == 0, f"{block.name} exited {r.returncode}:\n{script}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    code, out, err = run_block(script, scratch, env, block.timeout)
+    assert code == 0, f"{block.name} exited {code}:\n{script}\n{out[-4000:]}\n{err[-4000:]}"
+
+
+def run_block(script: str, cwd: Path, env: dict, timeout: float) -> tuple[int | str, str, str]:
+    """Run a block as a bash script in a session of its own: (exit status, stdout, stderr). Whatever it left
+    running (a server it started in the background and never reached the line that stops, because an earlier
+    line failed) is killed when bash exits, so a failing block fails at once instead of at its timeout."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            ["bash", "-c", script], cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
+        )
+        try:
+            code: int | str = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = f"nothing: still running after {timeout:.0f} s"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return code, out.read(), err.read()
 
 
 # --- 3. names in the docs that can rot besides commands ---------------------------------------------------

@@ -1,14 +1,16 @@
 """The fits-on-demand scenario of the serving harness (benchmarks/serve_load.py --stages fits): profiles fitted over
 HTTP (POST /v1/profiles/{id}/fit) while a client classifies (issue 28).
 
-1. classify alone: `concurrency` threads send single-text requests to one stored profile for `seconds`;
-2. the same client while N new profiles of `examples` labelled texts each are fitted one after another, each
-   POSTed once the previous one is answered: per profile, the time from the POST to the first classify answer
-   with it (the fit, its store write and the replica's refresh within staleness_s), and the fit's own seconds.
+1. N new profiles of `examples` labelled texts each fitted one after another on a quiet server, each POSTed once
+   the previous one is answered: per profile, the time from the POST to the first classify answer with it (the
+   fit, its store write and the replica's refresh within staleness_s), and the fit's own seconds (the first fit
+   also loads the fit worker's backbone and bank);
+2. classify alone: `concurrency` threads send single-text requests to one stored profile for `seconds`;
+3. N more profiles fitted as in 1 while that client classifies.
 
-Printed: POST → answer p50 / p99 (goal p50 <= 5 s on 2 cores), fit seconds p50, classify p50 / p99 and
-requests/s without and with the stream of fits (the fit workers reserve their own CPUs: fits must not starve
-classify).
+Printed: POST → answer p50 / p99 (goal p50 <= 5 s on 2 cores) and fit seconds p50 on the quiet and the busy
+server, classify p50 / p99 and requests/s without and with the stream of fits (the fit workers reserve their
+own CPUs: fits must not starve classify).
 """
 
 from __future__ import annotations
@@ -74,27 +76,44 @@ def fit_and_answer(url: str, profile_id: str, body: dict, timeout: float = 300.0
 def scenario(
     url: str, hot: str, label_names: list[str], fits: int, n_examples: int, seconds: float, concurrency: int
 ) -> dict:
-    """Classify alone for `seconds`, then beside `fits` fits of new profiles one after another."""
-    client, started = classifying(url, hot, concurrency)
-    time.sleep(seconds)
-    alone = classify_stats(client.stop(), time.perf_counter() - started)
-    client, started = classifying(url, hot, concurrency)
-    runs = [
-        fit_and_answer(url, f"on-demand-{i:03d}-{time.time_ns()}", examples(n_examples, label_names, seed=i))
-        for i in range(fits)
-    ]
-    beside = classify_stats(client.stop(), time.perf_counter() - started)
-    return {"alone": alone, "with_fits": beside, "fits": runs, "examples": n_examples, "concurrency": concurrency}
+    """`fits` new profiles fitted one after another on a quiet server; then classify alone for `seconds`; then
+    `fits` more beside that classify stream (`concurrency` threads; 0: the quiet fits alone)."""
+
+    def stream(tag: str) -> list[dict]:
+        return [
+            fit_and_answer(url, f"on-demand-{tag}-{i:03d}-{time.time_ns()}", examples(n_examples, label_names, seed=i))
+            for i in range(fits)
+        ]
+
+    quiet, alone, beside, busy = stream("quiet"), None, None, []
+    if concurrency:
+        client, started = classifying(url, hot, concurrency)
+        time.sleep(seconds)
+        alone = classify_stats(client.stop(), time.perf_counter() - started)
+        client, started = classifying(url, hot, concurrency)
+        busy = stream("busy")
+        beside = classify_stats(client.stop(), time.perf_counter() - started)
+    return {
+        "alone": alone, "with_fits": beside, "quiet_fits": quiet, "fits": busy, "examples": n_examples,
+        "concurrency": concurrency,
+    }  # fmt: skip
 
 
 def report(result: dict) -> None:
-    runs = result["fits"]
-    answer = quantiles([r["answer_s"] for r in runs])
-    fit_s = statistics.median(r["fit_s"] for r in runs) if runs else float("nan")
-    print(f"\n## fits on demand: {len(runs)} profiles of {result['examples']} examples, one after another\n")
-    print("| POST → first answer p50 (s) | p99 (s) | fit alone p50 (s) |")
-    print("|---:|---:|---:|")
-    print(f"| {answer[0]:.2f} | {answer[1]:.2f} | {fit_s:.2f} |")
+    print(f"\n## fits on demand: profiles of {result['examples']} examples, one after another\n")
+    print("| server | profiles | POST → first answer p50 (s) | p99 (s) | fit alone p50 (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, runs in (
+        ("quiet", result["quiet_fits"]),
+        (f"classifying ({result['concurrency']} clients)", result["fits"]),
+    ):
+        if not runs:
+            continue
+        answer = quantiles([r["answer_s"] for r in runs])
+        fit_s = statistics.median(r["fit_s"] for r in runs)
+        print(f"| {name} | {len(runs)} | {answer[0]:.2f} | {answer[1]:.2f} | {fit_s:.2f} |")
+    if not result["concurrency"]:
+        return
     print(f"\n## classify ({result['concurrency']} clients, one text) without and with the fits running\n")
     print("| | requests/s | p50 (ms) | p99 (ms) | failed |")
     print("|---|---:|---:|---:|---:|")
