@@ -25,7 +25,7 @@ demo: venv
 	$(BIN)/python ray_jobs/fit_profiles.py --demo
 
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 lint: venv
 	$(BIN)/ruff check xpeft ray_jobs tests benchmarks

@@ -124,32 +124,20 @@ def pytest_testnodedown(node, error):
         node.config.stash.setdefault(API_CASES, Counter()).update(counts)
 
 
-# --- running in parallel (pytest-xdist, `make test`: -n 2 --dist loadgroup) ---------------------------------
-# A module's tests go to one worker, in order (its module-scoped Ray, Serve or store is set up once), except the
-# tests that each run a script of their own (a benchmark's smoke run, a doc block of benchmark commands): those
-# go wherever a worker is free. Smoke runs are shared between workers (tests/test_benchmarks.py, runs_dir).
-# The modules that take longest go out first and the scripts run one by one last, so the two workers end close
-# together (the 2026-12-06 suite's durations, on this 2-core machine).
-ONE_BY_ONE = ("test_every_benchmark_runs_its_smoke_setting",)
-LONGEST_FIRST = ("test_docs", "test_serving", "test_on_demand", "test_cluster", "test_distributed", "test_farm")
+# --- running in parallel (pytest-xdist, `make test`: -n 2 --dist loadscope) --------------------------------
+# A module's tests (a class's, for a class) go to one worker, in order: its module-scoped Ray, Serve or store is
+# set up once, and the scratch doc blocks see what the blocks before them wrote. The modules that take longest go
+# out first, so the two workers end close together (the 2026-12-06 suite's durations on this 2-core machine).
+# Smoke runs are shared between workers (tests/test_benchmarks.py, runs_dir).
+LONGEST_FIRST = ("test_docs", "test_benchmarks", "test_serving", "test_on_demand", "test_cluster", "test_farm")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    from test_docs import benchmark_calls
-
-    def alone(item) -> bool:
-        block = getattr(item, "callspec", None) and item.callspec.params.get("block")
-        return item.originalname in ONE_BY_ONE or (block is not None and benchmark_calls(block) is not None)
-
     def rank(item) -> int:
         name = item.module.__name__
-        return len(LONGEST_FIRST) + 1 if alone(item) else LONGEST_FIRST.index(name) if name in LONGEST_FIRST else 6
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: each module's tests keep their order
-    for item in items:
-        if not alone(item) and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -421,10 +421,11 @@ def benchmark_calls(block: Block) -> list[tuple[str, list[str]]] | None:
     return calls or None
 
 
-def run_params() -> list:
+def run_params(benchmarks: bool) -> list:
+    """The run blocks: those of nothing but benchmark commands (`benchmarks`), or all the others."""
     params = []
     for b in all_blocks():
-        if b.kind != "run":
+        if b.kind != "run" or (benchmark_calls(b) is not None) != benchmarks:
             continue
         waiting = pending(b)
         marks = (
@@ -435,8 +436,9 @@ def run_params() -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", run_params())
-def test_runnable_doc_blocks_exit_0(block, request):
+@pytest.mark.parametrize("block", run_params(benchmarks=False))
+def test_runnable_doc_blocks_exit_0(block, scratch):
+    """In document order, in one scratch copy: a block sees what the blocks before it wrote."""
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -447,16 +449,23 @@ def test_runnable_doc_blocks_exit_0(block, request):
         "TOKENIZERS_PARALLELISM": "false",
     }
     env.pop("RAY_ADDRESS", None)
-    if benchmark_calls(block) is not None:
-        for script, args in benchmark_calls(block):
-            assert_ran(run_smoke(script, args))
-        return
-    scratch = request.getfixturevalue("scratch")  # a benchmark block runs from the checkout, needs no copy
     if block.needs == "shared-data":
         env["XPEFT_DATA_DIR"] = str(shared_data_dir())  # skips, saying why, where it is absent
     script = "set -euo pipefail\n" + with_appended_flags(block.code, block.append)
     code, out, err = run_block(script, scratch, env, block.timeout)
     assert code == 0, f"{block.name} exited {code}:\n{script}\n{out[-4000:]}\n{err[-4000:]}"
+
+
+@pytest.mark.slow
+class TestBenchmarkBlocks:
+    """The blocks of nothing but `python benchmarks/...` commands, each run smoke-sized from the checkout through
+    tests/test_benchmarks.py's run_smoke (shared with its runs). A class of their own: `make test`'s workers
+    (pytest-xdist, --dist loadscope) take it apart from the scratch blocks above, which must keep their order."""
+
+    @pytest.mark.parametrize("block", run_params(benchmarks=True))
+    def test_benchmark_blocks_run_smoke_sized(self, block):
+        for script, args in benchmark_calls(block):
+            assert_ran(run_smoke(script, args))
 
 
 def run_block(script: str, cwd: Path, env: dict, timeout: float) -> tuple[int | str, str, str]:
