@@ -9,29 +9,43 @@
 2. N=16: §3.1's mtl warm start over group 1 (`fit_mtl`): 16 adapters and the shared head every profile of the
    lineage uses. Growing: the same warm start over the next group with that head frozen (`fit_mtl` given the
    head), its adapters appended (`grow_bank`): N=32, then N=64.
-3. The scored authors' profiles are fitted on N=16 (x_peft hard masks, k = N/2, the farm's recipe FARM_TRAIN),
-   and on every grown bank again (`refitted`); the N=16 profiles are also scored on each grown bank unchanged
-   (`carried`: their masks zero-extended, which must give their own predictions: `max_abs_logit_diff`).
-Each row: the bank's N, mean holdout accuracy and macro-F1 over the scored authors (Figure 4's pair). Lines go
-to <out>/bank_growth.jsonl and a markdown table to stdout (BENCHMARKS.md, "Growing a bank").
+3. On each bank the recipe is chosen on validation data, as for Figure 4: x_peft hard masks with FARM_TRAIN and
+   k one of N/2, N/4, N/8 (`K_FRACTIONS`), each fitted on the carved training parts of the first --select scored
+   authors (`carve`: a quarter of each one's training rows held out) and scored on the rest of them; the holdouts
+   are not read. The best k by mean validation accuracy then fits every scored author (`fitted` on N=16,
+   `refitted` on the grown banks); the N=16 profiles are also scored on each grown bank unchanged (`carried`:
+   their masks zero-extended, which must give their own predictions: `max_abs_logit_diff`).
+4. `majority`: each scored author's most frequent training label predicted for every holdout row, the floor a
+   profile must beat (a profile that only learned its author's favourite category scores this).
+Each row: mean holdout accuracy and macro-F1 over the scored authors (Figure 4's pair). Every line goes to
+<out>/bank_growth.jsonl as it lands, and a run started again with the same arguments goes on from there: the
+banks, the shared head and the N=16 profiles wait in <out>/bank_growth_cache/ (verified when read). A markdown
+table goes to stdout (BENCHMARKS.md, "Growing a bank").
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import sys
 import tempfile
 import time
+from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from harness.fidelity_news import carve
+from harness.fidelity_pool import append_line, load_lines
+from safetensors.torch import load_file, save_file
 
 from xpeft.config import TrainConfig, XPeftConfig
-from xpeft.core.bank import AdapterBank, grow_bank
+from xpeft.core.bank import AdapterBank, grow_bank, load_bank, save_bank
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.core.model import XPeftModel
 from xpeft.data.dataset import profile_datas
@@ -41,10 +55,12 @@ from xpeft.fit.loop import evaluate, predict, profile_metric_fn
 from xpeft.fit.profile import BadProfileData, ProfileFitter
 from xpeft.fit.recipes import FARM_TRAIN
 from xpeft.fit.warm_start import fit_mtl
-from xpeft.profiles.record import apply_profile
+from xpeft.metrics import compute_metrics
+from xpeft.profiles.record import apply_profile, from_row, to_row
 
-SMOKE = {"backbone": "tiny", "growth": [2, 2, 4], "scored": 3, "max_steps": 2, "max_length": 32}
+SMOKE = {"backbone": "tiny", "growth": [2, 2, 4], "scored": 3, "select": 2, "max_steps": 2, "max_length": 32}
 SMOKE_ALSO = ("out",)  # --smoke writes into a new temporary folder (tests/test_benchmarks.py)
+K_FRACTIONS = {"k N/2": 0.5, "k N/4": 0.25, "k N/8": 0.125}  # the recipes chosen between on validation data
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -54,6 +70,7 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--min-articles", type=int, default=10, help="authors with fewer articles are left out")
     ap.add_argument("--growth", type=int, nargs="+", default=[16, 16, 32], help="warm-start authors per step")
     ap.add_argument("--scored", type=int, default=32, help="authors whose profiles are fitted and scored")
+    ap.add_argument("--select", type=int, default=8, help="scored authors whose carved training parts choose k")
     ap.add_argument("--seed", type=int, default=0, help="the authors' shuffle and every fit's seed")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--max-steps", type=int, default=None, help="cap every fit's steps (smoke)")
@@ -82,32 +99,51 @@ def authors(args) -> tuple[list[list], list, object]:
 
 
 class Growth:
-    """One backbone, the lineage's shared head, the fits."""
+    """One backbone, the lineage's shared head, the fits; what took long is cached in `cache` (verified)."""
 
-    def __init__(self, args, labels):
+    def __init__(self, args, labels, cache: str):
         torch.set_num_threads(args.threads)
         self.encoder, self.tokenizer = load_encoder(args.backbone), load_tokenizer(args.backbone)
         over = {k: v for k, v in (("max_steps", args.max_steps), ("max_length", args.max_length)) if v}
         self.tcfg: TrainConfig = dataclasses.replace(FARM_TRAIN, seed=args.seed, **over)
         self.xcfg = XPeftConfig(head="linear", num_labels=labels.num_labels, problem_type=labels.problem_type)
         self.head: dict | None = None
+        self.cache = cache
+        os.makedirs(cache, exist_ok=True)
 
-    def fitter(self, bank: AdapterBank | None) -> ProfileFitter:
+    def fitter(self, bank: AdapterBank | None, k_fraction: float = 0.5) -> ProfileFitter:
         mode = "x_peft" if bank is not None else "single_adapter"
         x = dataclasses.replace(self.xcfg, mode=mode, mask_type="hard")
         if bank is not None:
-            x = dataclasses.replace(x, N=bank.N, b=bank.b, k=max(1, bank.N // 2))
+            x = dataclasses.replace(x, N=bank.N, b=bank.b, k=max(1, round(bank.N * k_fraction)))
         return ProfileFitter(self.encoder, self.tokenizer, bank, x, self.tcfg, self.head, "mtl" if self.head else None)
 
-    def members(self, group: list) -> AdapterBank:
+    def members(self, group: list, step: int) -> AdapterBank:
         """The mtl warm start over `group`: the first learns the shared head, later ones keep it frozen."""
+        path = os.path.join(self.cache, f"members-{step}.safetensors")
+        head_path = os.path.join(self.cache, "head.safetensors")
+        if os.path.exists(path) and os.path.exists(head_path + ".sha256"):
+            self.head = self.head or self.read_head(head_path)
+            return load_bank(path)
         bank, head, _ = fit_mtl(self.fitter(None), group)
-        self.head = self.head or head
+        if self.head is None:
+            save_file(head, head_path)
+            with open(head_path + ".sha256", "w") as f:
+                f.write(_sha256(head_path))
+            self.head = head
+        save_bank(bank, path)
         return bank
 
-    def fit(self, bank: AdapterBank, scored: list) -> dict:
-        fitter, out = self.fitter(bank), {}
-        for d in scored:
+    @staticmethod
+    def read_head(path: str) -> dict:
+        with open(path + ".sha256") as f:
+            if f.read().strip() != _sha256(path):
+                raise SystemExit(f"{path} does not match its fingerprint: delete {os.path.dirname(path)} to refit")
+        return load_file(path)
+
+    def fit(self, bank: AdapterBank, datas: list, k_fraction: float) -> dict:
+        fitter, out = self.fitter(bank, k_fraction), {}
+        for d in datas:
             try:
                 out[d.profile_id] = fitter.fit(d).profile
             except BadProfileData as e:
@@ -132,12 +168,77 @@ class Growth:
             metrics[d.profile_id] = evaluate(model, rows, profile_metric_fn(model), self.tcfg.batch_size)
         return metrics, diff
 
+    def save_profiles(self, profiles: dict) -> None:
+        pq.write_table(pa.Table.from_pylist([to_row(p) for p in profiles.values()]), self.profiles_path)
 
-def row(kind: str, bank: AdapterBank, metrics: dict, seconds: float, **extra) -> dict:
+    def load_profiles(self) -> dict | None:
+        if not os.path.exists(self.profiles_path):
+            return None
+        return {r["profile_id"]: from_row(r) for r in pq.read_table(self.profiles_path).to_pylist()}
+
+    @property
+    def profiles_path(self) -> str:
+        return os.path.join(self.cache, "profiles-first-bank.parquet")
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def majority(scored: list) -> dict:
+    """Each author's most frequent training label, predicted for every holdout row."""
+    out = {}
+    for d in scored:
+        top = Counter(r["label"] for r in d.train).most_common(1)[0][0]
+        truth = [r["label"] for r in d.test]
+        out[d.profile_id] = compute_metrics("profile", [top] * len(truth), truth)
+    return out
+
+
+def row(kind: str, N: int | None, metrics: dict, seconds: float, **extra) -> dict:
     acc = [m["accuracy"] for m in metrics.values()]
     f1 = [m["f1"] for m in metrics.values()]
     scores = {"authors": len(acc), "accuracy": float(np.mean(acc)), "f1": float(np.mean(f1))}
-    return {"profiles": kind, "N": bank.N, "bank": bank.fingerprint, **scores, "seconds": round(seconds, 1), **extra}
+    return {"profiles": kind, "N": N, **scores, "seconds": round(seconds, 1), **extra}
+
+
+class Lines:
+    """bank_growth.jsonl: each line written as it lands, keyed by the run's arguments, so a run started again
+    with the same ones takes up what it finished."""
+
+    def __init__(self, path: str, args):
+        self.path = path
+        keep = ("backbone", "min_articles", "growth", "scored", "select", "seed", "max_steps", "max_length", "smoke")
+        self.run = json.dumps({k: getattr(args, k) for k in keep}, sort_keys=True)
+        self.done = {x["key"]: x for x in load_lines(path) if x.get("run") == self.run}
+
+    def get(self, key: str) -> dict | None:
+        return self.done.get(key)
+
+    def put(self, key: str, line: dict) -> dict:
+        line = {**line, "key": key, "run": self.run}
+        append_line(self.path, line)
+        self.done[key] = line
+        return line
+
+
+def choose_k(run: Growth, bank: AdapterBank, select: list, lines: Lines) -> tuple[str, dict]:
+    """The k of K_FRACTIONS with the best mean accuracy on the carved validation parts of `select`."""
+    scores = {}
+    for name, fraction in K_FRACTIONS.items():
+        key = f"validation N={bank.N} {name}"
+        line = lines.get(key)
+        if line is None:
+            start = time.perf_counter()
+            carved = [c for c in map(carve, select) if c.test]
+            if not carved:
+                raise SystemExit(f"none of the {len(select)} --select authors has 3 training rows to carve")
+            fitted = run.fit(bank, carved, fraction)
+            metrics = {k: p.metrics for k, p in fitted.items()}
+            line = lines.put(key, row("validation", bank.N, metrics, time.perf_counter() - start, variant=name))
+        scores[name] = (line["accuracy"], line["f1"])
+    return max(scores, key=scores.get), scores
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -148,31 +249,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.out is None:
         args.out = tempfile.mkdtemp(prefix="bank-growth-") if args.smoke else "results"
     groups, scored, labels = authors(args)
-    run = Growth(args, labels)
     os.makedirs(args.out, exist_ok=True)
-    path, lines = os.path.join(args.out, "bank_growth.jsonl"), []
+    lines = Lines(os.path.join(args.out, "bank_growth.jsonl"), args)
+    tag = hashlib.sha1(lines.run.encode()).hexdigest()[:12]
+    run = Growth(args, labels, os.path.join(args.out, "bank_growth_cache", tag))
+    select = scored[: args.select]
+    table = [lines.get("majority") or lines.put("majority", row("majority", None, majority(scored), 0.0))]
+
     start = time.perf_counter()
-    bank = run.members(groups[0])
-    first, old = bank, run.fit(bank, scored)
-    lines.append(row("fitted", bank, {k: p.metrics for k, p in old.items()}, time.perf_counter() - start))
-    for group in groups[1:]:
+    first = bank = run.members(groups[0], 0)
+    chosen, val = choose_k(run, bank, select, lines)
+    old = run.load_profiles()
+    if old is None:
+        old = run.fit(bank, scored, K_FRACTIONS[chosen])
+        run.save_profiles(old)
+    metrics = {k: p.metrics for k, p in old.items()}
+    seconds = time.perf_counter() - start
+    table.append(lines.get("fitted") or lines.put("fitted", row("fitted", bank.N, metrics, seconds, k=chosen)))
+    for step, group in enumerate(groups[1:], 1):
         start = time.perf_counter()
-        bank = grow_bank(bank, run.members(group))
-        grown = time.perf_counter() - start
-        metrics, diff = run.carried(old, bank, scored, first)
-        lines.append(row("carried", bank, metrics, grown, max_abs_logit_diff=diff))
-        start = time.perf_counter()
-        refit = run.fit(bank, scored)
-        lines.append(row("refitted", bank, {k: p.metrics for k, p in refit.items()}, time.perf_counter() - start))
-    with open(path, "a") as f:
-        for line in lines:
-            f.write(json.dumps({**line, "backbone": args.backbone, "smoke": args.smoke}) + "\n")
-    print("| N | profiles | authors | accuracy | macro-F1 | max abs logit diff |\n|---|---|---|---|---|---|")
-    for x in lines:
+        bank = grow_bank(bank, run.members(group, step))
+        key = f"carried N={bank.N}"
+        if lines.get(key) is None:
+            metrics, diff = run.carried(old, bank, scored, first)
+            seconds = time.perf_counter() - start
+            lines.put(key, row("carried", bank.N, metrics, seconds, k=table[1]["k"], max_abs_logit_diff=diff))
+        table.append(lines.get(key))
+        key = f"refitted N={bank.N}"
+        if lines.get(key) is None:
+            chosen, val = choose_k(run, bank, select, lines)
+            start = time.perf_counter()
+            refit = run.fit(bank, scored, K_FRACTIONS[chosen])
+            metrics = {k: p.metrics for k, p in refit.items()}
+            lines.put(key, row("refitted", bank.N, metrics, time.perf_counter() - start, k=chosen))
+        table.append(lines.get(key))
+    report(table, lines.path)
+    return table
+
+
+def report(table: list[dict], path: str) -> None:
+    print("| N | profiles | k | authors | accuracy | macro-F1 | max abs logit diff |\n|---|---|---|---|---|---|---|")
+    for x in table:
         diff = f"{x['max_abs_logit_diff']:.1e}" if "max_abs_logit_diff" in x else ""
-        print(f"| {x['N']} | {x['profiles']} | {x['authors']} | {x['accuracy']:.4f} | {x['f1']:.4f} | {diff} |")
+        N, k = x["N"] or "–", x.get("k", "")
+        print(f"| {N} | {x['profiles']} | {k} | {x['authors']} | {x['accuracy']:.4f} | {x['f1']:.4f} | {diff} |")
+    floor = table[0]
+    for x in table[1:]:
+        if x["accuracy"] <= floor["accuracy"] or x["f1"] <= floor["f1"]:
+            scores = f"{x['accuracy']:.4f}/{x['f1']:.4f} against {floor['accuracy']:.4f}/{floor['f1']:.4f}"
+            print(f"WARNING: the {x['profiles']} profiles on N={x['N']} do not beat the majority class ({scores})")
     print(f"(lines appended to {path})")
-    return lines
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ def fits_stage(args, store, port: int) -> None:
     url = deploy(build_app(server_config(args, store.uri, forward=args.forwards[0])), "xpeft-fits", port)
     try:
         sizes = (args.fits, args.fit_examples, args.fit_seconds, args.fit_clients)
-        result = fit_on_demand.scenario(url, store.ids()[0], labels, *sizes)
+        result = fit_on_demand.scenario(url, store.ids()[0], labels, *sizes, epochs=args.fit_epochs)
     finally:
         serve.delete("xpeft-fits")
     fit_on_demand.report(result)
@@ -378,6 +378,9 @@ def arguments() -> argparse.ArgumentParser:
     fits.add_argument("--fit-examples", type=int, default=40, help="labelled texts a profile (default: 40)")
     fits.add_argument("--fit-seconds", type=float, default=20.0, help="classify alone this long before the fits")
     fits.add_argument("--fit-clients", type=int, default=4, help="classify threads beside the second fits (0: none)")
+    fits.add_argument(
+        "--fit-epochs", type=int, default=None, help="each POST's `epochs` (default: none sent, the recipe's 10)"
+    )
     return ap
 
 

@@ -234,12 +234,14 @@ def test_the_growth_benchmark_smoke_run_carries_profiles_over_unchanged_and_refi
     assert_ran(r)
     rows = [line.strip("|").split("|") for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     table = [
-        dict(zip(["N", "profiles", "authors", "accuracy", "f1", "diff"], map(str.strip, x), strict=True))
+        dict(zip(["N", "profiles", "k", "authors", "accuracy", "f1", "diff"], map(str.strip, x), strict=True))
         for x in rows[1:]
     ]
     assert [(x["profiles"], x["N"]) for x in table] == [
-        ("fitted", "2"), ("carried", "4"), ("refitted", "4"), ("carried", "8"), ("refitted", "8")
+        ("majority", "–"), ("fitted", "2"), ("carried", "4"), ("refitted", "4"), ("carried", "8"), ("refitted", "8")
     ]  # fmt: skip
-    for carried in (table[1], table[3]):
+    assert 0 < float(table[0]["accuracy"]) <= 1  # the floor every row is compared with
+    assert {x["k"] for x in table[1:]} <= {"k N/2", "k N/4", "k N/8"}  # chosen on validation data
+    for carried in (table[2], table[4]):
         assert float(carried["diff"]) <= 1e-5  # the same predictions from the grown bank
-        assert (carried["accuracy"], carried["f1"]) == (table[0]["accuracy"], table[0]["f1"])
+        assert [carried[c] for c in ("accuracy", "f1", "k")] == [table[1][c] for c in ("accuracy", "f1", "k")]

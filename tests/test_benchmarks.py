@@ -83,18 +83,18 @@ def script_help(script: str) -> tuple[int, str]:
 def run_smoke(script: str, args: list[str] = ()) -> subprocess.CompletedProcess:
     """`python benchmarks/<script> ARGS --smoke` from the repository root, once per distinct smoke run. A script
     whose --help has no --smoke fails without a run: argparse would refuse the flag anyway."""
-    command = [sys.executable, f"benchmarks/{script}", *args, "--smoke"]
     code, text = script_help(f"benchmarks/{script}")
     if code != 0 or "--smoke" not in text:
+        command = [sys.executable, f"benchmarks/{script}", *args, "--smoke"]
         return subprocess.CompletedProcess(command, 2, "", f"benchmarks/{script} has no --smoke setting:\n{text}")
-    run, _ = _shared_run(script, command, smoke_key(script, list(args)))
-    return run
+    return _shared_run(script, list(args))[0]
 
 
-def _shared_run(script: str, command: list[str], key: tuple) -> tuple[subprocess.CompletedProcess, Path | None]:
-    """The run of `command` for `key`: made by the first worker that asks (the others wait on its lock), then
-    read back from its record."""
-    name = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+def _shared_run(script: str, args: list[str]) -> tuple[subprocess.CompletedProcess, Path | None]:
+    """The smoke run of `script ARGS`: made by the first worker that asks (the others wait on its lock), then
+    read back from its record; with the folder it wrote into (a WRITES_OUT script's)."""
+    command = [sys.executable, f"benchmarks/{script}", *args, "--smoke"]
+    name = hashlib.sha256(repr(smoke_key(script, args)).encode()).hexdigest()[:16]
     record, folder = runs_dir() / f"{name}.json", runs_dir() / f"{name}.out"
     with FileLock(str(runs_dir() / f"{name}.lock")):
         if not record.exists():
@@ -114,8 +114,7 @@ def _shared_run(script: str, command: list[str], key: tuple) -> tuple[subprocess
 def smoke_folder(script: str, args: list[str] = ()) -> Path:
     """The folder the smoke run of `script ARGS` wrote into (a WRITES_OUT script's), making the run if need be."""
     assert script in WRITES_OUT, f"{script}'s smoke runs write no folder a test reads (WRITES_OUT)"
-    command = [sys.executable, f"benchmarks/{script}", *args, "--smoke"]
-    return _shared_run(script, command, smoke_key(script, list(args)))[1]
+    return _shared_run(script, list(args))[1]
 
 
 def assert_ran(r: subprocess.CompletedProcess) -> None:

@@ -45,11 +45,12 @@ def classifying(url: str, hot: str, concurrency: int) -> tuple[Client, float]:
     return Client(url).start(lambda: (hot, ["good fun news about the vote"]), concurrency), time.perf_counter()
 
 
-def examples(n: int, label_names: list[str], seed: int) -> dict:
+def examples(n: int, label_names: list[str], seed: int, epochs: int | None = None) -> dict:
+    """A fit request's body: `n` labelled texts, and the per-profile `epochs` override when given."""
     rng = random.Random(seed)
     labels = [rng.choice(label_names) for _ in range(n)]
     texts = [f"{label} {' '.join(rng.choices(WORDS, k=12))}" for label in labels]
-    return {"texts": texts, "labels": labels}
+    return {"texts": texts, "labels": labels, **({"epochs": epochs} if epochs else {})}
 
 
 def fit_and_answer(url: str, profile_id: str, body: dict, timeout: float = 300.0) -> dict:
@@ -74,16 +75,22 @@ def fit_and_answer(url: str, profile_id: str, body: dict, timeout: float = 300.0
 
 
 def scenario(
-    url: str, hot: str, label_names: list[str], fits: int, n_examples: int, seconds: float, concurrency: int
+    url: str,
+    hot: str,
+    label_names: list[str],
+    fits: int,
+    n_examples: int,
+    seconds: float,
+    concurrency: int,
+    epochs: int | None = None,
 ) -> dict:
     """`fits` new profiles fitted one after another on a quiet server; then classify alone for `seconds`; then
-    `fits` more beside that classify stream (`concurrency` threads; 0: the quiet fits alone)."""
+    `fits` more beside that classify stream (`concurrency` threads; 0: the quiet fits alone); `epochs` is sent
+    with each fit (None: the store's recipe)."""
 
     def stream(tag: str) -> list[dict]:
-        return [
-            fit_and_answer(url, f"on-demand-{tag}-{i:03d}-{time.time_ns()}", examples(n_examples, label_names, seed=i))
-            for i in range(fits)
-        ]
+        ids = [f"on-demand-{tag}-{i:03d}-{time.time_ns()}" for i in range(fits)]
+        return [fit_and_answer(url, pid, examples(n_examples, label_names, i, epochs)) for i, pid in enumerate(ids)]
 
     quiet, alone, beside, busy = stream("quiet"), None, None, []
     if concurrency:
@@ -95,12 +102,13 @@ def scenario(
         beside = classify_stats(client.stop(), time.perf_counter() - started)
     return {
         "alone": alone, "with_fits": beside, "quiet_fits": quiet, "fits": busy, "examples": n_examples,
-        "concurrency": concurrency,
+        "concurrency": concurrency, "epochs": epochs,
     }  # fmt: skip
 
 
 def report(result: dict) -> None:
-    print(f"\n## fits on demand: profiles of {result['examples']} examples, one after another\n")
+    epochs = f"{result['epochs']} epochs (the request's)" if result.get("epochs") else "the recipe's epochs"
+    print(f"\n## fits on demand: profiles of {result['examples']} examples, {epochs}, one after another\n")
     print("| server | profiles | POST → first answer p50 (s) | p99 (s) | fit alone p50 (s) |")
     print("|---|---:|---:|---:|---:|")
     for name, runs in (
