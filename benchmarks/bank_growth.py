@@ -2,6 +2,7 @@
 32 and 64 with the adapters of more warm-start authors, and the profiles fitted before the growth carried over.
 
     python benchmarks/bank_growth.py                   # the measured run: MiniLM, the HuffPost news profiles
+    python benchmarks/bank_growth.py --epochs 5        # the same banks, the profiles fitted in half the epochs
     python benchmarks/bank_growth.py --smoke           # seconds: the tiny backbone, the bundled news sample
 
 1. The authors (the farm's profile data sets, in a seeded shuffle) are split into three warm-start groups of
@@ -73,6 +74,13 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--select", type=int, default=8, help="scored authors whose carved training parts choose k")
     ap.add_argument("--seed", type=int, default=0, help="the authors' shuffle and every fit's seed")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="the scored profiles' epochs (default: FARM_TRAIN's 10); the warm starts keep FARM_TRAIN, so the "
+        "banks are the default run's, reused from its cache",
+    )
     ap.add_argument("--max-steps", type=int, default=None, help="cap every fit's steps (smoke)")
     ap.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the recipe's)")
     ap.add_argument(
@@ -101,22 +109,25 @@ def authors(args) -> tuple[list[list], list, object]:
 class Growth:
     """One backbone, the lineage's shared head, the fits; what took long is cached in `cache` (verified)."""
 
-    def __init__(self, args, labels, cache: str):
+    def __init__(self, args, labels, cache: str, profiles_path: str):
         torch.set_num_threads(args.threads)
         self.encoder, self.tokenizer = load_encoder(args.backbone), load_tokenizer(args.backbone)
         over = {k: v for k, v in (("max_steps", args.max_steps), ("max_length", args.max_length)) if v}
-        self.tcfg: TrainConfig = dataclasses.replace(FARM_TRAIN, seed=args.seed, **over)
+        self.warm_tcfg: TrainConfig = dataclasses.replace(FARM_TRAIN, seed=args.seed, **over)
+        self.tcfg = dataclasses.replace(self.warm_tcfg, **({"epochs": args.epochs} if args.epochs else {}))
         self.xcfg = XPeftConfig(head="linear", num_labels=labels.num_labels, problem_type=labels.problem_type)
         self.head: dict | None = None
-        self.cache = cache
+        self.cache, self.profiles_path = cache, profiles_path
         os.makedirs(cache, exist_ok=True)
 
     def fitter(self, bank: AdapterBank | None, k_fraction: float = 0.5) -> ProfileFitter:
+        """A warm start's fitter (no bank: FARM_TRAIN) or the scored profiles' (hard masks, k a fraction of N)."""
         mode = "x_peft" if bank is not None else "single_adapter"
         x = dataclasses.replace(self.xcfg, mode=mode, mask_type="hard")
+        tcfg = self.warm_tcfg if bank is None else self.tcfg
         if bank is not None:
             x = dataclasses.replace(x, N=bank.N, b=bank.b, k=max(1, round(bank.N * k_fraction)))
-        return ProfileFitter(self.encoder, self.tokenizer, bank, x, self.tcfg, self.head, "mtl" if self.head else None)
+        return ProfileFitter(self.encoder, self.tokenizer, bank, x, tcfg, self.head, "mtl" if self.head else None)
 
     def members(self, group: list, step: int) -> AdapterBank:
         """The mtl warm start over `group`: the first learns the shared head, later ones keep it frozen."""
@@ -176,10 +187,6 @@ class Growth:
             return None
         return {r["profile_id"]: from_row(r) for r in pq.read_table(self.profiles_path).to_pylist()}
 
-    @property
-    def profiles_path(self) -> str:
-        return os.path.join(self.cache, "profiles-first-bank.parquet")
-
 
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
@@ -207,9 +214,12 @@ class Lines:
     """bank_growth.jsonl: each line written as it lands, keyed by the run's arguments, so a run started again
     with the same ones takes up what it finished."""
 
+    BANKS = ("backbone", "min_articles", "growth", "seed", "max_steps", "max_length", "smoke")  # what the banks are
+
     def __init__(self, path: str, args):
         self.path = path
-        keep = ("backbone", "min_articles", "growth", "scored", "select", "seed", "max_steps", "max_length", "smoke")
+        self.banks = json.dumps({k: getattr(args, k) for k in self.BANKS}, sort_keys=True)
+        keep = (*self.BANKS, "scored", "select", *(("epochs",) if args.epochs else ()))
         self.run = json.dumps({k: getattr(args, k) for k in keep}, sort_keys=True)
         self.done = {x["key"]: x for x in load_lines(path) if x.get("run") == self.run}
 
@@ -251,8 +261,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     groups, scored, labels = authors(args)
     os.makedirs(args.out, exist_ok=True)
     lines = Lines(os.path.join(args.out, "bank_growth.jsonl"), args)
-    tag = hashlib.sha1(lines.run.encode()).hexdigest()[:12]
-    run = Growth(args, labels, os.path.join(args.out, "bank_growth_cache", tag))
+    cache = os.path.join(args.out, "bank_growth_cache", hashlib.sha1(lines.banks.encode()).hexdigest()[:12])
+    profiles = os.path.join(cache, f"profiles-first-bank-{hashlib.sha1(lines.run.encode()).hexdigest()[:12]}.parquet")
+    run = Growth(args, labels, cache, profiles)
     select = scored[: args.select]
     table = [lines.get("majority") or lines.put("majority", row("majority", None, majority(scored), 0.0))]
 
