@@ -36,7 +36,8 @@ within XPEFT_BODY_TIMEOUT_S, before a replica is picked).
 Stage `fits` (harness/fit_on_demand.py): --fits profiles of --fit-examples texts fitted over HTTP one after
 another on a quiet server, then --fits more beside a classify stream of --fit-clients threads (POST → first answer
 p50 / p99 of each), and classify p50 / p99 without and with the fits; the store gets a recipe as the farm records
-it (FARM_TRAIN), the server its fit workers (--fit-workers, --fit-cpus-per-actor).
+it (FARM_TRAIN), the server its fit workers (--fit-workers, --fit-cpus-per-actor); --fit-epochs E [E ...] sends each
+fit with the per-profile `epochs` override, the whole scenario once per value on the same server.
 
 The server's settings are ServeConfig's flags (as `xpeft serve` takes them); N, k, b and the classes of the
 random profiles XPeftConfig's.
@@ -299,10 +300,14 @@ def fits_stage(args, store, port: int) -> None:
     url = deploy(build_app(server_config(args, store.uri, forward=args.forwards[0])), "xpeft-fits", port)
     try:
         sizes = (args.fits, args.fit_examples, args.fit_seconds, args.fit_clients)
-        result = fit_on_demand.scenario(url, store.ids()[0], labels, *sizes, epochs=args.fit_epochs)
+        results = [
+            fit_on_demand.scenario(url, store.ids()[0], labels, *sizes, epochs=epochs)
+            for epochs in args.fit_epochs or [None]
+        ]
     finally:
         serve.delete("xpeft-fits")
-    fit_on_demand.report(result)
+    for result in results:
+        fit_on_demand.report(result)
 
 
 def parse_payload(text: str) -> tuple[int, int]:
@@ -379,7 +384,11 @@ def arguments() -> argparse.ArgumentParser:
     fits.add_argument("--fit-seconds", type=float, default=20.0, help="classify alone this long before the fits")
     fits.add_argument("--fit-clients", type=int, default=4, help="classify threads beside the second fits (0: none)")
     fits.add_argument(
-        "--fit-epochs", type=int, default=None, help="each POST's `epochs` (default: none sent, the recipe's 10)"
+        "--fit-epochs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="each POST's `epochs`, the scenario once per value on one server (default: none sent: the recipe's)",
     )
     return ap
 
