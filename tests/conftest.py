@@ -10,6 +10,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray the suite starts (in process, or in a script it runs) gives a starting Serve proxy 60 s, not 5, to be
+# ready, as `xpeft serve` does (xpeft.serve.proxy.install): on 2 busy cores a proxy killed at 5 s fails serve.start.
+from xpeft.serve.proxy import READY_TIMEOUT_ENV, READY_TIMEOUT_S  # noqa: E402 (Starlette only)
+
+os.environ.setdefault(READY_TIMEOUT_ENV, READY_TIMEOUT_S)
 # Encoder graphs the tests export go to one temporary cache (Ray replicas inherit it), not ~/.cache.
 _ONNX_CACHE = tempfile.TemporaryDirectory(prefix="xpeft-onnx-tests-")
 os.environ.setdefault("XPEFT_ONNX_CACHE", _ONNX_CACHE.name)

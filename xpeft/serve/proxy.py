@@ -20,8 +20,11 @@ is the proxy callback, an env var the proxy reads when it starts:
     RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=xpeft.serve.proxy:middlewares
 
 `install(cfg)` sets it, and the body limits from the ServeConfig, for an embedded Ray (before `ray.init`, so the
-proxy inherits them); on a cluster set them where Ray starts (`ray start`, the head's environment). This module
-imports only Starlette: the proxy loads no torch.
+proxy inherits them); on a cluster set them where Ray starts (`ray start`, the head's environment). It also gives
+a starting proxy 60 s instead of Serve's 5 to answer its ready check (READY_TIMEOUT_ENV): on a busy 2-core
+machine a new proxy process can take longer than 5 s to start, and Serve then kills it while `serve.start` waits
+on it, which fails the start with "ActorDiedError: ... killed by `ray.kill`" (seen in the test suite beside a
+long fit). This module imports only Starlette: the proxy loads no torch.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "xpeft.serve.proxy:middlewares"
+READY_TIMEOUT_ENV, READY_TIMEOUT_S = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"  # read by Serve's controller
 # The proxy's limits, read from the environment when it starts (`install` sets them from a ServeConfig).
 # The first two are ServeConfig's body_timeout_s and max_body_bytes as env vars (app_builder reads them too).
 BODY_TIMEOUT_ENV, MAX_BODY_ENV = "XPEFT_BODY_TIMEOUT_S", "XPEFT_MAX_BODY_BYTES"
@@ -221,6 +225,7 @@ def install(cfg=None) -> None:
     """Have the Serve proxies that a Ray started after this call starts use these middlewares (an embedded Ray:
     call before ray.init), with the body limits of `cfg` (a ServeConfig). A setting already made is kept."""
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)
+    os.environ.setdefault(READY_TIMEOUT_ENV, READY_TIMEOUT_S)
     if cfg is not None:
         os.environ.setdefault(BODY_TIMEOUT_ENV, str(cfg.body_timeout_s))
         os.environ.setdefault(MAX_BODY_ENV, str(cfg.max_body_bytes))
