@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from harness.fidelity_news import carve
+from harness.fidelity_news import carve, sha256_file
 from harness.fidelity_pool import append_line, load_lines
 from safetensors.torch import load_file, save_file
 
@@ -140,7 +140,7 @@ class Growth:
         if self.head is None:
             save_file(head, head_path)
             with open(head_path + ".sha256", "w") as f:
-                f.write(_sha256(head_path))
+                f.write(sha256_file(head_path))
             self.head = head
         save_bank(bank, path)
         return bank
@@ -148,7 +148,7 @@ class Growth:
     @staticmethod
     def read_head(path: str) -> dict:
         with open(path + ".sha256") as f:
-            if f.read().strip() != _sha256(path):
+            if f.read().strip() != sha256_file(path):
                 raise SystemExit(f"{path} does not match its fingerprint: delete {os.path.dirname(path)} to refit")
         return load_file(path)
 
@@ -186,11 +186,6 @@ class Growth:
         if not os.path.exists(self.profiles_path):
             return None
         return {r["profile_id"]: from_row(r) for r in pq.read_table(self.profiles_path).to_pylist()}
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def majority(scored: list) -> dict:
@@ -233,22 +228,23 @@ class Lines:
         return line
 
 
-def choose_k(run: Growth, bank: AdapterBank, select: list, lines: Lines) -> tuple[str, dict]:
-    """The k of K_FRACTIONS with the best mean accuracy on the carved validation parts of `select`."""
+def choose_k(run: Growth, bank: AdapterBank, select: list, lines: Lines) -> str:
+    """The k of K_FRACTIONS with the best mean accuracy (then macro-F1; a tie: the larger k) on the carved
+    validation parts of `select`."""
+    carved = [c for c in map(carve, select) if c.test]
+    if not carved:
+        raise SystemExit(f"none of the {len(select)} --select authors has 3 training rows to carve")
     scores = {}
     for name, fraction in K_FRACTIONS.items():
         key = f"validation N={bank.N} {name}"
         line = lines.get(key)
         if line is None:
             start = time.perf_counter()
-            carved = [c for c in map(carve, select) if c.test]
-            if not carved:
-                raise SystemExit(f"none of the {len(select)} --select authors has 3 training rows to carve")
             fitted = run.fit(bank, carved, fraction)
             metrics = {k: p.metrics for k, p in fitted.items()}
             line = lines.put(key, row("validation", bank.N, metrics, time.perf_counter() - start, variant=name))
         scores[name] = (line["accuracy"], line["f1"])
-    return max(scores, key=scores.get), scores
+    return max(scores, key=scores.get)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -269,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     start = time.perf_counter()
     first = bank = run.members(groups[0], 0)
-    chosen, val = choose_k(run, bank, select, lines)
+    chosen = choose_k(run, bank, select, lines)
     old = run.load_profiles()
     if old is None:
         old = run.fit(bank, scored, K_FRACTIONS[chosen])
@@ -288,7 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         table.append(lines.get(key))
         key = f"refitted N={bank.N}"
         if lines.get(key) is None:
-            chosen, val = choose_k(run, bank, select, lines)
+            chosen = choose_k(run, bank, select, lines)
             start = time.perf_counter()
             refit = run.fit(bank, scored, K_FRACTIONS[chosen])
             metrics = {k: p.metrics for k, p in refit.items()}

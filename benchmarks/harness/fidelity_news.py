@@ -144,15 +144,15 @@ def learned_banks(phase: str, cfg: HarnessConfig, warm: list, labels, overrides:
         save_bank(bank, stem + "-mtl.safetensors")
         save_file(head, stem + "-mtl-head.safetensors")
         with open(stem + "-mtl-head.json", "w") as f:
-            json.dump({"sha256": _sha256(stem + "-mtl-head.safetensors")}, f)
+            json.dump({"sha256": sha256_file(stem + "-mtl-head.safetensors")}, f)
     with open(stem + "-mtl-head.json") as f:
-        if json.load(f)["sha256"] != _sha256(stem + "-mtl-head.safetensors"):
+        if json.load(f)["sha256"] != sha256_file(stem + "-mtl-head.safetensors"):
             raise ValueError(f"{stem}-mtl-head.safetensors does not match its fingerprint: delete {stem}-* to refit")
     banks = {s: bank_to_object(load_bank(f"{stem}-{s}.safetensors")) for s in ("sa", "mtl")}
     return {"banks": banks, "head": load_file(stem + "-mtl-head.safetensors")}
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
