@@ -3,6 +3,7 @@
 
     python benchmarks/bank_growth.py                   # the measured run: MiniLM, the HuffPost news profiles
     python benchmarks/bank_growth.py --epochs 5        # the same banks, the profiles fitted in half the epochs
+    python benchmarks/bank_growth.py --epochs 5 --batch-size 8   # half the rows, as many steps as the default
     python benchmarks/bank_growth.py --smoke           # seconds: the tiny backbone, the bundled news sample
 
 1. The authors (the farm's profile data sets, in a seeded shuffle) are split into three warm-start groups of
@@ -61,6 +62,7 @@ from xpeft.profiles.record import apply_profile, from_row, to_row
 
 SMOKE = {"backbone": "tiny", "growth": [2, 2, 4], "scored": 3, "select": 2, "max_steps": 2, "max_length": 32}
 SMOKE_ALSO = ("out",)  # --smoke writes into a new temporary folder (tests/test_benchmarks.py)
+RECIPE = ("epochs", "batch_size")  # what --epochs / --batch-size change of the scored profiles' FARM_TRAIN
 K_FRACTIONS = {"k N/2": 0.5, "k N/4": 0.25, "k N/8": 0.125}  # the recipes chosen between on validation data
 
 
@@ -80,6 +82,12 @@ def arguments() -> argparse.ArgumentParser:
         default=None,
         help="the scored profiles' epochs (default: FARM_TRAIN's 10); the warm starts keep FARM_TRAIN, so the "
         "banks are the default run's, reused from its cache",
+    )
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="the scored profiles' batch size (default: FARM_TRAIN's 16); the warm starts keep FARM_TRAIN's",
     )
     ap.add_argument("--max-steps", type=int, default=None, help="cap every fit's steps (smoke)")
     ap.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the recipe's)")
@@ -114,7 +122,8 @@ class Growth:
         self.encoder, self.tokenizer = load_encoder(args.backbone), load_tokenizer(args.backbone)
         over = {k: v for k, v in (("max_steps", args.max_steps), ("max_length", args.max_length)) if v}
         self.warm_tcfg: TrainConfig = dataclasses.replace(FARM_TRAIN, seed=args.seed, **over)
-        self.tcfg = dataclasses.replace(self.warm_tcfg, **({"epochs": args.epochs} if args.epochs else {}))
+        scored = {k: getattr(args, k) for k in RECIPE if getattr(args, k)}
+        self.tcfg = dataclasses.replace(self.warm_tcfg, **scored)
         self.xcfg = XPeftConfig(head="linear", num_labels=labels.num_labels, problem_type=labels.problem_type)
         self.head: dict | None = None
         self.cache, self.profiles_path = cache, profiles_path
@@ -188,6 +197,11 @@ class Growth:
         return {r["profile_id"]: from_row(r) for r in pq.read_table(self.profiles_path).to_pylist()}
 
 
+def holdout(profiles: dict) -> dict:
+    """Each fitted profile's holdout metrics, by id (what `row` averages)."""
+    return {pid: p.metrics for pid, p in profiles.items()}
+
+
 def majority(scored: list) -> dict:
     """Each author's most frequent training label, predicted for every holdout row."""
     out = {}
@@ -214,7 +228,7 @@ class Lines:
     def __init__(self, path: str, args):
         self.path = path
         self.banks = json.dumps({k: getattr(args, k) for k in self.BANKS}, sort_keys=True)
-        keep = (*self.BANKS, "scored", "select", *(("epochs",) if args.epochs else ()))
+        keep = (*self.BANKS, "scored", "select", *(k for k in RECIPE if getattr(args, k)))
         self.run = json.dumps({k: getattr(args, k) for k in keep}, sort_keys=True)
         self.done = {x["key"]: x for x in load_lines(path) if x.get("run") == self.run}
 
@@ -241,7 +255,7 @@ def choose_k(run: Growth, bank: AdapterBank, select: list, lines: Lines) -> str:
         if line is None:
             start = time.perf_counter()
             fitted = run.fit(bank, carved, fraction)
-            metrics = {k: p.metrics for k, p in fitted.items()}
+            metrics = holdout(fitted)
             line = lines.put(key, row("validation", bank.N, metrics, time.perf_counter() - start, variant=name))
         scores[name] = (line["accuracy"], line["f1"])
     return max(scores, key=scores.get)
@@ -270,7 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if old is None:
         old = run.fit(bank, scored, K_FRACTIONS[chosen])
         run.save_profiles(old)
-    metrics = {k: p.metrics for k, p in old.items()}
+    metrics = holdout(old)
     seconds = time.perf_counter() - start
     table.append(lines.get("fitted") or lines.put("fitted", row("fitted", bank.N, metrics, seconds, k=chosen)))
     for step, group in enumerate(groups[1:], 1):
@@ -287,7 +301,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             chosen = choose_k(run, bank, select, lines)
             start = time.perf_counter()
             refit = run.fit(bank, scored, K_FRACTIONS[chosen])
-            metrics = {k: p.metrics for k, p in refit.items()}
+            metrics = holdout(refit)
             lines.put(key, row("refitted", bank.N, metrics, time.perf_counter() - start, k=chosen))
         table.append(lines.get(key))
     report(table, lines.path)

@@ -240,11 +240,12 @@ def server(store, backbone):
     from ray import serve
 
     from xpeft.serve.deployment import build_app
-    from xpeft.serve.proxy import BODY_TIMEOUT_ENV, CALLBACK, CALLBACK_ENV
+    from xpeft.serve.proxy import BODY_TIMEOUT_ENV, proxy_env
 
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(CALLBACK_ENV, CALLBACK)  # before ray.init: the proxy inherits it
-        env.setenv(BODY_TIMEOUT_ENV, "30")  # the proxy holds a half-sent body this long (the slow-client test)
+        # before ray.init: the proxy inherits them; it holds a half-sent body 30 s (the slow-client test)
+        for name, value in {**proxy_env(), BODY_TIMEOUT_ENV: "30"}.items():
+            env.setenv(name, value)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared one
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -221,11 +221,17 @@ def middlewares() -> list[Middleware]:
     ]
 
 
+def proxy_env(cfg=None) -> dict[str, str]:
+    """The environment a Serve proxy reads when it starts: these middlewares (CALLBACK), 60 s to be ready, and the
+    body limits of `cfg` (a ServeConfig) when given."""
+    env = {CALLBACK_ENV: CALLBACK, READY_TIMEOUT_ENV: READY_TIMEOUT_S}
+    if cfg is not None:
+        env |= {BODY_TIMEOUT_ENV: str(cfg.body_timeout_s), MAX_BODY_ENV: str(cfg.max_body_bytes)}
+    return env
+
+
 def install(cfg=None) -> None:
     """Have the Serve proxies that a Ray started after this call starts use these middlewares (an embedded Ray:
     call before ray.init), with the body limits of `cfg` (a ServeConfig). A setting already made is kept."""
-    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
-    os.environ.setdefault(READY_TIMEOUT_ENV, READY_TIMEOUT_S)
-    if cfg is not None:
-        os.environ.setdefault(BODY_TIMEOUT_ENV, str(cfg.body_timeout_s))
-        os.environ.setdefault(MAX_BODY_ENV, str(cfg.max_body_bytes))
+    for name, value in proxy_env(cfg).items():
+        os.environ.setdefault(name, value)
