@@ -36,8 +36,9 @@ within XPEFT_BODY_TIMEOUT_S, before a replica is picked).
 Stage `fits` (harness/fit_on_demand.py): --fits profiles of --fit-examples texts fitted over HTTP one after
 another on a quiet server, then --fits more beside a classify stream of --fit-clients threads (POST → first answer
 p50 / p99 of each), and classify p50 / p99 without and with the fits; the store gets a recipe as the farm records
-it (FARM_TRAIN), the server its fit workers (--fit-workers, --fit-cpus-per-actor); --fit-epochs E [E ...] sends each
-fit with the per-profile `epochs` override, the whole scenario once per value on the same server.
+it (FARM_TRAIN), the server its fit workers (--fit-workers, --fit-cpus-per-actor); --fit-epochs E [E ...] and
+--fit-batch-size B [B ...] send each fit with the per-profile `epochs` / `batch_size` overrides (paired in order),
+the whole scenario once per pair on the same server.
 
 The server's settings are ServeConfig's flags (as `xpeft serve` takes them); N, k, b and the classes of the
 random profiles XPeftConfig's.
@@ -301,13 +302,25 @@ def fits_stage(args, store, port: int) -> None:
     try:
         sizes = (args.fits, args.fit_examples, args.fit_seconds, args.fit_clients)
         results = [
-            fit_on_demand.scenario(url, store.ids()[0], labels, *sizes, epochs=epochs)
-            for epochs in args.fit_epochs or [None]
+            fit_on_demand.scenario(url, store.ids()[0], labels, *sizes, overrides=overrides)
+            for overrides in fit_overrides(args)
         ]
     finally:
         serve.delete("xpeft-fits")
     for result in results:
         fit_on_demand.report(result)
+
+
+def fit_overrides(args) -> list[dict]:
+    """Each fits scenario's per-profile overrides: --fit-epochs and --fit-batch-size paired in order (a single
+    value goes with every value of the other); [{}] when neither is given (the store's recipe)."""
+    epochs, batch = args.fit_epochs or [None], args.fit_batch_size or [None]
+    n = max(len(epochs), len(batch))
+    if {len(epochs), len(batch)} - {1, n}:
+        raise SystemExit(f"--fit-epochs has {len(epochs)} values, --fit-batch-size {len(batch)}: give as many, or one")
+    epochs, batch = (epochs * n if len(epochs) == 1 else epochs), (batch * n if len(batch) == 1 else batch)
+    pairs = zip(epochs, batch, strict=True)
+    return [{k: v for k, v in (("epochs", e), ("batch_size", b)) if v is not None} for e, b in pairs]
 
 
 def parse_payload(text: str) -> tuple[int, int]:
@@ -389,6 +402,13 @@ def arguments() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="each POST's `epochs`, the scenario once per value on one server (default: none sent: the recipe's)",
+    )
+    fits.add_argument(
+        "--fit-batch-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="each POST's `batch_size`, paired with --fit-epochs in order (default: none sent: the recipe's)",
     )
     return ap
 

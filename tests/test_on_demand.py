@@ -92,6 +92,19 @@ def test_on_demand_fit_of_a_new_profile_is_served_once_done(client):
     assert r.json()["predictions"][0]["label_name"] in WORDS
 
 
+def test_on_demand_fit_takes_the_requests_epochs_and_batch_size_and_the_profile_records_them(client):
+    """A user's per-profile overrides reach the fit loop (the recipe's: 3 epochs of 8), and the profile says how it
+    was fitted."""
+    job = wait_for(client, client.post("/v1/profiles/quick/fit", json=examples(seed=2)).json()["job_id"])
+    quick = {**examples(seed=2), "epochs": 2, "batch_size": 3}
+    quick_job = wait_for(client, client.post("/v1/profiles/quick-2/fit", json=quick).json()["job_id"])
+    n = job["metrics"]["n_train"]
+    assert {k: job["metrics"][k] for k in ("epochs", "batch_size", "steps")} == {
+        "epochs": 3, "batch_size": 8, "steps": 3 * -(-n // 8)}  # fmt: skip
+    assert {k: quick_job["metrics"][k] for k in ("epochs", "batch_size", "steps")} == {
+        "epochs": 2, "batch_size": 3, "steps": 2 * -(-n // 3)}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "body,words",
     [
@@ -100,8 +113,9 @@ def test_on_demand_fit_of_a_new_profile_is_served_once_done(client):
         ({"texts": ["good", "bad", "fun"], "labels": ["pos", "neg"]}, "labels has 2 entries for 3 texts"),
         ({"texts": ["a", "b", "c"], "labels": ["pos"] * 3, "split": ["test"] * 3}, "0 training and 3 holdout"),
         ({**examples(), "epochs": 51}, "max_fit_epochs"),
+        ({**examples(), "batch_size": 10**9}, "max_fit_examples"),
     ],
-    ids=["unknown label", "too few", "labels not one per text", "no training rows", "too many epochs"],
+    ids=["unknown label", "too few", "labels not one per text", "no training rows", "too many epochs", "huge batch"],
 )
 def test_on_demand_examples_that_cannot_be_fitted_get_422_naming_the_rows_and_no_job(client, body, words):
     r = client.post("/v1/profiles/someone/fit", json=body)

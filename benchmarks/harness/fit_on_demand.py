@@ -45,12 +45,12 @@ def classifying(url: str, hot: str, concurrency: int) -> tuple[Client, float]:
     return Client(url).start(lambda: (hot, ["good fun news about the vote"]), concurrency), time.perf_counter()
 
 
-def examples(n: int, label_names: list[str], seed: int, epochs: int | None = None) -> dict:
-    """A fit request's body: `n` labelled texts, and the per-profile `epochs` override when given."""
+def examples(n: int, label_names: list[str], seed: int, overrides: dict | None = None) -> dict:
+    """A fit request's body: `n` labelled texts, and the per-profile overrides given (`epochs`, `batch_size`)."""
     rng = random.Random(seed)
     labels = [rng.choice(label_names) for _ in range(n)]
     texts = [f"{label} {' '.join(rng.choices(WORDS, k=12))}" for label in labels]
-    return {"texts": texts, "labels": labels, **({"epochs": epochs} if epochs else {})}
+    return {"texts": texts, "labels": labels, **(overrides or {})}
 
 
 def fit_and_answer(url: str, profile_id: str, body: dict, timeout: float = 300.0) -> dict:
@@ -82,15 +82,15 @@ def scenario(
     n_examples: int,
     seconds: float,
     concurrency: int,
-    epochs: int | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """`fits` new profiles fitted one after another on a quiet server; then classify alone for `seconds`; then
-    `fits` more beside that classify stream (`concurrency` threads; 0: the quiet fits alone); `epochs` is sent
-    with each fit (None: the store's recipe)."""
+    `fits` more beside that classify stream (`concurrency` threads; 0: the quiet fits alone); `overrides` are
+    sent with each fit (`epochs`, `batch_size`; none: the store's recipe)."""
 
     def stream(tag: str) -> list[dict]:
         ids = [f"on-demand-{tag}-{i:03d}-{time.time_ns()}" for i in range(fits)]
-        return [fit_and_answer(url, pid, examples(n_examples, label_names, i, epochs)) for i, pid in enumerate(ids)]
+        return [fit_and_answer(url, pid, examples(n_examples, label_names, i, overrides)) for i, pid in enumerate(ids)]
 
     quiet, alone, beside, busy = stream("quiet"), None, None, []
     if concurrency:
@@ -102,13 +102,14 @@ def scenario(
         beside = classify_stats(client.stop(), time.perf_counter() - started)
     return {
         "alone": alone, "with_fits": beside, "quiet_fits": quiet, "fits": busy, "examples": n_examples,
-        "concurrency": concurrency, "epochs": epochs,
+        "concurrency": concurrency, "overrides": overrides or {},
     }  # fmt: skip
 
 
 def report(result: dict) -> None:
-    epochs = f"{result['epochs']} epochs (the request's)" if result.get("epochs") else "the recipe's epochs"
-    print(f"\n## fits on demand: profiles of {result['examples']} examples, {epochs}, one after another\n")
+    sent = ", ".join(f"{k} {v}" for k, v in result["overrides"].items())
+    recipe = f"the recipe with the request's {sent}" if sent else "the store's recipe"
+    print(f"\n## fits on demand: profiles of {result['examples']} examples, {recipe}, one after another\n")
     print("| server | profiles | POST → first answer p50 (s) | p99 (s) | fit alone p50 (s) |")
     print("|---|---:|---:|---:|---:|")
     for name, runs in (

@@ -151,13 +151,15 @@ def examples_data(
 
 
 def with_overrides(
-    recipe: FitRecipe, epochs: int | None = None, mask_type: str | None = None
+    recipe: FitRecipe, epochs: int | None = None, mask_type: str | None = None, batch_size: int | None = None
 ) -> tuple[XPeftConfig, TrainConfig]:
-    """The recipe's mask config and fit with what a user may set per profile: the epochs, and the mask type
-    where the store's profiles have masks (a hard mask gets the recipe's k, else half the bank)."""
+    """The recipe's mask config and fit with what a user may set per profile: the epochs and batch size, and the
+    mask type where the store's profiles have masks (a hard mask gets the recipe's k, else half the bank)."""
     xcfg, tcfg = recipe.xpeft, recipe.train
     if epochs is not None:
         tcfg = replace(tcfg, epochs=epochs)
+    if batch_size is not None:
+        tcfg = replace(tcfg, batch_size=batch_size)
     if mask_type is not None and mask_type != xcfg.mask_type:
         if xcfg.mode != "x_peft":
             raise BadProfileData(

@@ -128,6 +128,7 @@ class ProfileFitter:
             model, train, self.tcfg, eval_rows=test, pad_token_id=self.pad, session=Session(device=self.device)
         )
         metrics = {**result.metrics, "n_train": len(train), "n_test": len(test), "final_loss": result.losses[-1]}
+        metrics |= {"epochs": result.epochs, "batch_size": self.tcfg.batch_size, "steps": result.steps}  # the fit
         metrics["label_counts"] = label_counts([r["label"] for r in data.train], self.label_names, self.regression)
         profile = profile_from_model(
             model, data.profile_id, metrics, self.head_id, self.label_names, text_pair=data.text_pair

@@ -7,7 +7,8 @@ and depth, then the request queue that /healthz never waits in). `make_api(serve
     POST /v1/classify           {"profile_id", "texts", optional "text_pairs"} → one prediction per text
     GET  /v1/profiles/{id}      config, metrics, record_bytes, whether this server can serve it
     GET  /v1/profiles?offset&limit
-    POST /v1/profiles/{id}/fit  {"texts", "labels", optional "text_pairs", "split", "epochs", "mask_type"} → 202 a job
+    POST /v1/profiles/{id}/fit  {"texts", "labels", optional "text_pairs", "split", "epochs", "batch_size",
+                                "mask_type"} → 202 a job
     GET  /v1/jobs/{id}          the fit job: queued / running / succeeded (metrics, fingerprint) / failed (why)
     GET  /healthz               (no auth)
     GET  /docs, /redoc          the API's documentation, its assets served from here (no CDN: works offline)
@@ -136,6 +137,9 @@ class FitRequest(BaseModel):
         None, description="one per text; default: the farm's seeded 70/30 holdout"
     )
     epochs: int | None = Field(None, ge=1, description="the fit's epochs (default: the store's recipe)")
+    batch_size: int | None = Field(
+        None, ge=1, description="the fit's batch size (default: the store's recipe; at most max_fit_examples)"
+    )
     mask_type: Literal["hard", "soft"] | None = Field(None, description="hard or soft masks (default: the recipe's)")
 
 

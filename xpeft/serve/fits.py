@@ -111,7 +111,8 @@ class FitJobs:
 
     def submit(self, profile_id: str, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """(the job, whether it is new) for a fit of `profile_id` on `request` (texts, labels, optional
-        text_pairs, split, epochs, mask_type); a ServeError (409, 413, 422, 429) naming what to do otherwise."""
+        text_pairs, split, epochs, batch_size, mask_type); a ServeError (409, 413, 422, 429) naming what to do
+        otherwise."""
         self._check(profile_id, request)
         digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         with self.cv:  # one submit at a time: the duplicate rule and the queue's bound hold
@@ -169,6 +170,12 @@ class FitJobs:
             raise ServeError(
                 422, f"epochs={request['epochs']} is over {cfg.max_fit_epochs} (ServeConfig.max_fit_epochs): send fewer"
             )
+        if request.get("batch_size", 0) > cfg.max_fit_examples:
+            raise ServeError(
+                422,
+                f"batch_size={request['batch_size']} is over {cfg.max_fit_examples} (ServeConfig.max_fit_examples, the "
+                "most examples a fit has): send at most that",
+            )
         try:
             self._data(profile_id, request)
         except BadProfileData as e:
@@ -177,7 +184,7 @@ class FitJobs:
     def _data(self, profile_id: str, request: dict[str, Any]):
         r = request
         data = examples_data(self.recipe, profile_id, r["texts"], r["labels"], r.get("text_pairs"), r.get("split"))
-        return data, *with_overrides(self.recipe, r.get("epochs"), r.get("mask_type"))
+        return data, *with_overrides(self.recipe, r.get("epochs"), r.get("mask_type"), r.get("batch_size"))
 
     # --- the workers ----------------------------------------------------------------------------------
 
