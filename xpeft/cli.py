@@ -140,7 +140,7 @@ def add_params(sub) -> None:
     p.set_defaults(func=cmd_params)
 
 
-def add_profiles(sub) -> None:
+def add_profiles(sub, chosen: tuple[str, ...] | None = None) -> None:
     prof = sub.add_parser(
         "profiles", help="inspect, delete, compact, verify or migrate a profile store, refit profiles on a newer bank"
     ).add_subparsers(dest="profiles_cmd", required=True)
@@ -204,9 +204,10 @@ def add_profiles(sub) -> None:
         help="fit stored profiles again on a newer bank (the newest, or --bank-fingerprint): --refit ID... or "
         "--refit-older-than BANK; the fit-profiles flags and data; resumable",
     )
-    from xpeft.jobs import fit_profiles
+    if chosen in (None, ("profiles", "refit")):
+        from xpeft.jobs import fit_profiles
 
-    fit_profiles.arguments(p)
+        fit_profiles.arguments(p)
     p.set_defaults(func=cmd_profiles_refit)
 
 
@@ -218,16 +219,25 @@ def cmd_profiles_refit(args: argparse.Namespace) -> None:
     run("fit-profiles", args)
 
 
-def add_jobs(sub) -> None:
+def add_jobs(sub, chosen: tuple[str, ...] | None = None) -> None:
     from xpeft.jobs import JOBS
 
     for name, job in JOBS.items():
         p = sub.add_parser(name, help=job.HELP, description=job.HELP)
-        job.arguments(p)
+        if chosen is None or chosen[:1] == (name,):
+            job.arguments(p)
         p.set_defaults(job=name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> tuple[str, ...]:
+    """The (sub)command words of a command line, the first two words that are not flags: `profiles refit`."""
+    return tuple(a for a in argv if not a.startswith("-"))[:2]
+
+
+def build_parser(chosen: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """Every subcommand with its flags; given the words of the one a command line `chosen`, only its flags are
+    built: a job's flags come from configs whose modules import torch and Ray, seconds that `xpeft profiles
+    list` need not pay (every subcommand is still listed, with its help)."""
     from xpeft import bank_cli
     from xpeft.data import cli as data_cli
 
@@ -236,16 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
     sub = ap.add_subparsers(dest="command", required=True)
-    add_jobs(sub)
+    add_jobs(sub, chosen)
     add_params(sub)
     bank_cli.register(sub)
     data_cli.register(sub)
-    add_profiles(sub)
+    add_profiles(sub, chosen)
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(chosen_command(argv)).parse_args(argv)
     if getattr(args, "job", None):
         from xpeft.jobs import run
 

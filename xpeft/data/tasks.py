@@ -22,8 +22,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:  # imported where used: a second that the CLI's other commands and the serving path need not pay
+    import datasets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -236,6 +238,7 @@ def _generate(spec: TaskSpec, path: str, stamp: tuple[int, int]) -> Iterator[dic
 
 
 def task_features(spec: TaskSpec) -> datasets.Features:
+    import datasets
     label = datasets.Value("float64") if spec.is_regression else datasets.ClassLabel(names=list(spec.label_names))
     return datasets.Features(
         {
@@ -255,6 +258,8 @@ def load_task(
     Splits are "train", "validation" (alias "dev"), "test"; mnli has "validation_matched" and
     "validation_mismatched"; axb and axg have only "test" (their labelled diagnostic set).
     """
+    import datasets
+
     spec = get_task(name)
     if str(data_dir) == HUB:
         return _load_from_hub(spec, _split_name(spec, split))
@@ -275,6 +280,8 @@ def load_task(
 
 def _load_from_hub(spec: TaskSpec, split: str) -> datasets.Dataset:
     """The same schema from the hub's parquet exports (network needed; kept for online machines)."""
+    import datasets
+
     raw = datasets.load_dataset(spec.hub[0], spec.hub[1], split=split)
     rows = (_record(spec, row, i, Path(f"hub:{spec.hub[0]}/{spec.hub[1]}")) for i, row in enumerate(raw))
     return datasets.Dataset.from_list(list(rows), features=task_features(spec))
