@@ -239,6 +239,7 @@ def _generate(spec: TaskSpec, path: str, stamp: tuple[int, int]) -> Iterator[dic
 
 def task_features(spec: TaskSpec) -> datasets.Features:
     import datasets
+
     label = datasets.Value("float64") if spec.is_regression else datasets.ClassLabel(names=list(spec.label_names))
     return datasets.Features(
         {
