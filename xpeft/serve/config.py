@@ -107,7 +107,8 @@ class ServeConfig(BackboneBankFields):
     fit_workers: int = option(
         1,
         "fit workers beside the replicas (Ray actors with CPUs of their own, so fits never take a replica's); each "
-        "fits one profile at a time with the store's recipe. 0: the server fits nothing (POST .../fit answers 409)",
+        "fits one profile at a time with the store's recipe; started by the first fit. 0: the server fits nothing "
+        "(POST .../fit answers 409)",
     )
     fit_cpus_per_actor: float = option(1.0, "CPUs each fit worker reserves (and its torch threads, at least 1)")
     max_queued_fits: int = option(8, "fit jobs queued or running at once; beyond, 429 with Retry-After")

@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import sys
+import threading
 import time
 from typing import Any
 
@@ -96,23 +97,37 @@ class ProfileServer(LocalServer):
 
 class FitActors:
     """The fit workers: the farm's actors (`ProfileActor`), each with its own CPUs, over the store's bank in the
-    object store; a fit goes to an idle one. Ray restarts an actor that dies; its fit is retried here, on the
-    restarted actor, `fit_retries` times, then fails as `WorkerDied`. (Ray's own `max_task_retries` also spends
-    a retry on each call that meets the actor while it restarts.)"""
+    object store, started by the first fit; a fit goes to an idle one. Ray restarts an actor that dies; its fit is
+    retried here, on the restarted actor, `fit_retries` times, then fails as `WorkerDied`. (Ray's own
+    `max_task_retries` also spends a retry on each call that meets the actor while it restarts.)"""
 
     def __init__(self, cfg: ServeConfig, recipe, store):
+        self.cfg, self.recipe, self.store = cfg, recipe, store
         self.retries = cfg.fit_retries
-        # Held here: a restarted actor gets the bank from the object store again.
-        self.bank_ref = ray.put(bank_to_object(store.load_bank(recipe.bank))) if recipe.bank else None
-        head = store.load_head(recipe.head_id) if recipe.head_id else None
-        opts = {"num_cpus": cfg.fit_cpus_per_actor, "max_restarts": -1}
-        args = (recipe.backbone, self.bank_ref, recipe.xpeft, recipe.train, head, recipe.head_id, recipe.label_names)
-        self.idle: queue.Queue = queue.Queue()
-        for _ in range(cfg.fit_workers):
-            self.idle.put(ProfileActor.options(**opts).remote(*args, max(1, int(cfg.fit_cpus_per_actor))))
+        self.idle: queue.Queue | None = None
+        self.lock = threading.Lock()
+
+    def workers(self) -> queue.Queue:
+        """The idle workers, started by the first fit: a server never asked to fit pays for no process, backbone
+        and bank beside its replicas (13 CPU-seconds and a backbone's memory each, MiniLM on 2 cores)."""
+        with self.lock:
+            if self.idle is None:
+                cfg, recipe, store = self.cfg, self.recipe, self.store
+                # Held here: a restarted actor gets the bank from the object store again.
+                self.bank_ref = ray.put(bank_to_object(store.load_bank(recipe.bank))) if recipe.bank else None
+                head = store.load_head(recipe.head_id) if recipe.head_id else None
+                opts = {"num_cpus": cfg.fit_cpus_per_actor, "max_restarts": -1}
+                args = (recipe.backbone, self.bank_ref, recipe.xpeft, recipe.train, head, recipe.head_id)
+                args += (recipe.label_names, max(1, int(cfg.fit_cpus_per_actor)))
+                idle: queue.Queue = queue.Queue()
+                for _ in range(cfg.fit_workers):
+                    idle.put(ProfileActor.options(**opts).remote(*args))
+                self.idle = idle
+        return self.idle
 
     def fit(self, data, xcfg, tcfg) -> dict[str, Any]:
-        actor = self.idle.get()
+        idle = self.workers()
+        actor = idle.get()
         try:
             for attempt in range(self.retries + 1):
                 try:
@@ -128,7 +143,7 @@ class FitActors:
                 f"ServeConfig.fit_retries={self.retries})"
             )
         finally:
-            self.idle.put(actor)
+            idle.put(actor)
 
 
 def restarted(actor, timeout_s: float = 120.0) -> None:
