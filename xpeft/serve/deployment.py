@@ -104,12 +104,13 @@ class FitActors:
     def __init__(self, cfg: ServeConfig, recipe, store):
         self.cfg, self.recipe, self.store = cfg, recipe, store
         self.retries = cfg.fit_retries
+        self.bank_ref = None  # the bank in the object store, once the workers start
         self.idle: queue.Queue | None = None
         self.lock = threading.Lock()
 
     def workers(self) -> queue.Queue:
         """The idle workers, started by the first fit: a server never asked to fit pays for no process, backbone
-        and bank beside its replicas (13 CPU-seconds and a backbone's memory each, MiniLM on 2 cores)."""
+        and bank beside its replicas (~6 CPU-seconds and a backbone's memory each, MiniLM on 2 cores)."""
         with self.lock:
             if self.idle is None:
                 cfg, recipe, store = self.cfg, self.recipe, self.store
