@@ -133,16 +133,20 @@ def deploy(app, name: str, port: int) -> str:
 
 
 def undeploy(name: str) -> dict:
-    """Memory of the app's (first) replica, then the app deleted and its replicas gone (so what follows runs
-    alone)."""
+    """Memory of the app's (first) replica, then the app removed (`remove`)."""
+    memory = memory_mb(replica_pids()[0])
+    remove(name)
+    return memory
+
+
+def remove(name: str) -> None:
+    """The app deleted and its replicas gone, so the next stage (each deploys its own app at "/") runs alone."""
     from ray import serve
 
-    memory = memory_mb(replica_pids()[0])
     serve.delete(name)
     deadline = time.perf_counter() + 60
     while replica_pids() and time.perf_counter() < deadline:
         time.sleep(0.5)
-    return memory
 
 
 def forward_seconds(engine: ProfileEngine, items: list, reps: int) -> float:
@@ -253,24 +257,27 @@ def kill_stage(args, store, port: int) -> None:
 
     ids, rng = store.ids(), random.Random(0)
     url = deploy(build_app(server_config(args, store.uri, forward=args.forwards[0])), "xpeft-kill", port)
-    warm = run_load(url, ids[:1], [["warm up"]], 1, args.time_limit)
-    if warm["failed"]:
-        raise RuntimeError(f"the warm-up failed: {warm['first_failure']}")
-    pid = replica_pids()[0]
-    texts = lambda: [" ".join(rng.choices(WORDS, k=12))]  # noqa: E731
-    client = Client(url).start(lambda: (rng.choice(ids), texts()), args.kill_concurrency)
-    time.sleep(args.kill_at)
-    killed_at = time.perf_counter()
-    os.kill(pid, signal.SIGKILL)
-    print(f"kill -9 {pid} (the replica) after {args.kill_at:.0f} s of requests", flush=True)
-    while time.perf_counter() - killed_at < args.after_kill:
-        with client.lock:
-            served = sum(1 for e in client.log if e[2] == 200 and e[0] > killed_at)
-        if served >= args.served_after:
-            break
-        time.sleep(0.2)
-    log = client.stop(drain_s=args.drain_s)
-    kill_report(args, log, killed_at, pid, replica_pids(), client.unanswered)
+    try:
+        warm = run_load(url, ids[:1], [["warm up"]], 1, args.time_limit)
+        if warm["failed"]:
+            raise RuntimeError(f"the warm-up failed: {warm['first_failure']}")
+        pid = replica_pids()[0]
+        texts = lambda: [" ".join(rng.choices(WORDS, k=12))]  # noqa: E731
+        client = Client(url).start(lambda: (rng.choice(ids), texts()), args.kill_concurrency)
+        time.sleep(args.kill_at)
+        killed_at = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        print(f"kill -9 {pid} (the replica) after {args.kill_at:.0f} s of requests", flush=True)
+        while time.perf_counter() - killed_at < args.after_kill:
+            with client.lock:
+                served = sum(1 for e in client.log if e[2] == 200 and e[0] > killed_at)
+            if served >= args.served_after:
+                break
+            time.sleep(0.2)
+        log = client.stop(drain_s=args.drain_s)
+        kill_report(args, log, killed_at, pid, replica_pids(), client.unanswered)
+    finally:
+        remove("xpeft-kill")
 
 
 def slow_stage(args, store, port: int) -> None:
@@ -290,8 +297,6 @@ def slow_stage(args, store, port: int) -> None:
 
 def fits_stage(args, store, port: int) -> None:
     """Fits on demand (harness/fit_on_demand.py) beside classify, with a recipe as the farm records it."""
-    from ray import serve
-
     from xpeft.fit.on_demand import FitRecipe, save_recipe
     from xpeft.fit.recipes import FARM_TRAIN
     from xpeft.serve.deployment import build_app
@@ -306,7 +311,7 @@ def fits_stage(args, store, port: int) -> None:
             for overrides in fit_overrides(args)
         ]
     finally:
-        serve.delete("xpeft-fits")
+        remove("xpeft-fits")
     for result in results:
         fit_on_demand.report(result)
 

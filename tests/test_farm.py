@@ -11,6 +11,7 @@ import time
 import pyarrow as pa
 import pytest
 import ray  # noqa: F401 - a pinned dependency: a broken install fails here, not as skips
+import torch
 from moto_s3 import s3  # noqa: F401 - the fixture: an S3 API on loopback
 
 from xpeft.config import TrainConfig, XPeftConfig
@@ -41,6 +42,17 @@ def backbone(tmp_path_factory):
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
 
 
+@pytest.fixture(scope="module")
+def actors(local_ray):
+    """The module's farm actors, kept from run to run as one driver's runs keep them (`WarmActors`): each test's
+    runs reconfigure the actors the tests before it started, so every run here also checks that a kept actor fits
+    for its next run as a new one would."""
+    from xpeft.ray.pool import WarmActors
+
+    with WarmActors() as kept:
+        yield kept
+
+
 def farm_config(store, backbone, **kw):
     from xpeft.ray.farm import FarmConfig
 
@@ -63,13 +75,13 @@ def stored_rows(store_uri) -> list[str]:
     return ProfileStore(store_uri).read_table(columns=["profile_id"])["profile_id"].to_pylist()
 
 
-def test_farm_fits_one_valid_row_per_profile_and_resumes(local_ray, backbone, tmp_path):
+def test_farm_fits_one_valid_row_per_profile_and_resumes(actors, backbone, tmp_path):
     from xpeft.profiles.store import ProfileStore
     from xpeft.ray.farm import run_farm
 
     datas = profile_datas(profile_table()).profiles
     cfg = farm_config(tmp_path / "store", backbone)
-    report = run_farm(cfg, datas)
+    report = run_farm(cfg, datas, actors)
     assert len(report.fitted) == 22 and not report.failed and not report.rejected
     rows = stored_rows(cfg.store)
     assert sorted(rows) == sorted(d.profile_id for d in datas)  # one row each
@@ -86,12 +98,12 @@ def test_farm_fits_one_valid_row_per_profile_and_resumes(local_ray, backbone, tm
     assert abs(report.memory["object_store"]["plasma_mib"] - bank_mib) <= 1
     assert report.memory["bank_zero_copy"] is True
 
-    again = run_farm(cfg, datas)  # resume: everything is already stored
+    again = run_farm(cfg, datas, actors)  # resume: everything is already stored
     assert not again.fitted and sorted(again.skipped) == sorted(rows)
     assert sorted(stored_rows(cfg.store)) == sorted(rows)
 
 
-def test_a_killed_actor_loses_no_profile(local_ray, backbone, tmp_path):
+def test_a_killed_actor_loses_no_profile(actors, backbone, tmp_path):
     """SIGKILL one actor's process mid-run: its profile is retried elsewhere; every profile stored once."""
     import signal
 
@@ -115,7 +127,7 @@ def test_a_killed_actor_loses_no_profile(local_ray, backbone, tmp_path):
 
     t = threading.Thread(target=kill_one_actor, daemon=True)
     t.start()
-    report = run_farm(cfg, datas)
+    report = run_farm(cfg, datas, actors)
     t.join(5)
     assert killed, "the test never found an actor to kill"
     assert report.retries >= 1
@@ -152,7 +164,7 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-def test_bad_rows_are_refused_before_the_run_or_left_out_and_small_profiles_rejected(local_ray, backbone, tmp_path):
+def test_bad_rows_are_refused_before_the_run_or_left_out_and_small_profiles_rejected(actors, backbone, tmp_path):
     from xpeft.data.labels import BadDataSet
     from xpeft.ray.farm import run_farm
 
@@ -173,26 +185,24 @@ def test_bad_rows_are_refused_before_the_run_or_left_out_and_small_profiles_reje
     assert dataset.labels.values == (0, 1, 2, 3, 99)  # every label of the data is a class
     cfg = farm_config(tmp_path / "store", backbone)
     cfg.xpeft = XPeftConfig(N=256, k=8, b=32, head="linear", num_labels=dataset.labels.num_labels)
-    report = run_farm(cfg, dataset.profiles)
+    report = run_farm(cfg, dataset.profiles, actors)
     assert set(report.fitted) == {f"author-{i:02d}" for i in range(4)} | {"newlabel"}
     assert set(report.rejected) == {"lonely", "blank"}  # blank has one usable row left
     assert "needs >= 2" in report.rejected["lonely"]
 
 
-def test_a_hard_k_the_learned_bank_cannot_hold_is_refused_before_any_fit(local_ray, backbone, tmp_path):
+def test_a_hard_k_the_learned_bank_cannot_hold_is_refused_before_any_fit(actors, backbone, tmp_path):
     from xpeft.ray.farm import run_farm
 
     datas = profile_datas(profile_table(n_profiles=8)).profiles
     cfg = farm_config(tmp_path / "store", backbone, setting="mtl", warm_start=3, xpeft=XPeftConfig(N=8, k=4, b=32))
     with pytest.raises(ValueError, match="bank of N=3 adapters .* 1 <= k < N; got k=4, N=3"):
-        run_farm(cfg, datas)
+        run_farm(cfg, datas, actors)
     assert not stored_rows(cfg.store)
 
 
 @pytest.mark.parametrize("setting", ["sa", "mtl"])
-def test_warm_start_learns_the_bank_and_the_profiles_fit_distinct_proper_subsets(
-    local_ray, backbone, tmp_path, setting
-):
+def test_warm_start_learns_the_bank_and_the_profiles_fit_distinct_proper_subsets(actors, backbone, tmp_path, setting):
     """k left unset: the learned bank has N = the warm start (10 here, far below the paper's k = 50) and each
     hard mask picks half of it, k = 5 < N, so the fitted masks differ from profile to profile (>= 90 % distinct;
     with k = N they were all the same)."""
@@ -208,7 +218,7 @@ def test_warm_start_learns_the_bank_and_the_profiles_fit_distinct_proper_subsets
         warm_start=10,
         xpeft=XPeftConfig(b=32, head="linear", num_labels=4),
     )
-    report = run_farm(cfg, datas)
+    report = run_farm(cfg, datas, actors)
     assert report.bank["source"] == ("single_adapter" if setting == "sa" else "mtl")
     assert int(report.bank["N"]) == 10 and report.masks["k"] == 5 and "half of N=10" in report.masks["why"]
     store = ProfileStore(cfg.store)
@@ -254,24 +264,24 @@ def assert_mtl_warm_profiles_are_served_by_their_bank_member(cfg, datas, report,
         assert scored == pytest.approx(report.warm_start["metrics"][d.profile_id])
 
 
-def test_a_farm_run_into_s3_stores_every_profile_and_a_rerun_skips_them(local_ray, backbone, s3):  # noqa: F811
+def test_a_farm_run_into_s3_stores_every_profile_and_a_rerun_skips_them(actors, backbone, s3):  # noqa: F811
     """The store on an S3 API (moto's server on loopback, the endpoint in the store's URI)."""
     from xpeft.profiles.store import ProfileStore
     from xpeft.ray.farm import run_farm
 
     datas = profile_datas(profile_table(n_profiles=4)).profiles
     cfg = farm_config(s3("farm"), backbone, train=TrainConfig(lr=1e-2, epochs=1, batch_size=8))
-    report = run_farm(cfg, datas)
+    report = run_farm(cfg, datas, actors)
     assert len(report.fitted) == 4 and not report.failed
     store = ProfileStore(cfg.store)
     assert store.ids() == sorted(d.profile_id for d in datas)
     assert store.get("author-01").bank_fingerprint == report.bank["fingerprint"] == store.bank_fingerprints()[0]
-    again = run_farm(cfg, datas)
+    again = run_farm(cfg, datas, actors)
     assert not again.fitted and sorted(again.skipped) == store.ids()
 
 
 def test_the_farm_fits_new_profiles_on_the_newest_grown_bank_unless_pinned_and_refits_older_ones_resumably(
-    local_ray, backbone, tmp_path
+    actors, backbone, tmp_path
 ):
     from xpeft.core.bank import grow_bank, random_bank
     from xpeft.profiles.store import ProfileStore
@@ -280,26 +290,66 @@ def test_the_farm_fits_new_profiles_on_the_newest_grown_bank_unless_pinned_and_r
     datas = profile_datas(profile_table(n_profiles=4, per_profile=8)).profiles
     small = dict(xpeft=XPeftConfig(N=16, k=4, b=8, head="linear", num_labels=4), train=TrainConfig(epochs=1))
     cfg = farm_config(tmp_path / "store", backbone, num_actors=1, **small)
-    parent = run_farm(cfg, datas[:1]).bank["fingerprint"]
+    parent = run_farm(cfg, datas[:1], actors).bank["fingerprint"]
     store = ProfileStore(cfg.store)
     bank = store.load_bank(parent)
     child = grow_bank(bank, random_bank(bank.L, 8, bank.b, bank.d_in, bank.d_out, seed=5, target=bank.target))
     store.save_bank(child)
-    assert run_farm(cfg, datas[1:2]).bank["fingerprint"] == child.fingerprint  # the newest by default
+    assert run_farm(cfg, datas[1:2], actors).bank["fingerprint"] == child.fingerprint  # the newest by default
     new = ProfileStore(cfg.store).get(datas[1].profile_id)
     assert new.bank_fingerprint == child.fingerprint and new.config.N == 24
     pinned = farm_config(tmp_path / "store", backbone, num_actors=1, bank_fingerprint=parent[:10], **small)
-    run_farm(pinned, datas[2:3])
+    run_farm(pinned, datas[2:3], actors)
     assert ProfileStore(cfg.store).get(datas[2].profile_id).bank_fingerprint == parent
     # refit the profiles older than the child onto it (the newest), resumably
     refit = dataclasses.replace(cfg, refit_older_than=child.fingerprint[:10])
-    assert sorted(run_farm(refit, datas[:3]).fitted) == sorted([datas[0].profile_id, datas[2].profile_id])
+    assert sorted(run_farm(refit, datas[:3], actors).fitted) == sorted([datas[0].profile_id, datas[2].profile_id])
     moved = ProfileStore(cfg.store)
     assert {moved.get(d.profile_id).bank_fingerprint for d in datas[:3]} == {child.fingerprint}
-    assert not run_farm(refit, datas[:3]).fitted  # none is older than the child now
+    assert not run_farm(refit, datas[:3], actors).fitted  # none is older than the child now
     by_id = dataclasses.replace(cfg, refit=[datas[0].profile_id, datas[2].profile_id])
-    again = run_farm(by_id, datas[:3])  # resumed: both are on the child already
+    again = run_farm(by_id, datas[:3], actors)  # resumed: both are on the child already
     assert not again.fitted and sorted(again.skipped) == sorted(by_id.refit)
     path = farm_config(tmp_path / "store", backbone, bank_fingerprint=str(tmp_path / "b.safetensors"), **small)
     with pytest.raises(ValueError, match="--bank-path"):
         Farm(path, []).bank()
+
+
+def test_a_drivers_next_run_fits_on_the_actors_it_kept_as_new_ones_would_and_a_run_stops_its_own(
+    actors, backbone, tmp_path
+):
+    """`run_farm(..., actors)` keeps the run's actors for the driver's next run, which reconfigures them with its
+    bank instead of starting processes; what they fit equals what new actors fit. Without `actors`, a run stops
+    its actors when it ends (idle, they would hold the CPUs they reserved)."""
+    from xpeft.profiles.store import ProfileStore
+    from xpeft.ray.farm import run_farm
+
+    datas = profile_datas(profile_table(n_profiles=4)).profiles
+    small = dict(train=TrainConfig(epochs=1, batch_size=8))
+    first = run_farm(farm_config(tmp_path / "a", backbone, bank_seed=1, **small), datas, actors)
+    kept = set(_actor_pids())
+    assert len(kept) == first.actors == 2
+    second = run_farm(farm_config(tmp_path / "b", backbone, **small), datas, actors)  # another bank
+    assert len(second.fitted) == 4 and set(_actor_pids()) == kept  # fitted by the same two processes
+    assert second.bank["fingerprint"] != first.bank["fingerprint"]
+    actors.close()
+    assert gone(kept)
+    fresh = run_farm(farm_config(tmp_path / "c", backbone, **small), datas)  # its own actors
+    assert fresh.actors == 2 and fresh.bank["fingerprint"] == second.bank["fingerprint"]
+    assert gone(set(_actor_pids()))  # stopped at its end
+    b, c = ProfileStore(str(tmp_path / "b")), ProfileStore(str(tmp_path / "c"))
+    for d in datas:
+        pb, pc = b.get(d.profile_id), c.get(d.profile_id)
+        assert pb.mask_bits == pc.mask_bits and pb.metrics["accuracy"] == pc.metrics["accuracy"]
+        for name, value in pb.tensors.items():
+            assert torch.equal(value, pc.tensors[name]), name
+
+
+def gone(pids: set[int], timeout_s: float = 30.0) -> bool:
+    """Whether every process of `pids` has exited within the timeout (ray.kill returns before it does)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if not pids & set(_actor_pids()):
+            return True
+        time.sleep(0.2)
+    return False

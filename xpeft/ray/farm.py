@@ -34,7 +34,7 @@ from xpeft.fit.warm_start import bank_from_single_adapters, bank_member_profile,
 from xpeft.profiles.lineage import Lineages
 from xpeft.profiles.store import ProfileStore
 from xpeft.ray.cluster import rss_bytes
-from xpeft.ray.pool import FarmPool
+from xpeft.ray.pool import FarmPool, WarmActors
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ class RunReport:
 
 
 class ProfileWorker:
-    """A farm actor's state: the encoder, tokenizer and the shared bank, loaded once."""
+    """A farm actor's state: the encoder and tokenizer, loaded once; the shared bank, configs and head of the
+    pool it fits for (`configure`: a kept actor's next pool gives it its own)."""
 
     def __init__(
         self,
@@ -119,14 +120,28 @@ class ProfileWorker:
         threads: int,
     ):
         torch.set_num_threads(max(1, threads))
-        self.bank_zero_copy = bank_obj is not None and not bank_obj["A"].flags.writeable
-        bank = bank_from_object(bank_obj) if bank_obj is not None else None
         # An actor given a GPU (FarmConfig.gpus_per_actor) fits there; Ray sets CUDA_VISIBLE_DEVICES to it.
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        encoder, tokenizer = load_encoder(backbone), load_tokenizer(backbone)
+        self.encoder, self.tokenizer = load_encoder(backbone), load_tokenizer(backbone)
+        self.configure(bank_obj, xcfg, tcfg, shared_head, head_id, label_names)
+
+    def configure(
+        self,
+        bank_obj: dict | None,
+        xcfg: XPeftConfig,
+        tcfg: TrainConfig,
+        shared_head: dict | None,
+        head_id: str | None,
+        label_names: list[str] | None,
+    ) -> bool:
+        """Fit for another pool from now on: its bank, configs and head, on the encoder already loaded (frozen,
+        so a fitter leaves it as it found it)."""
+        self.bank_zero_copy = bank_obj is not None and not bank_obj["A"].flags.writeable
+        bank = bank_from_object(bank_obj) if bank_obj is not None else None
         self.fitter = ProfileFitter(
-            encoder, tokenizer, bank, xcfg, tcfg, shared_head, head_id, label_names, device=self.device
+            self.encoder, self.tokenizer, bank, xcfg, tcfg, shared_head, head_id, label_names, device=self.device
         )
+        return True
 
     def ready(self) -> bool:
         return True
@@ -225,11 +240,13 @@ def resolve_k(xcfg: XPeftConfig, bank: AdapterBank | None, setting: str) -> tupl
 class Farm:
     """One run of `run_farm`: the store, the report, the profiles already stored, the write buffer."""
 
-    def __init__(self, cfg: FarmConfig, datas: list[ProfileData]):
+    def __init__(self, cfg: FarmConfig, datas: list[ProfileData], actors: WarmActors | None = None):
         ids = [d.profile_id for d in datas]
         if len(set(ids)) != len(ids):
             raise ValueError("profile ids must be unique within a run")
         self.cfg, self.datas = cfg, datas
+        self.own_actors = actors is None  # then run() stops the actors when it ends
+        self.actors = actors if actors is not None else WarmActors()
         self.store = ProfileStore(cfg.store)
         self.report = RunReport()
         self.buffer: list = []
@@ -265,17 +282,22 @@ class Farm:
         if not todo:
             return
         bank_ref = ray.put(bank_to_object(bank)) if bank is not None else None
-        head, head_id, threads = self.shared_head, self.head_id, max(1, int(cfg.cpus_per_actor))
+        threads = max(1, int(cfg.cpus_per_actor))
+        key = (cfg.backbone, cfg.cpus_per_actor, cfg.gpus_per_actor, threads)  # what an actor's process holds
+        config = (bank_ref, x, t, self.shared_head, self.head_id, cfg.label_names)
 
-        def make_actor():
+        self.actors.stop(but=key)  # kept actors of another kind would hold CPUs this pool's new ones need
+
+        def start_actor():
+            actor = self.actors.take(key)
+            if actor is not None:  # kept from an earlier pool: its process and backbone are up
+                return actor, actor.configure.remote(*config)
             opts = {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor}
-            return ProfileActor.options(**opts).remote(
-                cfg.backbone, bank_ref, x, t, head, head_id, cfg.label_names, threads
-            )
+            actor = ProfileActor.options(**opts).remote(cfg.backbone, *config, threads)
+            return actor, actor.ready.remote()
 
-        FarmPool(make_actor, cfg.max_retries, self.on_result, self.report, cfg.progress).run(
-            todo, cfg.num_actors or default_num_actors(cfg)
-        )
+        pool = FarmPool(start_actor, cfg.max_retries, self.on_result, self.report, cfg.progress)
+        self.actors.keep(key, pool.run(todo, cfg.num_actors or default_num_actors(cfg)))
         self.flush()
 
     def sa_bank(self, warm: list[ProfileData], xcfg: XPeftConfig) -> AdapterBank:
@@ -295,6 +317,7 @@ class Farm:
         # On a worker like any fit (the driver may sit on a head node with no CPUs to spare), retried like an
         # actor's profile if its worker dies.
         cpus = warm_start_cpus(cfg)
+        self.actors.stop()  # kept actors would hold the CPUs it needs
         task = warm_start_mtl.options(num_cpus=cpus, max_retries=cfg.max_retries)
         warm_sa, warm_t = replace(xcfg, mode="single_adapter"), cfg.warm_train or cfg.train
         bank, self.shared_head, metrics = ray.get(task.remote(cfg.backbone, warm_sa, warm_t, warm, int(cpus)))
@@ -381,6 +404,13 @@ class Farm:
         return bank
 
     def run(self) -> RunReport:
+        try:
+            return self.fit_all()
+        finally:
+            if self.own_actors:
+                self.actors.close()
+
+    def fit_all(self) -> RunReport:
         start = time.perf_counter()
         xcfg = self.cfg.xpeft
         bank, rest = self.bank()
@@ -395,6 +425,8 @@ class Farm:
         return self.report
 
 
-def run_farm(cfg: FarmConfig, datas: list[ProfileData]) -> RunReport:
-    """Fit every profile in `datas` into `cfg.store`; returns the run report."""
-    return Farm(cfg, datas).run()
+def run_farm(cfg: FarmConfig, datas: list[ProfileData], actors: WarmActors | None = None) -> RunReport:
+    """Fit every profile in `datas` into `cfg.store`; returns the run report. Its actors serve every pool of the
+    run (an sa warm start's, then the masks'); given `actors`, they are kept there for the driver's next run
+    (whoever made `actors` closes it, as they hold their CPUs), else stopped at the end."""
+    return Farm(cfg, datas, actors).run()

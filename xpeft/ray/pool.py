@@ -4,13 +4,17 @@ Work goes only to actors that are up (an actor the cluster cannot place holds no
 that dies has its profile put back and is replaced; a profile is retried up to `max_retries` times, then
 recorded as failed with the reason. A profile whose data is bad (`BadProfileData`) is rejected at once.
 Ray's own `ray.util.ActorPool` hands work out the same way but neither replaces a dead actor nor retries.
+
+A pass ends with its actors alive: `WarmActors` keeps them for the next pass of the same driver (an sa run's
+second pool, the next `run_farm`), which reconfigures them with its bank instead of starting new processes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import ray
@@ -23,18 +27,19 @@ log = logging.getLogger(__name__)
 
 
 class FarmPool:
-    """One pass of a pool of actors over a queue of profiles. `make_actor()` starts an actor with `ready()`,
-    `fit(data)` and `info()` methods; `on_result(result)` gets every fitted profile's result."""
+    """One pass of a pool of actors over a queue of profiles. `start_actor()` gives an actor with `fit(data)`
+    and `info()` methods and the ref that resolves once it can fit; `on_result(result)` gets every fitted
+    profile's result."""
 
     def __init__(
         self,
-        make_actor: Callable[[], Any],
+        start_actor: Callable[[], tuple[Any, Any]],
         max_retries: int,
         on_result: Callable[[dict], None],
         report,
         progress: bool = True,
     ):
-        self.make_actor, self.max_retries, self.on_result, self.report = make_actor, max_retries, on_result, report
+        self.start_actor, self.max_retries, self.on_result, self.report = start_actor, max_retries, on_result, report
         self.queue: list[ProfileData] = []
         self.attempts: dict[str, int] = {}
         self.starting: dict[Any, Any] = {}  # readiness ref -> actor still starting
@@ -43,8 +48,8 @@ class FarmPool:
         self.progress = progress
         self.first_result = True
 
-    def run(self, datas: list[ProfileData], num_actors: int) -> None:
-        """Fit every profile of `datas`; returns when each is stored, rejected or failed."""
+    def run(self, datas: list[ProfileData], num_actors: int) -> list[Any]:
+        """Fit every profile of `datas`; returns, when each is stored, rejected or failed, the actors still up."""
         self.queue = sorted(datas, key=lambda d: (-d.size, d.profile_id))[::-1]  # pop() takes the largest
         self.bar = tqdm(total=len(datas), desc="profiles", unit="profile", disable=not self.progress)
         self.start = time.perf_counter()
@@ -60,11 +65,11 @@ class FarmPool:
         self.bar.close()
         for data in self.queue:  # only when no actor could ever start
             self.report.failed[data.profile_id] = "no actor could be started (not enough resources in the cluster?)"
-        self.finish()
+        return self.finish()
 
     def spawn(self) -> None:
-        actor = self.make_actor()
-        self.starting[actor.ready.remote()] = actor
+        actor, ready = self.start_actor()
+        self.starting[ready] = actor
 
     def submit(self, actor) -> None:
         if self.queue:
@@ -126,8 +131,8 @@ class FarmPool:
         self.bar.set_postfix(failed=failed, per_min=f"{60 * self.bar.n / elapsed:.1f}")
         self.submit(actor)
 
-    def finish(self) -> None:
-        """Record each actor's memory and where it ran; stop them."""
+    def finish(self) -> list[Any]:
+        """Record each actor's memory and where it ran; stop those still starting; the others, up and idle."""
         infos = ray.get([a.info.remote() for a in self.ready])
         self.report.memory = {
             **self.report.memory,
@@ -135,5 +140,38 @@ class FarmPool:
             "bank_zero_copy": all(i["bank_zero_copy"] for i in infos),
             "nodes": sorted({i["node_id"] for i in infos}),
         }
-        for actor in self.ready + list(self.starting.values()):
+        for actor in self.starting.values():
             ray.kill(actor)
+        return self.ready
+
+
+class WarmActors:
+    """Started actors kept between a driver's pools, by what their processes hold (`key`: the backbone, CPUs,
+    GPUs, threads): a pool takes one and reconfigures it (its bank, configs, head) in milliseconds, where a new
+    actor costs a process, torch and the backbone (~10 CPU-seconds on this 2-core machine). Idle actors keep their
+    CPUs reserved, so `close()` (or the `with` block's end) stops them; `run_farm` closes its own at its end."""
+
+    def __init__(self):
+        self.idle: dict[Hashable, list[Any]] = defaultdict(list)
+
+    def take(self, key: Hashable) -> Any | None:
+        return self.idle[key].pop() if self.idle[key] else None
+
+    def keep(self, key: Hashable, actors: list[Any]) -> None:
+        self.idle[key].extend(actors)
+
+    def stop(self, but: Hashable | None = None) -> None:
+        """Stop the idle actors (but those of key `but`): their CPUs go back to the cluster, for other actors or
+        a task, which would otherwise wait for them forever."""
+        for key in [k for k in self.idle if k != but]:
+            for actor in self.idle.pop(key):
+                ray.kill(actor)
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> WarmActors:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
