@@ -7,7 +7,7 @@ instead, and a replica killed mid-stream. Every stage runs on one local Ray and 
     python benchmarks/serve_load.py --stages kill --concurrency 8        # a replica killed (docs/serving.md)
     python benchmarks/serve_load.py --stages slow --slow-clients 200     # slow clients beside a normal one
     python benchmarks/serve_load.py --stages fits --fits 20              # profiles fitted over HTTP, beside classify
-    python benchmarks/serve_load.py --stages load kill slow --smoke      # every stage, tiny: seconds
+    python benchmarks/serve_load.py --stages load kill slow fits --smoke # every stage, tiny: the suite runs it
 
 Stage `load`: the server with its forward in ONNX Runtime ('ort') and in torch ('eager'), then the peer (PEFT
 LoRA adapters behind `@serve.multiplexed`, harness/peer.py), one after another on the same cores, client and
@@ -336,7 +336,7 @@ def parse_payload(text: str) -> tuple[int, int]:
 
 def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="default: load")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=["load"], help="default: load")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--profiles", type=int, default=10_000, help="random profiles in the store (default: 10000)")
     ap.add_argument("--store", default=None, help="the store, kept and reused (default: a temporary directory)")
@@ -425,14 +425,13 @@ SMOKE = {  # sizes only (two payloads: the tables' loops over them): what runs (
     **{"num_replicas": 1, "cpus_per_actor": 1.0},  # one replica is killed either way
     **{"kill_at": 1.0, "after_kill": 2.0, "served_after": 2, "drain_s": 1.0},
     **{"slow_clients": 20, "slow_seconds": 3.0},
-    **{"fits": 3, "fit_examples": 12, "fit_seconds": 2.0},
+    **{"fits": 3, "fit_examples": 12, "fit_seconds": 2.0, "fit_epochs": [2], "fit_batch_size": [4]},
 }
 SMOKE_ALSO = ("backbone", "profiles", "concurrency")  # also set by the smoke setting (settle)
 
 
 def settle(ap: argparse.ArgumentParser, args, tmp: str) -> None:
     """Defaults that depend on other flags, the smoke setting's sizes, and the refusals."""
-    args.stages = args.stages or ["load"]
     if args.smoke:
         vars(args).update(SMOKE, backbone=smoke_backbone(tmp), concurrency=min(args.concurrency or 2, 2))
         args.profiles = args.requests * len(args.payload) * args.rounds + args.peer_profiles
@@ -471,14 +470,10 @@ def main() -> None:
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        if "load" in args.stages:
-            load_stage(args, store, port)
-        if "kill" in args.stages:
-            kill_stage(args, store, port)
-        if "slow" in args.stages:
-            slow_stage(args, store, port)
-        if "fits" in args.stages:
-            fits_stage(args, store, port)
+        stage_fns = {"load": load_stage, "kill": kill_stage, "slow": slow_stage, "fits": fits_stage}
+        for stage in (name for name in STAGES if name in args.stages):  # in STAGES' order, one server each
+            print(f"\n# stage {stage}", flush=True)
+            stage_fns[stage](args, store, port)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pytest
 from conftest import shared_data_dir
-from test_benchmarks import PENDING, assert_ran, run_smoke, script_help
+from test_benchmarks import PENDING, assert_ran, run_smoke, script_help, stages_missing
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -465,7 +465,9 @@ class TestBenchmarkBlocks:
     @pytest.mark.parametrize("block", run_params(benchmarks=True))
     def test_benchmark_blocks_run_smoke_sized(self, block):
         for script, args in benchmark_calls(block):
-            assert_ran(run_smoke(script, args))
+            r = run_smoke(script, args)
+            assert_ran(r)
+            assert not stages_missing(script, args, r.stdout), f"{script} {args}: no output of these stages"
 
 
 def run_block(script: str, cwd: Path, env: dict, timeout: float) -> tuple[int | str, str, str]:
