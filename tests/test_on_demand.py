@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from api_cases import TOKEN, save_test_recipe
+from api_cases import save_test_recipe
 from cases import BANK, CASES, store_cases
 from fastapi.testclient import TestClient
 
@@ -222,8 +222,8 @@ def test_the_same_rows_give_the_same_profile_through_the_farm_path_and_on_demand
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, backbone):
-    """A farm run into a fresh store (which records its recipe), then two Serve apps over it: '/' with one fit
-    worker and a queue of one fit, '/secure' with a bearer token."""
+    """A farm run into a fresh store (which records its recipe), then a Serve app over it with one fit worker
+    and a queue of one fit (the fit route with auth on: tests/test_serving.py's '/secure' app)."""
     ray = pytest.importorskip("ray")
     from ray import serve
     from test_farm import farm_config, profile_table
@@ -242,8 +242,6 @@ def served(tmp_path_factory, backbone):
     common = dict(store=store.uri, backbone=backbone, cpus_per_actor=0.5, staleness_s=0.5)
     fits = dict(fit_cpus_per_actor=0.5, max_queued_fits=1, fit_retries=1, max_fit_epochs=5000)
     serve.run(build_app(ServeConfig(**common, **fits)), name="fits", route_prefix="/")
-    secure = ServeConfig(**{**common, "cpus_per_actor": 0.25}, fit_workers=0, api_token=TOKEN)
-    serve.run(build_app(secure), name="fits-secure", route_prefix="/secure")
     yield f"http://127.0.0.1:{port}", store, table
     serve.shutdown()
     ray.shutdown()
@@ -335,16 +333,3 @@ def test_a_fit_worker_killed_mid_fit_the_job_completes_with_one_version_written_
         .to_pylist()
     }
     assert len(created) == 1 and store.get("author-01") is not None
-
-
-@pytest.mark.ray
-def test_fit_route_with_auth_on_is_refused_401_without_the_token_and_answered_with_it(served):
-    url, _, table = served
-    http, token = Http(f"{url}/secure"), {"Authorization": f"Bearer {TOKEN}"}
-    body = rows_of(table, "author-02")
-    assert http.post("/v1/profiles/author-02/fit", body).status_code == 401
-    assert http.get("/v1/jobs/0123456789abcdef0123456789abcdef").status_code == 401
-    wrong = http.post("/v1/profiles/author-02/fit", body, headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 401
-    right = http.post("/v1/profiles/author-02/fit", body, headers=token)  # this app runs no fit workers
-    assert right.status_code == 409 and "fit_workers=0" in right.json()["detail"], right.text

@@ -457,6 +457,20 @@ def test_with_auth_on_a_request_without_the_token_is_refused(server):
 
 
 @pytest.mark.ray
+def test_with_auth_on_the_fit_routes_are_refused_without_the_token_and_answered_with_it(server):
+    """The fit routes over HTTP behind the token: 401 without it or with another; with it, this app (no fit
+    workers) answers 409 naming the setting. (Fits themselves: tests/test_on_demand.py.)"""
+    url, token = f"{server}/secure", {"Authorization": f"Bearer {TOKEN}"}
+    body = {"texts": ["a good one", "a bad one", "good again", "bad again"], "labels": ["1", "0", "1", "0"]}
+    fit = f"{url}/v1/profiles/newcomer/fit"
+    assert requests.post(fit, json=body, timeout=30).status_code == 401
+    assert requests.get(f"{url}/v1/jobs/0123456789abcdef0123456789abcdef", timeout=30).status_code == 401
+    assert requests.post(fit, json=body, headers={"Authorization": "Bearer nope"}, timeout=30).status_code == 401
+    right = requests.post(fit, json=body, headers=token, timeout=30)
+    assert right.status_code == 409 and "fit_workers=0" in right.json()["detail"], right.text
+
+
+@pytest.mark.ray
 def test_over_http_generated_requests_get_documented_answers_and_never_a_5xx(server, store, counted_http):
     """A short schemathesis run against the Serve app (the long one is in process: tests/test_api.py)."""
     token = {"Authorization": f"Bearer {TOKEN}"}

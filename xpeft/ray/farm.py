@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -25,7 +24,7 @@ import ray
 import torch
 
 from xpeft.config import RandomBankFields, TrainConfig, XPeftConfig, check_k, default_k, option
-from xpeft.core.bank import AdapterBank, bank_from_object, bank_to_object, load_bank, random_bank_for
+from xpeft.core.bank import AdapterBank, bank_to_object, load_bank, random_bank_for
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.data.dataset import ProfileData
 from xpeft.fit.on_demand import FitRecipe, save_recipe
@@ -33,8 +32,7 @@ from xpeft.fit.profile import ProfileFitter
 from xpeft.fit.warm_start import bank_from_single_adapters, bank_member_profile, fit_mtl
 from xpeft.profiles.lineage import Lineages
 from xpeft.profiles.store import ProfileStore
-from xpeft.ray.cluster import rss_bytes
-from xpeft.ray.pool import FarmPool, WarmActors
+from xpeft.ray.pool import FarmPool, ProfileActor, WarmActors
 
 log = logging.getLogger(__name__)
 
@@ -99,68 +97,6 @@ class RunReport:
     @property
     def profiles_per_minute(self) -> float:
         return 60 * len(self.fitted) / self.seconds if self.seconds else 0.0
-
-
-# --- the actor ---------------------------------------------------------------------------------------
-
-
-class ProfileWorker:
-    """A farm actor's state: the encoder and tokenizer, loaded once; the shared bank, configs and head of the
-    pool it fits for (`configure`: a kept actor's next pool gives it its own)."""
-
-    def __init__(
-        self,
-        backbone: str,
-        bank_obj: dict | None,
-        xcfg: XPeftConfig,
-        tcfg: TrainConfig,
-        shared_head: dict | None,
-        head_id: str | None,
-        label_names: list[str] | None,
-        threads: int,
-    ):
-        torch.set_num_threads(max(1, threads))
-        # An actor given a GPU (FarmConfig.gpus_per_actor) fits there; Ray sets CUDA_VISIBLE_DEVICES to it.
-        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.encoder, self.tokenizer = load_encoder(backbone), load_tokenizer(backbone)
-        self.configure(bank_obj, xcfg, tcfg, shared_head, head_id, label_names)
-
-    def configure(
-        self,
-        bank_obj: dict | None,
-        xcfg: XPeftConfig,
-        tcfg: TrainConfig,
-        shared_head: dict | None,
-        head_id: str | None,
-        label_names: list[str] | None,
-    ) -> bool:
-        """Fit for another pool from now on: its bank, configs and head, on the encoder already loaded (frozen,
-        so a fitter leaves it as it found it)."""
-        self.bank_zero_copy = bank_obj is not None and not bank_obj["A"].flags.writeable
-        bank = bank_from_object(bank_obj) if bank_obj is not None else None
-        self.fitter = ProfileFitter(
-            self.encoder, self.tokenizer, bank, xcfg, tcfg, shared_head, head_id, label_names, device=self.device
-        )
-        return True
-
-    def ready(self) -> bool:
-        return True
-
-    def fit(self, data: ProfileData, xcfg: XPeftConfig | None = None, tcfg: TrainConfig | None = None) -> dict:
-        out = self.fitter.with_configs(xcfg or self.fitter.xcfg, tcfg or self.fitter.tcfg).fit(data)
-        return {"profile": out.profile, "seconds": out.seconds, "dropped": out.dropped, "pid": os.getpid()}
-
-    def info(self) -> dict:
-        return {
-            "pid": os.getpid(),
-            "rss_bytes": rss_bytes(),
-            "bank_zero_copy": self.bank_zero_copy,
-            "device": self.device,
-            "node_id": ray.get_runtime_context().get_node_id(),
-        }
-
-
-ProfileActor = ray.remote(ProfileWorker)
 
 
 def warm_start_cpus(cfg: FarmConfig) -> float:

@@ -1,4 +1,5 @@
-"""The farm's actor pool: fit every profile on a pool of Ray actors, largest first, losing none.
+"""The farm's actors (`ProfileActor`: a backbone loaded once, a pool's bank and configs) and their pool: fit every
+profile on a pool of Ray actors, largest first, losing none.
 
 Work goes only to actors that are up (an actor the cluster cannot place holds no profile hostage). An actor
 that dies has its profile put back and is replaced; a profile is retried up to `max_retries` times, then
@@ -12,18 +13,83 @@ second pool, the next `run_farm`), which reconfigures them with its bank instead
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import ray
+import torch
 from tqdm import tqdm
 
+from xpeft.config import TrainConfig, XPeftConfig
+from xpeft.core.bank import bank_from_object
+from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.data.dataset import ProfileData
-from xpeft.fit.profile import BadProfileData
+from xpeft.fit.profile import BadProfileData, ProfileFitter
+from xpeft.ray.cluster import rss_bytes
 
 log = logging.getLogger(__name__)
+
+
+class ProfileWorker:
+    """A farm actor's state: the encoder and tokenizer, loaded once; the shared bank, configs and head of the
+    pool it fits for (`configure`: a kept actor's next pool gives it its own)."""
+
+    def __init__(
+        self,
+        backbone: str,
+        bank_obj: dict | None,
+        xcfg: XPeftConfig,
+        tcfg: TrainConfig,
+        shared_head: dict | None,
+        head_id: str | None,
+        label_names: list[str] | None,
+        threads: int,
+    ):
+        torch.set_num_threads(max(1, threads))
+        # An actor given a GPU (FarmConfig.gpus_per_actor) fits there; Ray sets CUDA_VISIBLE_DEVICES to it.
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.encoder, self.tokenizer = load_encoder(backbone), load_tokenizer(backbone)
+        self.configure(bank_obj, xcfg, tcfg, shared_head, head_id, label_names)
+
+    def configure(
+        self,
+        bank_obj: dict | None,
+        xcfg: XPeftConfig,
+        tcfg: TrainConfig,
+        shared_head: dict | None,
+        head_id: str | None,
+        label_names: list[str] | None,
+    ) -> bool:
+        """Fit for another pool from now on: its bank, configs and head, on the encoder already loaded (frozen,
+        so a fitter leaves it as it found it)."""
+        self.bank_zero_copy = bank_obj is not None and not bank_obj["A"].flags.writeable
+        bank = bank_from_object(bank_obj) if bank_obj is not None else None
+        self.fitter = ProfileFitter(
+            self.encoder, self.tokenizer, bank, xcfg, tcfg, shared_head, head_id, label_names, device=self.device
+        )
+        return True
+
+    def ready(self) -> bool:
+        return True
+
+    def fit(self, data: ProfileData, xcfg: XPeftConfig | None = None, tcfg: TrainConfig | None = None) -> dict:
+        out = self.fitter.with_configs(xcfg or self.fitter.xcfg, tcfg or self.fitter.tcfg).fit(data)
+        return {"profile": out.profile, "seconds": out.seconds, "dropped": out.dropped, "pid": os.getpid()}
+
+    def info(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "rss_bytes": rss_bytes(),
+            "bank_zero_copy": self.bank_zero_copy,
+            "device": self.device,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+
+ProfileActor = ray.remote(ProfileWorker)
 
 
 class FarmPool:

@@ -42,7 +42,7 @@ from xpeft.core.bank import bank_to_object
 from xpeft.fit.on_demand import load_recipe
 from xpeft.flags import from_strings, renamed_fields
 from xpeft.profiles.store import ProfileStore
-from xpeft.ray.farm import ProfileActor
+from xpeft.ray.pool import ProfileActor
 from xpeft.serve.api import make_api
 from xpeft.serve.config import ServeConfig
 from xpeft.serve.engine import ProfileEngine, ServeError
