@@ -12,6 +12,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs more torch threads than the machine has cores (two workers, their scripts, Ray's processes), and
+# OpenMP's threads spin while they wait for each other by default: on 2 cores two processes of 2 threads each burnt
+# 8x the CPU of their work (benchmarks/bank_growth.py --smoke twice at once: 168 CPU-s, 21 with this). Waiting
+# threads sleep instead, here and in every process the suite starts (set before torch loads OpenMP).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Every Ray the suite starts (in process, or in a script it runs) gives a starting Serve proxy 60 s, not 5, to be
 # ready, as `xpeft serve` does (xpeft.serve.proxy.install): on 2 busy cores a proxy killed at 5 s fails serve.start.
 from xpeft.serve.proxy import READY_TIMEOUT_ENV, READY_TIMEOUT_S  # noqa: E402 (Starlette only)
