@@ -165,6 +165,26 @@ def pytest_testnodedown(node, error):
 LONGEST_FIRST = ("test_docs", "test_benchmarks", "test_serving", "test_on_demand", "test_cluster", "test_farm")
 
 
+# The benchmark blocks of the docs (tests/test_docs.py::TestBenchmarkBlocks) share test_benchmarks.py's scope, so
+# one worker runs both, one after the other: they share their smoke runs (the first to ask makes one, the other
+# reads it), and on two workers the second asker sat idle until the first had made it (94 s for serve_load's).
+SCOPE_OF = {"tests/test_docs.py::TestBenchmarkBlocks": "tests/test_benchmarks.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadscope` with SCOPE_OF's scopes merged; any other --dist as pytest-xdist makes it."""
+    if config.getoption("dist", None) != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class MergedScopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SCOPE_OF.get(scope, scope)
+
+    return MergedScopes(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
         name = item.module.__name__
