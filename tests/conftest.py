@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -41,36 +39,15 @@ def tiny_encoder(seed: int = 0, **overrides):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """An embedded local Ray with 2 CPUs, one per pytest worker: started by the first module that asks and kept
-    for the next (a start costs ~12 CPU-seconds of Ray's own processes), stopped when the worker ends. A module
-    that starts a Ray of its own (Serve's proxy settings, a cluster) calls `own_ray()` first. A module hands it
-    on as it found it, every CPU free: one whose actors still hold CPUs when it ends gets a fresh Ray after it."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    deadline = time.monotonic() + 30  # ray.kill and a finished Train run give their CPUs back within moments
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
-        if time.monotonic() > deadline:
-            ray.shutdown()
-            break
-        time.sleep(0.2)
-
-
-def own_ray() -> None:
-    """Stop the worker's shared local Ray (`local_ray`) before a module starts its own."""
+    """An embedded local Ray with 2 CPUs for one test module (a cluster already up is reused, left running)."""
     import ray
 
     if ray.is_initialized():
-        ray.shutdown()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _shared_ray_stops_with_the_worker():
+        yield
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    if "ray" in sys.modules:  # a worker that never imported Ray has none to stop
-        own_ray()
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

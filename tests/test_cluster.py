@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
-from conftest import own_ray
 
 from xpeft.config import TrainConfig, XPeftConfig
 from xpeft.data.dataset import profile_datas
@@ -146,7 +145,6 @@ def cluster():
         "health_check_period_ms": 500,
         "health_check_failure_threshold": 4,
     }  # notice a lost node fast
-    own_ray()
     c = Cluster()
     try:
         c.add_node(**head)

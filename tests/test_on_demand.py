@@ -11,7 +11,6 @@ import pytest
 import torch
 from api_cases import save_test_recipe
 from cases import BANK, CASES, store_cases
-from conftest import own_ray
 from fastapi.testclient import TestClient
 
 from xpeft.core.encoder import load_encoder
@@ -235,7 +234,6 @@ def served(tmp_path_factory, backbone):
 
     table = profile_table(n_profiles=3)
     path = tmp_path_factory.mktemp("farm-store")
-    own_ray()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     run_farm(farm_config(path, backbone, num_actors=1), profile_datas(table).profiles)
     store = ProfileStore(path)

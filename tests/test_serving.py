@@ -30,7 +30,7 @@ from api_cases import (
     served_store,
 )
 from cases import BANK, BY_NAME, CASES, D, fitted_profile
-from conftest import API_CASES, own_ray
+from conftest import API_CASES
 
 from xpeft.core.encoder import load_encoder, load_tokenizer
 from xpeft.core.model import XPeftModel
@@ -242,7 +242,6 @@ def server(store, backbone):
     from xpeft.serve.deployment import build_app
     from xpeft.serve.proxy import BODY_TIMEOUT_ENV, proxy_env
 
-    own_ray()
     with pytest.MonkeyPatch.context() as env:
         # before ray.init: the proxy inherits them; it holds a half-sent body 30 s (the slow-client test)
         for name, value in {**proxy_env(), BODY_TIMEOUT_ENV: "30"}.items():
