@@ -229,7 +229,7 @@ class Farm:
             if actor is not None:  # kept from an earlier pool: its process and backbone are up
                 return actor, actor.configure.remote(*config)
             opts = {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor}
-            actor = ProfileActor.options(**opts).remote(cfg.backbone, *config, threads)
+            actor = ProfileActor.options(**opts).remote(cfg.backbone, threads, *config)
             return actor, actor.ready.remote()
 
         pool = FarmPool(start_actor, cfg.max_retries, self.on_result, self.report, cfg.progress)

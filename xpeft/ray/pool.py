@@ -37,22 +37,13 @@ class ProfileWorker:
     """A farm actor's state: the encoder and tokenizer, loaded once; the shared bank, configs and head of the
     pool it fits for (`configure`: a kept actor's next pool gives it its own)."""
 
-    def __init__(
-        self,
-        backbone: str,
-        bank_obj: dict | None,
-        xcfg: XPeftConfig,
-        tcfg: TrainConfig,
-        shared_head: dict | None,
-        head_id: str | None,
-        label_names: list[str] | None,
-        threads: int,
-    ):
+    def __init__(self, backbone: str, threads: int, *pool):
+        """`backbone` loaded on `threads` torch threads; `pool`: what `configure` takes, the first pool's."""
         torch.set_num_threads(max(1, threads))
         # An actor given a GPU (FarmConfig.gpus_per_actor) fits there; Ray sets CUDA_VISIBLE_DEVICES to it.
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.encoder, self.tokenizer = load_encoder(backbone), load_tokenizer(backbone)
-        self.configure(bank_obj, xcfg, tcfg, shared_head, head_id, label_names)
+        self.configure(*pool)
 
     def configure(
         self,

@@ -118,8 +118,8 @@ class FitActors:
                 self.bank_ref = ray.put(bank_to_object(store.load_bank(recipe.bank))) if recipe.bank else None
                 head = store.load_head(recipe.head_id) if recipe.head_id else None
                 opts = {"num_cpus": cfg.fit_cpus_per_actor, "max_restarts": -1}
-                args = (recipe.backbone, self.bank_ref, recipe.xpeft, recipe.train, head, recipe.head_id)
-                args += (recipe.label_names, max(1, int(cfg.fit_cpus_per_actor)))
+                args = (recipe.backbone, max(1, int(cfg.fit_cpus_per_actor)), self.bank_ref, recipe.xpeft)
+                args += (recipe.train, head, recipe.head_id, recipe.label_names)
                 idle: queue.Queue = queue.Queue()
                 for _ in range(cfg.fit_workers):
                     idle.put(ProfileActor.options(**opts).remote(*args))
