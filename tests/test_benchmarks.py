@@ -192,4 +192,5 @@ def test_every_benchmark_runs_its_smoke_setting(script):
     args = SMOKE_ARGS.get(script, [])
     r = run_smoke(script, args)
     assert_ran(r)
-    assert not stages_missing(script, args, r.stdout), stages_missing(script, args, r.stdout)
+    missing = stages_missing(script, args, r.stdout)
+    assert not missing, f"{script}: no output of the stages {missing}"
