@@ -100,8 +100,10 @@ def test_a_packed_batch_gives_the_padded_batchs_gradients(case):
 
 @pytest.mark.parametrize("mode,mask_type", [("x_peft", "hard"), ("x_peft", "soft"), ("single_adapter", "soft")])
 def test_a_packed_fit_follows_the_padded_fits_loss_curve(mode, mask_type):
+    """In fp32 (bf16 "off": "auto" turns autocast on where the CPU has native bf16, and bf16's rounding differs
+    with the batch's layout)."""
     cfg = XPeftConfig(mode=mode, mask_type=mask_type, N=16, k=4, b=4)
-    train = TrainConfig(lr=1e-2, mask_lr=5e-2, ln_lr=5e-2, epochs=3, batch_size=8, seed=3)
+    train = TrainConfig(lr=1e-2, mask_lr=5e-2, ln_lr=5e-2, epochs=3, batch_size=8, seed=3, bf16="off")
     curves = {}
     for packing in (True, False):
         model = XPeftModel(tiny_encoder(**NO_DROPOUT), cfg, random_bank(2, 16, 4, 32, seed=0), seed=3)
