@@ -5,7 +5,7 @@ script without a smoke setting fails here. (`benchmarks/harness/` holds the part
 `run_smoke` is also how tests/test_docs.py runs the benchmark commands BENCHMARKS.md and docs/ show. Two commands
 whose smoke runs are the same run are run once: a script's `SMOKE` (and `SMOKE_ALSO`) name the settings its
 smoke setting replaces, so `store_scale.py --profiles 1000000 --smoke` is, as the script's own parser reads it,
-the very run `store_scale.py --smoke` makes. A script with stages is run here with all of them (`SMOKE_ARGS`),
+the very run `store_scale.py --smoke` makes. A script with stages is run here with all of them (`every_stage`),
 and a command that runs some of them, the same run otherwise, is checked in that run: its stages' output."""
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ PENDING: dict[str, str] = {}
 # again in process there.
 WRITES_OUT = ("fidelity.py",)
 TIMEOUT_S = 600  # a smoke run takes seconds on an idle machine; this only stops a hang
-# The arguments of a script's own smoke run here (default none): serve_load.py's runs every stage on one Ray.
-SMOKE_ARGS = {"serve_load.py": ["--stages", "load", "kill", "slow", "fits"]}
 
 
 def runs_dir() -> Path:
@@ -63,6 +61,16 @@ def script_module(script: str):
     return module
 
 
+@functools.cache
+def every_stage(script: str) -> list[str]:
+    """The arguments of the script's own smoke run here: `--stages` and every stage its parser offers, for a script
+    with stages (serve_load.py's run every stage on one Ray), else none."""
+    module = script_module(script) if script not in PENDING else None
+    parser = module.arguments() if hasattr(module, "arguments") else None
+    stages = [a for a in (parser._actions if parser else []) if a.dest == "stages" and a.choices]
+    return ["--stages", *stages[0].choices] if stages else []
+
+
 def smoke_key(script: str, args: list[str]) -> tuple:
     """What `script args --smoke` runs, as the script's parser reads it, less what its smoke setting replaces
     (a script without `arguments()` and `SMOKE`: the command line itself)."""
@@ -75,8 +83,8 @@ def smoke_key(script: str, args: list[str]) -> tuple:
         return {k: v for k, v in vars(module.arguments().parse_args([*argv, "--smoke"])).items() if k not in replaced}
 
     mine = settings(args)
-    if script in SMOKE_ARGS:  # some of the stages of the script's own run, and otherwise that run: that run
-        own = settings(SMOKE_ARGS[script])
+    if every_stage(script):  # some of the stages of the script's own run, and otherwise that run: that run
+        own = settings(every_stage(script))
         if set(mine["stages"]) <= set(own["stages"]) and {**mine, "stages": None} == {**own, "stages": None}:
             mine = own
     return (script, repr(sorted(mine.items())))
@@ -84,7 +92,7 @@ def smoke_key(script: str, args: list[str]) -> tuple:
 
 def stages_missing(script: str, args: list[str], stdout: str) -> list[str]:
     """The stages `script args` runs that its (shared) smoke run's output shows no `# stage NAME` line for."""
-    if script not in SMOKE_ARGS:
+    if not every_stage(script):
         return []
     stages = vars(script_module(script).arguments().parse_args([*args, "--smoke"]))["stages"]
     shown = set(stdout.splitlines())
@@ -121,8 +129,8 @@ def _shared_run(script: str, args: list[str]) -> tuple[subprocess.CompletedProce
     """The smoke run of `script ARGS`: made by the first worker that asks (the others wait on its lock), then
     read back from its record; with the folder it wrote into (a WRITES_OUT script's)."""
     key = smoke_key(script, args)
-    if script in SMOKE_ARGS and key == smoke_key(script, SMOKE_ARGS[script]):
-        args = SMOKE_ARGS[script]  # the script's own run, of every stage, whichever command asks first
+    if every_stage(script) and key == smoke_key(script, every_stage(script)):
+        args = every_stage(script)  # the script's own run, of every stage, whichever command asks first
     command = [sys.executable, f"benchmarks/{script}", *args, "--smoke"]
     name = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
     record, folder = runs_dir() / f"{name}.json", runs_dir() / f"{name}.out"
@@ -176,7 +184,9 @@ def test_every_pending_script_exists():
 def test_two_commands_share_a_smoke_run_only_when_it_is_the_same_run():
     assert smoke_key("store_scale.py", ["--profiles", "1000000"]) == smoke_key("store_scale.py", [])
     assert smoke_key("store_scale.py", ["--s3"]) != smoke_key("store_scale.py", [])
-    every = smoke_key("serve_load.py", SMOKE_ARGS["serve_load.py"])
+    assert every_stage("serve_load.py") == ["--stages", "load", "kill", "slow", "fits"]
+    assert every_stage("step_time.py") == []  # no stages: its smoke run is `step_time.py --smoke`
+    every = smoke_key("serve_load.py", every_stage("serve_load.py"))
     assert smoke_key("serve_load.py", ["--requests", "300"]) == every  # the load stage (the default), sized
     assert smoke_key("serve_load.py", ["--stages", "kill", "--num-replicas", "2"]) == every
     assert smoke_key("serve_load.py", ["--forwards", "ort"]) != every
@@ -189,7 +199,7 @@ def test_two_commands_share_a_smoke_run_only_when_it_is_the_same_run():
 @pytest.mark.slow
 @pytest.mark.parametrize("script", params())
 def test_every_benchmark_runs_its_smoke_setting(script):
-    args = SMOKE_ARGS.get(script, [])
+    args = every_stage(script)
     r = run_smoke(script, args)
     assert_ran(r)
     missing = stages_missing(script, args, r.stdout)

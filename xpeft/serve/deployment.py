@@ -53,6 +53,11 @@ from xpeft.serve.proxy import clear_starts, publish_start
 log = logging.getLogger(__name__)
 
 HEALTH_SLOTS = 16  # Serve's limit on a replica's requests, above the app's own queue: room for /healthz and docs
+# A stopping replica waits this long for requests routers still send it before it counts its ongoing ones (Serve's
+# graceful_shutdown_wait_loop_s, 2 s by default). The FitService's only callers are its app's ProfileServers, which
+# Serve stops before it (shutdown goes from the ingress down): it has no late request to wait for, and a job in
+# flight is in the store for the next one. A server stops 2 s sooner.
+FITS_WAIT_LOOP_S = 0.1
 
 
 @serve.deployment
@@ -192,7 +197,8 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     recipe, its FitService too (read now: a recipe written later is taken up when the app is deployed again)."""
     fits, no_fits = None, why_no_fits(cfg, load_recipe(ProfileStore(cfg.store)) if cfg.fit_workers else None)
     if not no_fits:
-        opts = {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}}
+        opts = {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0},
+                "graceful_shutdown_wait_loop_s": FITS_WAIT_LOOP_S}  # fmt: skip
         fits = FitService.options(**opts).bind(cfg)
     return ProfileServer.options(
         num_replicas=cfg.num_replicas,
