@@ -424,8 +424,8 @@ SMOKE = {  # sizes only (two payloads: the tables' loops over them): what runs (
     **{"N": 8, "k": None, "b": 4, "num_labels": 3, "store": None, "peer_adapters": None},
     **{"num_replicas": 1, "cpus_per_actor": 1.0},  # one replica is killed either way
     **{"kill_at": 1.0, "after_kill": 2.0, "served_after": 2, "drain_s": 1.0},
-    **{"slow_clients": 20, "slow_seconds": 3.0},
-    **{"fits": 3, "fit_examples": 12, "fit_seconds": 2.0, "fit_epochs": [2], "fit_batch_size": [4]},
+    **{"slow_clients": 20, "slow_seconds": 1.5},
+    **{"fits": 2, "fit_examples": 12, "fit_seconds": 2.0, "fit_epochs": [2], "fit_batch_size": [4]},
 }
 SMOKE_ALSO = ("backbone", "profiles", "concurrency")  # also set by the smoke setting (settle)
 

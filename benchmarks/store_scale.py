@@ -385,7 +385,7 @@ def cell(r: dict, key: str, fmt: str | None) -> str:
     return special[key] if fmt is None else ("n/a" if r[key] != r[key] else fmt.format(r[key]))
 
 
-SMOKE = {"profiles": 300, "writer_batches": 3, "lookups": 30, "unknown": 30, "upserts": 40}  # every phase
+SMOKE = {"profiles": 300, "writer_batches": 3, "lookups": 30, "unknown": 30, "upserts": 12}  # every phase
 
 
 def arguments() -> argparse.ArgumentParser:
