@@ -54,9 +54,9 @@ log = logging.getLogger(__name__)
 
 HEALTH_SLOTS = 16  # Serve's limit on a replica's requests, above the app's own queue: room for /healthz and docs
 # A stopping replica waits this long for requests routers still send it before it counts its ongoing ones (Serve's
-# graceful_shutdown_wait_loop_s, 2 s by default). The FitService's only callers are its app's ProfileServers, which
-# Serve stops before it (shutdown goes from the ingress down): it has no late request to wait for, and a job in
-# flight is in the store for the next one. A server stops 2 s sooner.
+# graceful_shutdown_wait_loop_s, 2 s by default). The FitService's only callers are its app's ProfileServers: at
+# serve.shutdown Serve stops them first (it goes from the ingress down), so it has no late request to wait for,
+# and a job in flight is in the store for the next one. A server stops 2 s sooner (serve.py: 6.6 s -> 4.7 s).
 FITS_WAIT_LOOP_S = 0.1
 
 
