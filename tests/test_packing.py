@@ -13,6 +13,7 @@ from conftest import tiny_encoder, tiny_rows
 
 from xpeft.config import TrainConfig, XPeftConfig
 from xpeft.core.bank import random_bank, random_bank_for
+from xpeft.core.combine import combine
 from xpeft.core.model import XPeftModel
 from xpeft.core.packing import unpack
 from xpeft.data.tokens import Collator, pack_rows
@@ -243,6 +244,18 @@ def test_a_bf16_fit_keeps_fp32_weights_and_optimizer_states():
                 TrainConfig(lr=1e-2, epochs=2, batch_size=8, bf16="off"))  # fmt: skip
     assert not plain.bf16 and plain.losses != result.losses  # the forward did run in bf16
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(plain.losses), rtol=0.05, atol=0.05)
+
+
+def test_under_bf16_autocast_the_bank_contraction_stays_in_the_banks_fp32():
+    """Autocast would cast the whole frozen bank to bf16 at every fit step (at N=400 that took 3.7x the fp32
+    contraction's time, BENCHMARKS.md): Â and B̂ come out in fp32, equal to the contraction without autocast."""
+    bank = random_bank(2, 16, 4, 32, seed=0)
+    wA, wB = torch.rand(2, 16).softmax(-1), torch.rand(2, 16).softmax(-1)
+    plain = combine(wA, wB, bank)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = combine(wA, wB, bank)
+    for a, b in zip(under, plain, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
 def test_the_flags_reach_the_fit_config():
