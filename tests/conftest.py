@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -84,6 +85,14 @@ def tiny_rows(n: int = 24, seed: int = 0, num_labels: int = 2) -> list[dict]:
         label = ids[0] % num_labels
         rows.append({"input_ids": ids, "attention_mask": [1] * T, "labels": label})
     return rows
+
+
+def eventually(condition, what: str = "it", hang_guard_s: float = 60.0, poll_s: float = 0.02) -> None:
+    """Wait for `condition`; the guard only keeps a broken part from hanging the suite (not a time claim)."""
+    deadline = time.monotonic() + hang_guard_s
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(poll_s)
 
 
 # --- data fixtures ---

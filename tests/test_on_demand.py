@@ -11,6 +11,7 @@ import pytest
 import torch
 from api_cases import save_test_recipe
 from cases import BANK, CASES, store_cases
+from conftest import eventually
 from fastapi.testclient import TestClient
 
 from xpeft.core.encoder import load_encoder
@@ -321,10 +322,8 @@ def test_a_fit_worker_killed_mid_fit_the_job_completes_with_one_version_written_
     assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "running", "the fit ended before the kill: more epochs"
     job = wait_for(http, job_id, timeout=300)
     assert job["status"] == "succeeded", job
-    deadline = time.time() + 60  # the restarted process is named after the actor once it is up
-    while not [p for p in _actor_pids() if p != worker]:
-        assert time.time() < deadline, "Ray restarted no fit worker"
-        time.sleep(0.2)
+    # the restarted process is named after the actor once it is up
+    eventually(lambda: [p for p in _actor_pids() if p != worker], "Ray restarting the fit worker", poll_s=0.2)
     # Exactly one version of the profile was written (a retried fit writes only when it ends).
     import lance
 

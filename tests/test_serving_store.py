@@ -6,11 +6,10 @@ a repair turns it back. Engine level (and the in-process HTTP app), no Ray."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from cases import BANK, BY_NAME, SHARED_HEAD_ID, fitted_profile, store_cases
+from conftest import eventually
 from store_helpers import flip, part_file, truncate
 
 from xpeft.core.encoder import load_encoder
@@ -41,14 +40,6 @@ def hard(pid: str, seed: int, encoder):
 def engine_on(root, backbone, **kwargs) -> ProfileEngine:
     cfg = ServeConfig(store=str(root), backbone=backbone, torch_threads=1, staleness_s=STALENESS, **kwargs)
     return ProfileEngine(cfg)
-
-
-def eventually(condition, hang_guard_s: float = 60.0) -> None:
-    """Wait for `condition`; the guard only keeps a broken refresher from hanging the suite (not a time claim)."""
-    deadline = time.monotonic() + hang_guard_s
-    while not condition():
-        assert time.monotonic() < deadline, "never happened"
-        time.sleep(0.02)
 
 
 def test_a_refit_is_served_with_its_new_scores_and_a_delete_is_a_404_after_the_next_refresh(
